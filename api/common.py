@@ -1,0 +1,250 @@
+"""Types shared by the four kinds: references, output, resources, run policy, sampling, status."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from .base import ApiModel, Rule
+
+GROUP = "branchmerge.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KINDS = ("TeacherGen", "BranchSFT", "Merge", "Eval")
+
+URI_SCHEMES = ("hf", "pvc", "s3", "file")
+URI_PATTERN = r"^(hf://[^/@\s]+/[^@\s]+(@[^\s]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[^/\s]+(/[^\s]*)?|file:///[^\s]*)$"
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+Uri = Annotated[
+    str,
+    Field(
+        pattern=URI_PATTERN,
+        max_length=2048,
+        description="hf://org/name[@revision], pvc://claim/path, s3://bucket/key or file:///absolute/path.",
+    ),
+]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=253)]
+Quantity = Annotated[
+    str,
+    Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$", max_length=64,
+          description="A Kubernetes quantity, e.g. 8, 500m, 64Gi."),
+]
+
+_EXACTLY_ONE = Rule("has(self.uri) != has(self.from)", "exactly one of uri or from must be set")
+
+
+class ModelFrom(ApiModel):
+    """An upstream CR in the same namespace whose output is a model."""
+
+    kind: Literal["BranchSFT", "Merge"]
+    """Kind of the upstream CR: BranchSFT or Merge."""
+    name: Name
+    """Name of the upstream CR."""
+
+
+class DatasetFrom(ApiModel):
+    """An upstream CR in the same namespace whose output is a dataset."""
+
+    kind: Literal["TeacherGen"]
+    """Kind of the upstream CR: TeacherGen."""
+    name: Name
+    """Name of the upstream CR."""
+
+
+class ModelRef(ApiModel):
+    """A model: a Hugging Face folder at a URI, or the output of an upstream BranchSFT or Merge."""
+
+    rules = (_EXACTLY_ONE,)
+    uri: Uri | None = None
+    """Where the model is (hf://, pvc://, s3://, file://)."""
+    from_: ModelFrom | None = Field(default=None, alias="from")
+    """Use the output of this upstream CR once it has succeeded."""
+
+
+class DatasetRef(ApiModel):
+    """A dataset (JSONL or Parquet): a URI, or the output of an upstream TeacherGen."""
+
+    rules = (_EXACTLY_ONE,)
+    uri: Uri | None = None
+    """Where the dataset is (a file or a folder of .jsonl/.parquet files)."""
+    from_: DatasetFrom | None = Field(default=None, alias="from")
+    """Use the output of this upstream TeacherGen once it has succeeded."""
+
+
+class Output(ApiModel):
+    """Where the stage writes its result."""
+
+    uri: Uri | None = None
+    """Output location. When absent the control plane chooses one (local: the workdir; Kubernetes: the
+    operator's default storage)."""
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the CR's namespace. Secrets are only ever referenced, never inlined."""
+
+    name: Name
+    key: Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class EnvVarSource(ApiModel):
+    secret_key_ref: SecretKeyRef
+    """Read the value from this Secret key."""
+
+
+class EnvVar(ApiModel):
+    """An environment variable for the stage's containers."""
+
+    rules = (Rule("has(self.value) != has(self.valueFrom)", "exactly one of value or valueFrom must be set"),)
+    name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+    value: Annotated[str, Field(max_length=32768)] | None = None
+    value_from: EnvVarSource | None = None
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration (e.g. for tainted GPU nodes)."""
+
+    key: Annotated[str, Field(max_length=316)] | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: Annotated[str, Field(max_length=63)] | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Resources(ApiModel):
+    """Where and how big the stage's pods are."""
+
+    nodes: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Number of pods (nodes) for multi-node training or data-parallel generation."""
+    gpus_per_node: Annotated[int, Field(ge=0, le=16)] = 0
+    """nvidia.com/gpu per pod; 0 runs on CPU."""
+    cpu: Quantity | None = None
+    """CPU request and limit per pod."""
+    memory: Quantity | None = None
+    """Memory request and limit per pod."""
+    shm_size: Quantity | None = None
+    """Size of /dev/shm (NCCL, dataloaders); defaults to a size derived from the GPU count."""
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
+    priority_class_name: Name | None = None
+    image: Annotated[str, Field(max_length=512)] | None = None
+    """Container image; defaults to the operator's trainer image."""
+    env: Annotated[list[EnvVar], Field(max_length=128)] = Field(default_factory=list)
+    queue_name: Name | None = None
+    """Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the Job."""
+    suspend: bool = False
+    """Suspend the stage (also in flight: a running Job is suspended and resumed later)."""
+
+
+class RunPolicy(ApiModel):
+    """Retries and deadlines."""
+
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    """Retries after a retryable failure (preemption, eviction, OOM kill, exit code 3)."""
+    backoff_seconds: Annotated[int, Field(ge=0, le=86400)] = 30
+    """Delay before the first retry; doubles with each further retry."""
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    """Fail an attempt that runs longer than this."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    """Delete finished child Jobs after this many seconds (the CR and its status stay)."""
+
+
+class Sampling(ApiModel):
+    """Sampling parameters (vLLM semantics)."""
+
+    temperature: Annotated[float, Field(ge=0, le=10)] = 0.6
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    top_k: Annotated[int, Field(ge=-1)] = -1
+    """-1 disables top-k."""
+    max_tokens: Annotated[int, Field(ge=1, le=1_048_576)] = 32768
+    seed: int = 0
+    stop: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=16)] = Field(default_factory=list)
+
+
+class Endpoint(ApiModel):
+    """An OpenAI-compatible server (vLLM serve, SGLang, a hosted API)."""
+
+    base_url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
+    """e.g. http://teacher:8000/v1"""
+    model: Annotated[str, Field(min_length=1, max_length=512)]
+    """Model name as the server knows it."""
+    api_key_secret_ref: SecretKeyRef | None = None
+    """Secret key holding the API key (sent as a bearer token)."""
+    max_concurrency: Annotated[int, Field(ge=1, le=4096)] = 32
+    timeout_seconds: Annotated[float, Field(gt=0)] = 600
+    max_retries: Annotated[int, Field(ge=0, le=100)] = 8
+
+
+class Engine(ApiModel):
+    """How text is generated: an offline vLLM engine, an OpenAI-compatible endpoint, or transformers."""
+
+    rules = (
+        Rule("self.name != 'openai' || has(self.endpoint)", "the openai engine needs an endpoint", ".endpoint",
+             "FieldValueRequired"),
+    )
+    name: Literal["vllm", "openai", "transformers"] = "vllm"
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
+    data_parallel_size: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Independent engine replicas (pods); prompts are sharded across them."""
+    max_model_len: Annotated[int, Field(ge=16)] | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+    """Run code shipped with the model. Off unless asked."""
+    endpoint: Endpoint | None = None
+    chat_template: Annotated[str, Field(max_length=65536)] | None = None
+    """Jinja chat template overriding the model's."""
+
+
+# ---- status -------------------------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
+
+
+class Condition(ApiModel):
+    """A metav1.Condition."""
+
+    type: Annotated[str, Field(max_length=316)]
+    status: Literal["True", "False", "Unknown"]
+    reason: Annotated[str, Field(max_length=1024)]
+    message: Annotated[str, Field(max_length=32768)] = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class Progress(ApiModel):
+    fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    message: str = ""
+
+
+class OutputStatus(ApiModel):
+    uri: str | None = None
+    digest: str | None = None
+    """sha256 over the output's file digests (see the stage's result manifest)."""
+
+
+class Status(ApiModel):
+    """Observed state, written only by the control plane."""
+
+    phase: Phase = "Pending"
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    progress: Progress | None = None
+    output: OutputStatus | None = None
+    attempts: int = 0
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    """Stage metrics (tokens generated, loss, scores, ...)."""
+
+
+class Metadata(ApiModel):
+    """The part of metav1.ObjectMeta a manifest sets."""
+
+    model_config = ApiModel.model_config | {"extra": "allow"}
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
+    namespace: Annotated[str, Field(max_length=63)] | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)

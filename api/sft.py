@@ -1,0 +1,124 @@
+"""BranchSFT: one copy of the student fine-tuned on one domain with DeepSpeed."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from .base import ApiModel, Rule
+from .common import DatasetRef, ModelRef, Output, Resources, RunPolicy
+
+FieldName = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class TrainingData(DatasetRef):
+    """A dataset with its mixing weight and record layout."""
+
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    """Relative sampling weight among the datasets (1.0 each = plain concatenation)."""
+    format: Literal["auto", "messages", "prompt-response"] = "auto"
+    """auto: `messages` when the record has the messages field, else prompt/response."""
+    messages_field: FieldName = "messages"
+    prompt_field: FieldName = "prompt"
+    response_field: FieldName = "response"
+
+
+class Training(ApiModel):
+    """Optimisation hyperparameters (TinyR1 defaults where the paper gives them)."""
+
+    rules = (
+        Rule("self.globalBatchSize % self.microBatchSize == 0",
+             "globalBatchSize must be a multiple of microBatchSize", ".globalBatchSize"),
+    )
+    epochs: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many optimizer steps (overrides epochs when smaller)."""
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 1e-5
+    scheduler: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    global_batch_size: Annotated[int, Field(ge=1)] = 32
+    """Sequences (packed rows) per optimizer step over all ranks."""
+    micro_batch_size: Annotated[int, Field(ge=1)] = 1
+    """Sequences per rank per forward pass; accumulation = global / (micro x world size)."""
+    max_seq_len: Annotated[int, Field(ge=16, le=1_048_576)] = 16384
+    over_length: Literal["drop", "truncate"] = "drop"
+    """What to do with samples longer than maxSeqLen (counted in metrics either way)."""
+    packing: Literal["none", "greedy", "neat"] = "neat"
+    """none: one sample per row; greedy: concatenated; neat: several samples per row, no attention across them."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    adam_betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.9, 0.95])
+    adam_epsilon: Annotated[float, Field(gt=0)] = 1e-8
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0
+    """Max gradient norm; 0 disables clipping."""
+    seed: int = 42
+    gradient_checkpointing: bool = True
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Mixed precision; bf16 falls back to fp32 where the hardware lacks it (reported in metrics)."""
+
+
+class Objective(ApiModel):
+    """Plain SFT on traces, or token-level distillation against a teacher with the same tokenizer."""
+
+    rules = (
+        Rule("self.type != 'kd' || has(self.teacher)", "the kd objective needs a teacher", ".teacher",
+             "FieldValueRequired"),
+        Rule("self.type != 'sft' || !has(self.teacher)", "a teacher is only used by the kd objective", ".teacher",
+             "FieldValueForbidden"),
+    )
+    type: Literal["sft", "kd"] = "sft"
+    teacher: ModelRef | None = None
+    divergence: Literal["forward-kl", "reverse-kl", "jsd", "taid"] = "forward-kl"
+    kd_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """loss = (1 - kdWeight) * CE + kdWeight * divergence."""
+    temperature: Annotated[float, Field(gt=0, le=100)] = 1.0
+    jsd_beta: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """Skew of the generalised JSD mixture (0.5 = symmetric)."""
+    taid_start: Annotated[float, Field(ge=0, le=1)] = 0.2
+    """TAID interpolation weight toward the teacher at the first step; it rises to taidEnd."""
+    taid_end: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+
+class DeepSpeed(ApiModel):
+    rules = (
+        Rule("self.offloadParams == 'none' || self.zeroStage == 3", "offloadParams needs zeroStage 3",
+             ".offloadParams"),
+    )
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = "none"
+
+
+class Checkpointing(ApiModel):
+    every_steps: Annotated[int, Field(ge=0)] = 0
+    """Save a resumable checkpoint every N optimizer steps (0: only at epoch ends)."""
+    keep: Annotated[int, Field(ge=1, le=1000)] = 2
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+
+
+class BranchSFTSpec(ApiModel):
+    """Fine-tune the base model on one domain's data."""
+
+    base: ModelRef
+    data: Annotated[list[TrainingData], Field(min_length=1, max_length=64)]
+    domain: Annotated[str, Field(pattern=r"^[a-z0-9][-a-z0-9_]*$", max_length=63)] | None = None
+    """Free label (math, code, science, ...) shown in kubectl get and reports."""
+    chat_template: Annotated[str, Field(max_length=65536)] | None = None
+    """Jinja chat template overriding the base model's."""
+    training: Training = Field(default_factory=Training)
+    objective: Objective = Field(default_factory=Objective)
+    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
+    checkpointing: Checkpointing = Field(default_factory=Checkpointing)
+    trust_remote_code: bool = False
+    output: Output = Field(default_factory=Output)
+    resources: Resources = Field(default_factory=Resources)
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+    rules = (
+        Rule(
+            "self.training.globalBatchSize % (self.training.microBatchSize * self.resources.nodes"
+            " * (self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode : 1)) == 0",
+            "training.globalBatchSize must be a multiple of microBatchSize x nodes x gpusPerNode",
+            ".training.globalBatchSize",
+        ),
+    )

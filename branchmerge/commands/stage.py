@@ -1,0 +1,16 @@
+"""``branchmerge stage <teachergen|sft|merge|eval> --spec FILE [--result FILE]``: run one stage here."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("stage", help="run one stage from a resolved manifest (the entry point of pods and the local runner)")
+    p.add_argument("stage", choices=["teachergen", "sft", "merge", "eval"])
+    p.add_argument("--spec", required=True, help="one manifest whose refs are all uris (YAML or JSON)")
+    p.add_argument("--result", help="write the result JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from branchmerge.trainer.stage import run as run_stage
+
+    return run_stage(args.stage, args.spec, args.result)

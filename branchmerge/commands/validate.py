@@ -1,0 +1,31 @@
+"""``branchmerge validate -f PATH...``: check manifests as the API server and the control planes would."""
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("validate", help="validate manifests (schema, rules, duplicates, from: refs, cycles)")
+    p.add_argument("-f", "--filename", action="append", required=True, metavar="PATH",
+                   help="a manifest file or a folder of them (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from branchmerge.api.manifests import load
+
+    result = load(args.filename)
+    for problem in result.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not result.ok:
+        print(f"{len(result.problems)} error(s) in {len(result.sources) + len(result.problems)} manifest(s)",
+              file=sys.stderr)
+        return 1
+    if not result.resources:
+        print("error: no branchmerge.dev manifests found", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        order = result.dag().order()
+        print(f"{len(result.resources)} manifest(s) valid; run order: {', '.join(order)}")
+    return 0

@@ -1,0 +1,84 @@
+"""Atomic outputs: write into a temp folder next to the destination, digest it, rename it into place.
+
+A killed stage leaves at most a ``.tmp-*`` folder beside the output, never a half-written output.
+Every published folder holds ``_manifest.json`` (sha256 and size of each file), so readers can verify it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+MANIFEST = "_manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def combined_digest(files: dict[str, str]) -> str:
+    """One sha256 over (name, digest) pairs: the output's identity."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{files[name]}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def write_json_atomic(path: Path, data, indent: int | None = 2) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=indent, sort_keys=False, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def clean_stale_temps(dest: Path) -> None:
+    for stale in dest.parent.glob(f".tmp-{dest.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: Path) -> Iterator[Path]:
+    """Yield a temp folder; on success write the manifest and swap it into ``dest`` (replacing it)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(dest)
+    tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_json_atomic(tmp / MANIFEST, {"files": folder_digests(tmp)})
+        old = None
+        if dest.exists():
+            old = dest.parent / f".tmp-{dest.name}-old-{uuid.uuid4().hex[:8]}"
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_manifest(folder: Path) -> dict[str, str] | None:
+    """The file digests of a published folder, or None if it was never completely published."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return None

@@ -1,0 +1,146 @@
+"""``branchmerge stage <teachergen|sft|merge|eval> --spec FILE [--result FILE]`` -- the data plane's entry point.
+
+The same entry runs in pods and under the local runner. It reads one resolved manifest (every ref a
+``uri``), runs the stage module ``branchmerge.trainer.<stage>.stage`` (``run(ctx) -> metrics``), which
+publishes its output atomically, and writes a result JSON: output URI, sha256 of each output file,
+combined digest and metrics. Exit codes: 0 success, 2 invalid spec or input, 3 retryable failure.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..api.common import DatasetRef, ModelRef
+from ..api.graph import references
+from ..api.resources import KIND_INFO, CustomResource
+from ..api.validation import InvalidManifest, parse_resource
+from .errors import EXIT_INVALID, EXIT_OK, EXIT_RETRYABLE, InvalidInput, StageError
+from .progress import Progress
+from .publish import combined_digest, read_manifest, write_json_atomic
+from .uris import UnresolvableUri, local_path
+
+STAGES = {info.stage: kind for kind, info in KIND_INFO.items()}
+TERMINATION_LOG_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
+
+
+@dataclass
+class StageContext:
+    resource: CustomResource
+    output_uri: str
+    output_dir: Path
+    progress: Progress
+    rank: int = 0
+    world_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> Any:
+        return self.resource.spec  # type: ignore[attr-defined]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def input_path(self, ref: ModelRef | DatasetRef, what: str = "input") -> Path:
+        """Local path of a resolved ref; InvalidInput if it does not exist."""
+        if ref.uri is None:
+            raise InvalidInput(f"{what}: unresolved from: reference (the control plane resolves refs)")
+        try:
+            path = local_path(ref.uri)
+        except UnresolvableUri as err:
+            raise InvalidInput(f"{what}: {err}") from None
+        if not path.exists():
+            raise InvalidInput(f"{what}: {ref.uri} does not exist ({path})")
+        return path
+
+
+def load_spec_file(path: str | Path) -> CustomResource:
+    text = Path(path).read_text()
+    docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    if len(docs) != 1:
+        raise InvalidInput(f"{path}: expected exactly one manifest, found {len(docs)}")
+    try:
+        resource = parse_resource(docs[0])
+    except InvalidManifest as err:
+        raise InvalidInput(f"{path}: {err}") from None
+    unresolved = references(resource)
+    if unresolved:
+        raise InvalidInput(f"{path}: {unresolved[0].path}: from: references must be resolved to a uri before "
+                           f"a stage runs (got {unresolved[0].key})")
+    return resource
+
+
+def _rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _write_termination_log(result: dict) -> None:
+    path = os.environ.get("BRANCHMERGE_TERMINATION_LOG")
+    if not path:
+        return
+    compact = {k: result[k] for k in ("phase", "outputUri", "digest", "error") if k in result}
+    compact["metrics"] = {k: v for k, v in result.get("metrics", {}).items()
+                          if isinstance(v, (int, float, str, bool))}
+    text = json.dumps(compact, separators=(",", ":"))
+    if len(text.encode()) > TERMINATION_LOG_LIMIT:  # keep the essentials; full metrics are in the result file
+        compact["metrics"] = {}
+        text = json.dumps(compact, separators=(",", ":"))[:TERMINATION_LOG_LIMIT]
+    try:
+        Path(path).write_text(text)
+    except OSError:
+        pass
+
+
+def run(stage: str, spec_file: str | Path, result_file: str | Path | None = None) -> int:
+    """Run one stage; returns the process exit code."""
+    started = time.time()
+    rank, world = _rank()
+    result: dict[str, Any] = {"stage": stage, "startedAt": started}
+    code = EXIT_OK
+    try:
+        if stage not in STAGES:
+            raise InvalidInput(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+        resource = load_spec_file(spec_file)
+        if resource.kind != STAGES[stage]:  # type: ignore[attr-defined]
+            raise InvalidInput(f"stage {stage} runs {STAGES[stage]} manifests, got {resource.kind}")  # type: ignore
+        output_uri = resource.spec.output.uri  # type: ignore[attr-defined]
+        if not output_uri:
+            raise InvalidInput("spec.output.uri: required by the stage (the control plane assigns a default)")
+        try:
+            output_dir = local_path(output_uri)
+        except UnresolvableUri as err:
+            raise InvalidInput(f"spec.output.uri: {err}") from None
+        result.update(kind=resource.kind, name=resource.name, outputUri=output_uri)  # type: ignore
+        module = importlib.import_module(f"branchmerge.trainer.{stage}.stage")
+        ctx = StageContext(resource, output_uri, output_dir, Progress(enabled=rank == 0), rank, world)
+        metrics = module.run(ctx) or {}
+        if rank == 0:
+            files = read_manifest(output_dir)
+            if files is None:
+                raise StageError(f"stage {stage} finished without publishing {output_dir}")
+            result.update(phase="Succeeded", files=files, digest=combined_digest(files), metrics=metrics)
+    except StageError as err:
+        code = err.exit_code
+        result.update(phase="Failed", error=str(err), exitCode=code)
+    except Exception as err:  # unexpected: report it, let the control plane retry with backoff
+        code = EXIT_RETRYABLE
+        result.update(phase="Failed", error=f"{type(err).__name__}: {err}", exitCode=code)
+        traceback.print_exc()
+    result["finishedAt"] = time.time()
+    result["wallSeconds"] = round(result["finishedAt"] - started, 3)
+    if code != EXIT_OK:
+        print(f"branchmerge stage {stage}: {result['error']}", file=sys.stderr)
+    if rank == 0:
+        if result_file:
+            write_json_atomic(Path(result_file), result)
+        _write_termination_log(result)
+    return code
