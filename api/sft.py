@@ -26,10 +26,6 @@ class TrainingData(DatasetRef):
 class Training(ApiModel):
     """Optimisation hyperparameters (TinyR1 defaults where the paper gives them)."""
 
-    rules = (
-        Rule("self.globalBatchSize % self.microBatchSize == 0",
-             "globalBatchSize must be a multiple of microBatchSize", ".globalBatchSize"),
-    )
     epochs: Annotated[float, Field(gt=0, le=1000)] = 1.0
     max_steps: Annotated[int, Field(ge=1)] | None = None
     """Stop after this many optimizer steps (overrides epochs when smaller)."""

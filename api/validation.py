@@ -59,6 +59,11 @@ _MESSAGES = {
 }
 
 
+def _number(value):
+    """0.0 -> 0 in messages, as users wrote it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _schema_errors(err: ValidationError) -> list[FieldError]:
     errors = []
     for e in err.errors(include_url=False):
@@ -66,7 +71,8 @@ def _schema_errors(err: ValidationError) -> list[FieldError]:
         # Tagged-union and function-wrapper levels are not part of the document's path.
         loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
         template = _MESSAGES.get(e["type"])
-        message = template.format(**(e.get("ctx") or {})) if template else e["msg"]
+        ctx = {k: _number(v) for k, v in (e.get("ctx") or {}).items()}
+        message = template.format(**ctx) if template else e["msg"]
         if e["type"] == "literal_error":
             message = "must be one of " + e["ctx"]["expected"].replace(" or ", ", ")
         errors.append(FieldError(format_path(loc), message))

@@ -14,6 +14,11 @@ COMMAND_MODULES = [
     "branchmerge.commands.validate",
     "branchmerge.commands.crds",
     "branchmerge.commands.stage",
+    "branchmerge.commands.run",
+    "branchmerge.commands.status",
+    "branchmerge.commands.report",
+    "branchmerge.commands.compare",
+    "branchmerge.commands.convert",
 ]
 
 

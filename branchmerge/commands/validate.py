@@ -19,8 +19,7 @@ def run(args) -> int:
     for problem in result.problems:
         print(f"error: {problem}", file=sys.stderr)
     if not result.ok:
-        print(f"{len(result.problems)} error(s) in {len(result.sources) + len(result.problems)} manifest(s)",
-              file=sys.stderr)
+        print(f"{len(result.problems)} error(s)", file=sys.stderr)
         return 1
     if not result.resources:
         print("error: no branchmerge.dev manifests found", file=sys.stderr)

@@ -1,0 +1,431 @@
+"""Child objects of one stage run: the ConfigMap holding the resolved spec, the batch/v1 Job, and for
+multi-pod runs a headless Service. Pure functions over plain dicts (unit-tested without a cluster).
+
+Pod shape: ``branchmerge stage <stage> --spec /etc/branchmerge/spec.yaml --result /tmp/result.json``;
+the stage writes a compact result to the termination message (``BRANCHMERGE_TERMINATION_LOG``), which
+the operator reads from the pods when the Job ends. Multi-node BranchSFT runs under torchrun (configured
+through its PET_* environment variables) and data-parallel TeacherGen gets RANK/WORLD_SIZE from the
+completion index; both use an Indexed Job whose pod 0 is reachable as ``<job>-0.<service>``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import yaml
+
+from ..api.common import API_VERSION
+from ..api.resources import KIND_INFO
+from ..trainer.uris import staged_name
+from .naming import (ANNOTATION_HF_SECRET, KUEUE_QUEUE, LABEL_ATTEMPT, LABEL_JOB, LABEL_RUN, child_name,
+                     owner_labels)
+from .options import OperatorOptions
+
+SPEC_DIR = "/etc/branchmerge"
+SPEC_FILE = f"{SPEC_DIR}/spec.yaml"
+RESULT_FILE = "/tmp/result.json"
+PVC_ROOT = "/mnt/pvc"
+STAGING_ROOT = "/mnt/staging"
+MAIN_CONTAINER = "stage"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+RENDEZVOUS_PORT = 29500  # torchrun / torch.distributed on pod 0
+
+# Init container: wait until pod 0 of the gang resolves through the headless Service (instead of a
+# fixed sleep); publishNotReadyAddresses makes it resolvable as soon as the pod has an IP.
+DNS_WAIT = """\
+import socket, sys, time
+host, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+while True:
+    try:
+        socket.getaddrinfo(host, None)
+        break
+    except OSError:
+        if time.time() > deadline:
+            sys.exit(f"{host} did not resolve in time")
+        time.sleep(2)
+"""
+
+# Init container: download one hf:// repo into the staging volume (atomic: temp dir + rename, so a
+# retried pod with a staging PVC reuses a complete copy and never a partial one).
+HF_STAGE = """\
+import os, shutil, sys
+from huggingface_hub import snapshot_download
+repo, revision, dest = sys.argv[1], sys.argv[2] or None, sys.argv[3]
+if not os.path.isdir(dest):
+    tmp = dest + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    snapshot_download(repo_id=repo, revision=revision, local_dir=tmp)
+    os.replace(tmp, dest)
+"""
+
+
+class UnsupportedSpec(ValueError):
+    """The spec cannot run on Kubernetes as written (permanent: InvalidSpec)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a CR: its identity, the resolved manifest and the operator settings."""
+
+    kind: str
+    name: str
+    namespace: str
+    uid: str
+    run_hash: str
+    resolved: dict
+    labels: dict = field(default_factory=dict)
+    hf_secret: str | None = None  # "name" or "name/key"
+
+    @property
+    def spec(self) -> dict:
+        return self.resolved["spec"]
+
+    @property
+    def resources(self) -> dict:
+        return self.spec.get("resources", {})
+
+    @property
+    def run_policy(self) -> dict:
+        return self.spec.get("runPolicy", {})
+
+    @property
+    def configmap_name(self) -> str:
+        return child_name(self.name, self.run_hash)
+
+    def job_name(self, attempt: int) -> str:
+        return child_name(self.name, self.run_hash, attempt)
+
+    @property
+    def pods(self) -> int:
+        """Pods per attempt: multi-node SFT and data-parallel generation spread over resources.nodes."""
+        if self.kind in ("BranchSFT", "TeacherGen"):
+            return int(self.resources.get("nodes", 1))
+        return 1
+
+    def owner_reference(self) -> dict:
+        return {"apiVersion": API_VERSION, "kind": self.kind, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}
+
+    def child_labels(self, attempt: int | None = None) -> dict[str, str]:
+        labels = {k: v for k, v in self.labels.items() if not k.startswith("kueue.x-k8s.io/")}
+        labels.update(owner_labels(self.kind, self.name))
+        labels[LABEL_RUN] = self.run_hash
+        if attempt is not None:
+            labels[LABEL_ATTEMPT] = str(attempt)
+        return labels
+
+
+def hf_secret_for(cr: dict, opts: OperatorOptions) -> str | None:
+    """The CR's annotation wins over the operator-wide default."""
+    annotations = cr.get("metadata", {}).get("annotations") or {}
+    return annotations.get(ANNOTATION_HF_SECRET) or opts.hf_token_secret
+
+
+# ---- URIs -> volumes ----------------------------------------------------------------------------------
+
+def _uris(node, path: str = "") -> list[tuple[str, str]]:
+    """Every ``uri`` in a resolved spec with its path."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            sub = f"{path}.{key}" if path else key
+            if key == "uri" and isinstance(value, str):
+                found.append((path, value))
+            else:
+                found += _uris(value, sub)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found += _uris(item, f"{path}[{i}]")
+    return found
+
+
+def storage_plan(run: Run) -> tuple[dict[str, bool], list[str]]:
+    """(claims -> mounted writable, hf:// input URIs to stage); UnsupportedSpec for what pods cannot do."""
+    output_uri = run.spec.get("output", {}).get("uri")
+    if not output_uri:
+        raise UnsupportedSpec("spec.output.uri: required (the operator has no --default-output-root)")
+    claims: dict[str, bool] = {}
+    staged: list[str] = []
+    out = urlparse(output_uri)
+    if out.scheme == "pvc":
+        claims[out.netloc] = True
+    elif out.scheme != "file":
+        raise UnsupportedSpec(f"spec.output.uri: {out.scheme}:// outputs are not supported on Kubernetes; "
+                              "use pvc://claim/path")
+    for path, uri in _uris(run.spec, "spec"):
+        if path == "spec.output":
+            continue
+        scheme = urlparse(uri).scheme
+        if scheme == "pvc":
+            claims.setdefault(urlparse(uri).netloc, False)
+        elif scheme == "hf":
+            if uri not in staged:
+                staged.append(uri)
+        elif scheme == "s3":
+            raise UnsupportedSpec(f"{path}.uri: s3:// inputs are not staged by the operator; copy them to a "
+                                  "PVC and use pvc://")
+    return claims, staged
+
+
+def _hf_parts(uri: str) -> tuple[str, str]:
+    rest = uri[len("hf://"):]
+    repo, _, revision = rest.partition("@")
+    return repo, revision
+
+
+def _volume_name(prefix: str, text: str) -> str:
+    name = f"{prefix}-{text}".lower().replace(".", "-")
+    if len(name) > 63:
+        name = f"{name[:54]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return name
+
+
+def shm_size(resources: dict) -> str:
+    """/dev/shm for NCCL and dataloaders: explicit, else 8Gi per GPU (1Gi on CPU)."""
+    if resources.get("shmSize"):
+        return resources["shmSize"]
+    gpus = int(resources.get("gpusPerNode", 0))
+    return f"{max(1, 8 * gpus)}Gi"
+
+
+# ---- children -----------------------------------------------------------------------------------------
+
+def build_configmap(run: Run) -> dict:
+    """The resolved manifest the pods run (immutable: a new spec is a new run with a new ConfigMap)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": run.configmap_name, "namespace": run.namespace, "labels": run.child_labels(),
+                     "ownerReferences": [run.owner_reference()]},
+        "immutable": True,
+        "data": {"spec.yaml": yaml.safe_dump(run.resolved, sort_keys=False)},
+    }
+
+
+def service_name(run: Run, attempt: int) -> str:
+    return run.job_name(attempt)
+
+
+def build_service(run: Run, attempt: int) -> dict:
+    """Headless Service giving the gang's pods DNS names (<job>-<index>.<service>) for rendezvous."""
+    job = run.job_name(attempt)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(run, attempt), "namespace": run.namespace,
+                     "labels": run.child_labels(attempt), "ownerReferences": [run.owner_reference()]},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: job},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def _env(run: Run, attempt: int, opts: OperatorOptions) -> list[dict]:
+    job = run.job_name(attempt)
+    pods = run.pods
+    gpus = int(run.resources.get("gpusPerNode", 0))
+    multi = pods > 1
+    master = f"{job}-0.{service_name(run, attempt)}" if multi else "127.0.0.1"
+    index_ref = {"valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}}
+    env: list[dict] = [
+        {"name": "BRANCHMERGE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "BRANCHMERGE_STAGING_ROOT", "value": STAGING_ROOT},
+        {"name": "BRANCHMERGE_TERMINATION_LOG", "value": "/dev/termination-log"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "MASTER_ADDR", "value": master},
+        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+    ]
+    if uses_torchrun(run):
+        env += [
+            {"name": "PET_NNODES", "value": str(pods)},
+            {"name": "PET_NPROC_PER_NODE", "value": str(max(gpus, 1))},
+            {"name": "PET_NODE_RANK", **index_ref} if multi else {"name": "PET_NODE_RANK", "value": "0"},
+            {"name": "PET_MASTER_ADDR", "value": master},
+            {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        ]
+    else:  # one process per pod: the pod index is the rank (data-parallel shards)
+        env += [
+            {"name": "RANK", **index_ref} if multi else {"name": "RANK", "value": "0"},
+            {"name": "WORLD_SIZE", "value": str(pods)},
+            {"name": "LOCAL_RANK", "value": "0"},
+        ]
+    if opts.progress_service_account:
+        plural = KIND_INFO[run.kind].plural
+        env += [
+            {"name": "BRANCHMERGE_K8S_STATUS",
+             "value": f"/apis/{API_VERSION}/namespaces/{run.namespace}/{plural}/{run.name}/status"},
+            {"name": "BRANCHMERGE_K8S_STATUS_INTERVAL", "value": str(opts.progress_interval_seconds)},
+        ]
+    for engine_path in (("teacher", "engine"), ("engine",)):
+        node = run.spec
+        for key in engine_path:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        ref = (node.get("endpoint") or {}).get("apiKeySecretRef")
+        if ref:
+            env.append({"name": "BRANCHMERGE_ENDPOINT_API_KEY",
+                        "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}})
+    for item in run.resources.get("env", []):
+        if "valueFrom" in item:  # secrets only by reference
+            ref = item["valueFrom"]["secretKeyRef"]
+            env.append({"name": item["name"], "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}})
+        else:
+            env.append({"name": item["name"], "value": item.get("value", "")})
+    return env
+
+
+def uses_torchrun(run: Run) -> bool:
+    gpus = int(run.resources.get("gpusPerNode", 0))
+    return run.kind == "BranchSFT" and (run.pods > 1 or gpus > 1)
+
+
+def stage_command(run: Run) -> list[str]:
+    stage = KIND_INFO[run.kind].stage
+    command = ["branchmerge", "stage", stage, "--spec", SPEC_FILE, "--result", RESULT_FILE]
+    if uses_torchrun(run):  # torchrun reads nnodes/node rank/master from PET_* variables
+        return ["torchrun", "--no-python"] + command
+    return command
+
+
+def _container_security() -> dict:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _resources(resources: dict) -> dict:
+    amounts: dict[str, str] = {}
+    if resources.get("cpu"):
+        amounts["cpu"] = resources["cpu"]
+    if resources.get("memory"):
+        amounts["memory"] = resources["memory"]
+    if int(resources.get("gpusPerNode", 0)) > 0:
+        amounts["nvidia.com/gpu"] = str(resources["gpusPerNode"])
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
+    claims, staged = storage_plan(run)
+    image = run.resources.get("image") or opts.image
+    multi = run.pods > 1
+    volumes = [
+        {"name": "spec", "configMap": {"name": run.configmap_name}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(run.resources)}},
+    ]
+    mounts = [
+        {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    for claim, writable in sorted(claims.items()):
+        vol = _volume_name("pvc", claim)
+        volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
+        mounts.append({"name": vol, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writable})
+    init: list[dict] = []
+    base_container = {"image": image, "imagePullPolicy": opts.image_pull_policy,
+                      "securityContext": _container_security()}
+    if staged:
+        if opts.staging_claim:
+            volumes.append({"name": "staging", "persistentVolumeClaim": {"claimName": opts.staging_claim}})
+        else:
+            volumes.append({"name": "staging", "emptyDir": {}})
+        staging_mount = {"name": "staging", "mountPath": STAGING_ROOT}
+        mounts.append({**staging_mount, "readOnly": True})
+        token_env = []
+        if run.hf_secret:
+            name, _, key = run.hf_secret.partition("/")
+            token_env = [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": key or "token"}}}]
+        for i, uri in enumerate(staged):
+            repo, revision = _hf_parts(uri)
+            init.append({
+                **base_container,
+                "name": f"stage-input-{i}",
+                "command": ["python", "-c", HF_STAGE, repo, revision, f"{STAGING_ROOT}/{staged_name(uri)}"],
+                "env": token_env + [{"name": "HOME", "value": "/tmp"},
+                                    {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}],
+                "volumeMounts": [staging_mount, {"name": "tmp", "mountPath": "/tmp"}],
+            })
+    if multi:
+        init.append({
+            **base_container,
+            "name": "wait-for-peers",
+            "command": ["python", "-c", DNS_WAIT, f"{run.job_name(attempt)}-0.{service_name(run, attempt)}", "600"],
+        })
+    container = {
+        **base_container,
+        "name": MAIN_CONTAINER,
+        "command": stage_command(run),
+        "env": _env(run, attempt, opts),
+        "volumeMounts": mounts,
+        "terminationMessagePath": "/dev/termination-log",
+        # The stage writes a JSON result there; if it dies first, the log tail explains why.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if _resources(run.resources):
+        container["resources"] = _resources(run.resources)
+    pod: dict = {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": bool(opts.progress_service_account),
+        "securityContext": {"runAsNonRoot": True, "runAsUser": opts.run_as_user, "runAsGroup": opts.run_as_user,
+                            "fsGroup": opts.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if init:
+        pod["initContainers"] = init
+    if opts.progress_service_account:
+        pod["serviceAccountName"] = opts.progress_service_account
+    if multi:
+        pod["subdomain"] = service_name(run, attempt)
+    if run.resources.get("nodeSelector"):
+        pod["nodeSelector"] = dict(run.resources["nodeSelector"])
+    if run.resources.get("tolerations"):
+        pod["tolerations"] = [dict(t) for t in run.resources["tolerations"]]
+    if run.resources.get("priorityClassName"):
+        pod["priorityClassName"] = run.resources["priorityClassName"]
+    return pod
+
+
+def build_job(run: Run, attempt: int, opts: OperatorOptions, suspend: bool = False) -> dict:
+    """One attempt of the run. The Job itself never retries (backoffLimit 0): the operator classifies
+    each failure (permanent vs retryable) and starts the next attempt with backoff."""
+    name = run.job_name(attempt)
+    labels = run.child_labels(attempt)
+    queue = run.resources.get("queueName")
+    if queue:
+        labels[KUEUE_QUEUE] = queue
+    pod_labels = run.child_labels(attempt) | {LABEL_JOB: name}
+    spec: dict = {
+        "backoffLimit": 0,
+        "completions": run.pods,
+        "parallelism": run.pods,
+        # Kueue admits queued Jobs by unsuspending them, so they are created suspended.
+        "suspend": bool(suspend or queue),
+        "template": {"metadata": {"labels": pod_labels}, "spec": build_pod_spec(run, attempt, opts)},
+    }
+    if run.pods > 1:
+        spec["completionMode"] = "Indexed"
+    if run.run_policy.get("activeDeadlineSeconds"):
+        spec["activeDeadlineSeconds"] = int(run.run_policy["activeDeadlineSeconds"])
+    if run.run_policy.get("ttlSecondsAfterFinished") is not None:
+        spec["ttlSecondsAfterFinished"] = int(run.run_policy["ttlSecondsAfterFinished"])
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": run.namespace, "labels": labels,
+                     "ownerReferences": [run.owner_reference()]},
+        "spec": spec,
+    }
+
+
+def build_children(run: Run, attempt: int, opts: OperatorOptions, suspend: bool = False) -> list[dict]:
+    """What one attempt needs, in creation order (the Job last: its pods mount the ConfigMap)."""
+    children = [build_configmap(run)]
+    if run.pods > 1:
+        children.append(build_service(run, attempt))
+    children.append(build_job(run, attempt, opts, suspend))
+    return children

@@ -1,0 +1,499 @@
+"""``branchmerge report``: one self-contained HTML page about a finished (or partial) local run.
+
+Sections: pipeline graph + timings, training loss per branch (from the stages' progress events), TeacherGen
+acceptance by reason, Eval scores as grouped bars and a models x benchmarks table (the paper's "Table 2"
+shape, with the Branch-Merge check: merged above base everywhere, close to each branch on its domain),
+and merge statistics. Figures are matplotlib PNGs embedded as base64, so the file can be mailed around.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...trainer.progress import read_events
+from ...trainer.uris import UnresolvableUri, local_path
+from .display import fmt_duration, reason_of
+from .store import StatusStore
+from .summary import duration, parse_time
+from .workdir import Workdir
+
+PHASE_COLOR = {"Succeeded": "#2e7d32", "Failed": "#c62828", "Running": "#0277bd", "Waiting": "#f9a825",
+               "Pending": "#9e9e9e", "Suspended": "#6a1b9a"}
+CLOSE_TO_BRANCH = 0.10  # "close to the branch on its own domain": within 10 points of pass@1
+
+
+# ---- data gathered from the workdir -----------------------------------------------------------------
+
+@dataclass
+class Stage:
+    key: str
+    record: dict
+    result: dict
+    events: list[dict]
+
+    @property
+    def kind(self) -> str:
+        return self.record["kind"]
+
+    @property
+    def name(self) -> str:
+        return self.record["metadata"]["name"]
+
+    @property
+    def status(self) -> dict:
+        return self.record.get("status", {})
+
+    @property
+    def spec(self) -> dict:
+        return self.record.get("spec", {})
+
+    def times(self) -> tuple[float, float] | None:
+        if "startedAt" in self.result and "finishedAt" in self.result:
+            return float(self.result["startedAt"]), float(self.result["finishedAt"])
+        start, end = parse_time(self.status.get("startTime")), parse_time(self.status.get("completionTime"))
+        if start and end:
+            return start.timestamp(), end.timestamp()
+        return None
+
+
+@dataclass
+class RunData:
+    workdir: Workdir
+    stages: dict[str, Stage] = field(default_factory=dict)
+
+    def of_kind(self, kind: str) -> list[Stage]:
+        return [s for s in self.stages.values() if s.kind == kind]
+
+
+def gather(workdir: Workdir) -> RunData:
+    data = RunData(workdir)
+    for record in StatusStore(workdir).all():
+        key = f"{record['kind']}/{record['metadata']['name']}"
+        try:
+            result = json.loads(workdir.result_file(key).read_text())
+        except (OSError, ValueError):
+            result = {}
+        events, _ = read_events(workdir.progress_file(key))
+        data.stages[key] = Stage(key, record, result, events)
+    return data
+
+
+def ref_key(ref: dict | None) -> str | None:
+    """A model ref as a comparable key: Kind/name for from:, the URI otherwise."""
+    if not ref:
+        return None
+    if ref.get("from"):
+        return f"{ref['from']['kind']}/{ref['from']['name']}"
+    return ref.get("uri")
+
+
+def upstream_keys(stage: Stage) -> list[str]:
+    found: list[str] = []
+
+    def visit(value):
+        if isinstance(value, dict):
+            if isinstance(value.get("from"), dict) and "kind" in value["from"]:
+                key = f"{value['from']['kind']}/{value['from']['name']}"
+                if key not in found:
+                    found.append(key)
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list):
+            for v in value:
+                visit(v)
+
+    visit(stage.spec)
+    return found
+
+
+# ---- figures --------------------------------------------------------------------------------------
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def layers(data: RunData) -> dict[str, int]:
+    """Depth of each stage in the DAG (longest path from a root)."""
+    depth: dict[str, int] = {}
+
+    def visit(key: str, seen: frozenset = frozenset()) -> int:
+        if key in depth:
+            return depth[key]
+        ups = [u for u in upstream_keys(data.stages[key]) if u in data.stages and u not in seen]
+        depth[key] = 1 + max((visit(u, seen | {key}) for u in ups), default=-1)
+        return depth[key]
+
+    for key in data.stages:
+        visit(key)
+    return depth
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed, also on a desktop
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pipeline_figure(data: RunData) -> str:
+    plt = _pyplot()
+
+    depth = layers(data)
+    columns: dict[int, list[str]] = {}
+    for key in sorted(data.stages, key=lambda k: (depth[k], k)):
+        columns.setdefault(depth[key], []).append(key)
+    height = max(len(v) for v in columns.values())
+    pos = {key: (d * 3.0, (height - 1) / 2 - i) for d, keys in columns.items() for i, key in enumerate(keys)}
+    fig, ax = plt.subplots(figsize=(max(6, 2.6 * len(columns)), max(2.5, 0.75 * height + 1)))
+    for key, stage in data.stages.items():
+        for up in upstream_keys(stage):
+            if up in pos:
+                (x0, y0), (x1, y1) = pos[up], pos[key]
+                ax.annotate("", xy=(x1 - 1.1, y1), xytext=(x0 + 1.1, y0),
+                            arrowprops=dict(arrowstyle="->", color="#555", lw=1))
+    for key, (x, y) in pos.items():
+        stage = data.stages[key]
+        phase = stage.status.get("phase", "Pending")
+        ax.text(x, y, f"{stage.name}\n{stage.kind} · {phase}", ha="center", va="center", fontsize=8, color="white",
+                bbox=dict(boxstyle="round,pad=0.4", fc=PHASE_COLOR.get(phase, "#777"), ec="none", alpha=0.9))
+    ax.set_xlim(-1.6, 3.0 * max(columns) + 1.6)
+    ax.set_ylim(-(height + 1) / 2, (height + 1) / 2)
+    ax.axis("off")
+    return _png(fig)
+
+
+def timeline_figure(data: RunData) -> str | None:
+    plt = _pyplot()
+    spans = {k: s.times() for k, s in data.stages.items() if s.times()}
+    if not spans:
+        return None
+    t0 = min(a for a, _ in spans.values())
+    keys = sorted(spans, key=lambda k: spans[k][0])
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(keys) + 1.2))
+    for i, key in enumerate(keys):
+        a, b = spans[key]
+        phase = data.stages[key].status.get("phase", "Pending")
+        ax.barh(i, b - a, left=a - t0, color=PHASE_COLOR.get(phase, "#777"))
+        ax.text(b - t0, i, f" {fmt_duration(b - a)}", va="center", fontsize=7)
+    ax.set_yticks(range(len(keys)), keys, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the first stage started")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def loss_series(stage: Stage) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for i, event in enumerate(stage.events):
+        metrics = event.get("metrics") or {}
+        loss = metrics.get("loss")
+        if isinstance(loss, (int, float)):
+            step = metrics.get("step")
+            xs.append(float(step) if isinstance(step, (int, float)) else float(i))
+            ys.append(float(loss))
+    return xs, ys
+
+
+def loss_figure(data: RunData) -> str | None:
+    plt = _pyplot()
+    curves = {s.name + (f" ({s.spec.get('domain')})" if s.spec.get("domain") else ""): loss_series(s)
+              for s in sorted(data.of_kind("BranchSFT"), key=lambda s: s.name)}
+    curves = {k: v for k, v in curves.items() if v[0]}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, label=label, lw=1.4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def acceptance(stage: Stage) -> dict[str, int]:
+    """kept + rejected counts by reason from a TeacherGen's metrics."""
+    metrics = stage.result.get("metrics") or stage.status.get("metrics") or {}
+    counts: dict[str, int] = {}
+    if isinstance(metrics.get("samplesKept"), (int, float)):
+        counts["kept"] = int(metrics["samplesKept"])
+    for name in ("rejectedByReason", "rejected", "rejections"):
+        if isinstance(metrics.get(name), dict):
+            counts.update({str(k): int(v) for k, v in metrics[name].items() if isinstance(v, (int, float))})
+            break
+    else:
+        for name, value in metrics.items():
+            if name.startswith("rejected") and name != "rejected" and isinstance(value, (int, float)):
+                counts[name[len("rejected"):].lstrip("_").lower() or "rejected"] = int(value)
+    return counts
+
+
+def acceptance_figure(data: RunData) -> str | None:
+    plt = _pyplot()
+    rows = {s.name: acceptance(s) for s in sorted(data.of_kind("TeacherGen"), key=lambda s: s.name)}
+    rows = {k: v for k, v in rows.items() if v}
+    if not rows:
+        return None
+    reasons = ["kept"] + sorted({r for counts in rows.values() for r in counts} - {"kept"})
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.6))
+    left = [0.0] * len(rows)
+    cmap = plt.get_cmap("tab10")
+    for j, reason in enumerate(reasons):
+        values = [rows[name].get(reason, 0) for name in rows]
+        ax.barh(list(rows), values, left=left, label=reason, color="#2e7d32" if reason == "kept" else cmap(j % 10))
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_xlabel("samples")
+    ax.legend(fontsize=8, ncol=min(4, len(reasons)), loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    return _png(fig)
+
+
+# ---- eval table -----------------------------------------------------------------------------------
+
+def eval_results(stage: Stage) -> dict | None:
+    uri = (stage.status.get("output") or {}).get("uri")
+    if stage.status.get("phase") != "Succeeded" or not uri:
+        return None
+    try:
+        return json.loads((local_path(uri) / "results.json").read_text())
+    except (OSError, ValueError, UnresolvableUri):
+        return None
+
+
+@dataclass
+class Row:
+    label: str
+    role: str  # base | branch | merge | model
+    domain: str | None
+    scores: dict[str, tuple[float, float, float | None]]  # benchmark -> (pass1, stderr, mean tokens)
+
+
+def roles(data: RunData) -> tuple[dict[str, tuple[str, str | None]], set[str]]:
+    """Model key -> (role, domain); bases = the `base` refs of the BranchSFTs that feed a Merge."""
+    info: dict[str, tuple[str, str | None]] = {}
+    merged_inputs: set[str] = set()
+    for m in data.of_kind("Merge"):
+        info[m.key] = ("merge", None)
+        merged_inputs |= {ref_key(r) for r in m.spec.get("models", [])} | {ref_key(m.spec.get("base"))}
+    bases: set[str] = set()
+    for b in data.of_kind("BranchSFT"):
+        if b.key in merged_inputs:
+            info[b.key] = ("branch", b.spec.get("domain"))
+            bases.add(ref_key(b.spec.get("base")))
+    for base in bases:
+        if base:
+            info[base] = ("base", None)
+    return info, bases
+
+
+def eval_rows(data: RunData) -> list[Row]:
+    info, _ = roles(data)
+    order = {"base": 0, "branch": 1, "model": 2, "merge": 3}
+    rows = []
+    for stage in data.of_kind("Eval"):
+        results = eval_results(stage)
+        if not results:
+            continue
+        model = ref_key(stage.spec.get("model"))
+        role, domain = info.get(model, ("model", None))
+        label = model.split("/", 1)[1] if model and "/" in model and not model.startswith("file:") else stage.name
+        if role == "base":
+            label = f"base ({stage.name})"
+        scores = {name: (float(b["pass1"]), float(b.get("stderr", 0.0)),
+                         float(b["meanTokens"]) if "meanTokens" in b else None)
+                  for name, b in results.get("benchmarks", {}).items()}
+        rows.append(Row(label, role, domain, scores))
+    return sorted(rows, key=lambda r: (order[r.role], r.label))
+
+
+def benchmark_names(rows: list[Row]) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        names += [n for n in row.scores if n not in names]
+    return names
+
+
+def eval_figure(rows: list[Row]) -> str | None:
+    plt = _pyplot()
+    if not rows:
+        return None
+    benches = benchmark_names(rows)
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(benches) + 0.25 * len(rows)), 4))
+    cmap = plt.get_cmap("tab10")
+    for i, row in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(benches))]
+        ys = [row.scores.get(b, (0, 0, None))[0] * 100 for b in benches]
+        err = [row.scores.get(b, (0, 0, None))[1] * 100 for b in benches]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=f"{row.label}", color=cmap(i % 10),
+               edgecolor="black" if row.role == "merge" else "none")
+    ax.set_xticks(range(len(benches)), benches)
+    ax.set_ylabel("pass@1 (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    return _png(fig)
+
+
+def branch_merge_checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
+    """(claim, holds, detail) for each evaluated merge: above base on every benchmark; close to each branch
+    on the branch's own domain (benchmark named like the domain)."""
+    base = next((r for r in rows if r.role == "base"), None)
+    branches = [r for r in rows if r.role == "branch" and r.domain]
+    checks = []
+    for merged in (r for r in rows if r.role == "merge"):
+        if base:
+            shared = [b for b in merged.scores if b in base.scores]
+            worse = [b for b in shared if merged.scores[b][0] <= base.scores[b][0]]
+            detail = ", ".join(f"{b}: {merged.scores[b][0] * 100:.1f} vs {base.scores[b][0] * 100:.1f}"
+                               for b in shared)
+            checks.append((f"{merged.label} above the base on every benchmark", bool(shared) and not worse, detail))
+        for branch in branches:
+            bench = branch.domain if branch.domain in merged.scores and branch.domain in branch.scores else None
+            if not bench:
+                continue
+            gap = branch.scores[bench][0] - merged.scores[bench][0]
+            checks.append((f"{merged.label} close to branch {branch.label} on {bench}", gap <= CLOSE_TO_BRANCH,
+                           f"{merged.scores[bench][0] * 100:.1f} vs {branch.scores[bench][0] * 100:.1f} "
+                           f"(gap {gap * 100:+.1f} points, allowed {CLOSE_TO_BRANCH * 100:.0f})"))
+    return checks
+
+
+# ---- html -------------------------------------------------------------------------------------------
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
+th{background:#f3f3f3}td.num{text-align:right}td.best{font-weight:bold;background:#e8f5e9}
+.ok{color:#2e7d32}.bad{color:#c62828}img{max-width:100%}h2{border-bottom:1px solid #ddd;margin-top:1.6em}"""
+
+
+def _table(header: list[str], rows: list[list[str]], classes: list[list[str]] | None = None) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for i, row in enumerate(rows):
+        cells = []
+        for j, cell in enumerate(row):
+            cls = classes[i][j] if classes else ""
+            cells.append(f'<td class="{cls}">{html.escape(str(cell))}</td>')
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def _scalar(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def eval_table(rows: list[Row]) -> str:
+    benches = benchmark_names(rows)
+    best = {b: max((r.scores[b][0] for r in rows if b in r.scores), default=None) for b in benches}
+    header = ["model", "role"] + [f"{b} pass@1 (%)" for b in benches] + ["mean", "mean tokens"]
+    body, classes = [], []
+    for r in rows:
+        cells = [r.label, r.role + (f" ({r.domain})" if r.domain else "")]
+        cls = ["", ""]
+        for b in benches:
+            if b in r.scores:
+                cells.append(f"{r.scores[b][0] * 100:.1f} ± {r.scores[b][1] * 100:.1f}")
+                cls.append("num best" if r.scores[b][0] == best[b] else "num")
+            else:
+                cells.append("-")
+                cls.append("num")
+        mean = sum(s[0] for s in r.scores.values()) / max(1, len(r.scores))
+        tokens = [s[2] for s in r.scores.values() if s[2] is not None]
+        cells += [f"{mean * 100:.1f}", f"{sum(tokens) / len(tokens):.0f}" if tokens else "-"]
+        cls += ["num", "num"]
+        body.append(cells)
+        classes.append(cls)
+    return _table(header, body, classes)
+
+
+def stages_table(data: RunData) -> str:
+    rows = []
+    for key in sorted(data.stages, key=lambda k: (layers(data)[k], k)):
+        s = data.stages[key]
+        rows.append([key, s.status.get("phase", ""), reason_of(s.record), str(s.status.get("attempts", 0)),
+                     fmt_duration(duration(s.status)), (s.status.get("output") or {}).get("digest", "-")[:19]])
+    return _table(["stage", "phase", "reason", "attempts", "duration", "output digest"], rows)
+
+
+def merge_table(data: RunData) -> str | None:
+    merges = sorted(data.of_kind("Merge"), key=lambda s: s.name)
+    if not merges:
+        return None
+    rows = []
+    for m in merges:
+        metrics = m.result.get("metrics") or m.status.get("metrics") or {}
+        inputs = ", ".join(ref_key(r) or "?" for r in m.spec.get("models", []))
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        nested = {f"{k}.{kk}": vv for k, v in metrics.items() if isinstance(v, dict)
+                  for kk, vv in v.items() if isinstance(vv, (int, float, str, bool))}
+        stats = "; ".join(f"{k}={_scalar(v)}" for k, v in {**flat, **nested}.items())
+        rows.append([m.name, m.spec.get("method", ""), f"base {ref_key(m.spec.get('base')) or '-'}; {inputs}",
+                     fmt_duration(duration(m.status)), stats])
+    return _table(["merge", "method", "inputs", "duration", "statistics"], rows)
+
+
+def build_html(data: RunData) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>branchmerge report</title>"
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>branchmerge report</h1><p>workdir <code>{html.escape(str(data.workdir.root))}</code>, "
+             f"{len(data.stages)} stage(s)</p>"]
+    if not data.stages:
+        parts.append("<p>No stages in this workdir yet.</p></body></html>")
+        return "\n".join(parts)
+    parts += ["<h2>Pipeline</h2>", _img(pipeline_figure(data), "pipeline graph")]
+    timeline = timeline_figure(data)
+    if timeline:
+        parts.append(_img(timeline, "stage timings"))
+    parts.append(stages_table(data))
+    rows = eval_rows(data)
+    if rows:
+        parts += ["<h2>Evaluation</h2>", "<p>pass@1 averaged over k samples per question, ± standard error "
+                  "over questions; bold: best in the column.</p>", eval_table(rows)]
+        figure = eval_figure(rows)
+        if figure:
+            parts.append(_img(figure, "eval scores"))
+        checks = branch_merge_checks(rows)
+        if checks:
+            parts.append("<h3>Branch-Merge check</h3><ul>")
+            for claim, ok, detail in checks:
+                mark = '<span class="ok">yes</span>' if ok else '<span class="bad">no</span>'
+                parts.append(f"<li>{html.escape(claim)}: {mark} <small>({html.escape(detail)})</small></li>")
+            parts.append("</ul>")
+    loss = loss_figure(data)
+    if loss:
+        parts += ["<h2>Training loss per branch</h2>", _img(loss, "training loss")]
+    acc = acceptance_figure(data)
+    if acc:
+        parts += ["<h2>TeacherGen acceptance</h2>", _img(acc, "teachergen acceptance by reason")]
+    merges = merge_table(data)
+    if merges:
+        parts += ["<h2>Merges</h2>", merges]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(workdir: Workdir, out: str | Path | None = None) -> Path:
+    """Write the page atomically (temp file + rename); returns its path."""
+    path = Path(out) if out else workdir.root / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = build_html(gather(workdir))
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

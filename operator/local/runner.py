@@ -1,0 +1,464 @@
+"""The local scheduler: run a set of CRs as a DAG of ``branchmerge stage`` subprocesses on this machine.
+
+One loop, no threads: every tick it (1) starts the stages whose upstreams succeeded (or marks them cached,
+or failed with UpstreamFailed), up to ``jobs`` at a time, (2) tails the running stages' progress files into
+their status, (3) collects finished processes (result file -> Succeeded/Failed, retries with backoff for
+retryable failures as on Kubernetes). SIGINT/SIGTERM stop the children by process group and leave every
+status consistent: running -> Failed/Interrupted, not started -> unchanged phase, reason Interrupted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Callable
+
+import yaml
+
+from ...api.manifests import ManifestSet
+from ...api.resources import CustomResource
+from ...trainer.errors import EXIT_INVALID
+from ...trainer.progress import read_events
+from .. import conditions as cond
+from ..resolve import blockers, resolve, spec_hash
+from . import cache
+from .launch import EnvError, local_ranks, stage_command, stage_env
+from .store import CACHE_KEY, LOG, SPEC_HASH, StatusStore, annotations
+from .workdir import Workdir
+
+TICK = 0.2
+TERMINAL = ("Succeeded", "Failed")
+
+
+class SelectionError(ValueError):
+    """--only / --from name stages that cannot run as asked."""
+
+
+@dataclass
+class RunOptions:
+    jobs: int = 1
+    only: list[str] = field(default_factory=list)
+    from_: str | None = None
+    no_cache: bool = False
+    grace_seconds: float = 20.0
+    threads: int | None = None  # OMP threads per stage; default cores // jobs
+
+
+@dataclass
+class Attempt:
+    """A running stage process."""
+
+    proc: subprocess.Popen
+    log: IO
+    started: float
+    ranks: int
+    progress_offset: int = 0
+    last_save: float = 0.0
+    deadline: float | None = None
+    stop_reason: str | None = None  # set when the runner itself stops it (Interrupted, DeadlineExceeded)
+
+
+def _match(dag_keys: list[str], name: str) -> str:
+    """A selection name: Kind/name or a bare name (must be unambiguous)."""
+    if name in dag_keys:
+        return name
+    hits = [k for k in dag_keys if k.split("/", 1)[1] == name]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise SelectionError(f"{name}: no such stage among the manifests")
+    raise SelectionError(f"{name} is ambiguous ({', '.join(hits)}): write Kind/name")
+
+
+def last_line(path: Path, limit: int = 400) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 16384))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:limit] if lines else ""
+
+
+class Runner:
+    def __init__(self, manifests: ManifestSet, workdir: Workdir, options: RunOptions | None = None,
+                 display=None):
+        self.manifests = manifests
+        self.workdir = workdir
+        self.options = options or RunOptions()
+        self.store = StatusStore(workdir)
+        self.dag = manifests.dag()
+        self.order = self.dag.order()
+        self.resources: dict[str, CustomResource] = {r.key: r for r in manifests.resources}
+        self.display = display
+        self.records: dict[str, dict] = {}
+        self.running: dict[str, Attempt] = {}
+        self.retry_at: dict[str, float] = {}
+        self.finished: set[str] = set()
+        self.tries: dict[str, int] = {}  # attempts made by this invocation (retry accounting)
+        self.selected: list[str] = []
+        self.forced: set[str] = set()
+        self.interrupted = False
+        self._signals: dict[int, Callable] = {}
+
+    # ---- selection ----------------------------------------------------------------------------------
+    def select(self) -> None:
+        opts = self.options
+        if opts.only:
+            chosen = {_match(self.order, n) for n in opts.only}
+            self.forced = set(chosen)
+        elif opts.from_:
+            start = _match(self.order, opts.from_)
+            chosen = {start} | self.dag.descendants(start)
+            self.forced = {start}
+        else:
+            chosen = set(self.order)
+        if opts.no_cache:
+            self.forced = set(chosen)
+        self.selected = [k for k in self.order if k in chosen]
+        for key in self.selected:  # upstreams left out of the selection must already be done
+            for up in self.dag.upstreams[key]:
+                if up in chosen:
+                    continue
+                record = self.store.load(up)
+                if not record or record.get("status", {}).get("phase") != "Succeeded":
+                    raise SelectionError(f"{key} needs {up}, which has not succeeded in {self.workdir.root}; "
+                                         f"run it first or include it in the selection")
+
+    # ---- status helpers -----------------------------------------------------------------------------
+    def record(self, key: str) -> dict | None:
+        if key in self.records:
+            return self.records[key]
+        return self.store.load(key)
+
+    def phase(self, key: str) -> str | None:
+        rec = self.record(key)
+        return (rec or {}).get("status", {}).get("phase") if rec else None
+
+    def save(self, key: str) -> None:
+        self.store.save(self.records[key])
+        if self.display:
+            self.display.update(key, self.records[key])
+
+    def set_phase(self, key: str, phase: str, reason: str, message: str = "") -> None:
+        status = self.records[key]["status"]
+        changed = self.current(key) != (phase, reason)
+        cond.set_phase(status, phase, reason, message)
+        self.save(key)
+        if changed and self.display:
+            self.display.transition(key, phase, reason, message)
+
+    def current(self, key: str) -> tuple[str | None, str | None]:
+        status = self.records[key]["status"]
+        return status.get("phase"), (cond.get_condition(status, "Ready") or {}).get("reason")
+
+    def _upstream_outputs(self) -> tuple[dict[str, str], dict[str, str]]:
+        outputs, digests = {}, {}
+        for key in self.order:
+            rec = self.record(key)
+            out = (rec or {}).get("status", {}).get("output") or {}
+            if rec and rec["status"].get("phase") == "Succeeded" and out.get("uri"):
+                outputs[key] = out["uri"]
+                if out.get("digest"):
+                    digests[out["uri"]] = out["digest"]
+        return outputs, digests
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.select()
+        for key in self.selected:
+            self.records[key] = self.store.sync(self.resources[key], self.manifests.sources.get(key))
+        if self.display:
+            self.display.start(self)
+        self._install_signals()
+        try:
+            while not self.interrupted:
+                self._schedule()
+                self._poll()
+                if not self.running and self._settled():
+                    break
+                time.sleep(TICK)
+            if self.interrupted:
+                self._stop_all("Interrupted", "interrupted (SIGINT/SIGTERM): the stage was stopped")
+        finally:
+            self._restore_signals()
+            if self.display:
+                self.display.stop()
+        return self.exit_code()
+
+    def _settled(self) -> bool:
+        """Nothing can change any more: every selected stage is finished or blocked for good."""
+        for key in self.selected:
+            if key in self.finished:
+                continue
+            if key in self.retry_at:
+                return False
+            if self.resources[key].spec.resources.suspend:  # type: ignore[attr-defined]
+                continue
+            bl = blockers(self.resources[key], {k: self.phase(k) for k in self.order})
+            if not bl or any(self._can_progress(b.ref.key) for b in bl):
+                return False
+        return True
+
+    def _can_progress(self, key: str) -> bool:
+        return key in self.selected and key not in self.finished and \
+            not self.resources[key].spec.resources.suspend  # type: ignore[attr-defined]
+
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        phases = [self.records[k]["status"].get("phase") for k in self.selected]
+        return 0 if all(p == "Succeeded" for p in phases) else 1
+
+    def failures(self) -> list[tuple[str, str, str]]:
+        """(key, one-line error, log path) of the stages that failed on their own (not UpstreamFailed)."""
+        out = []
+        for key in self.selected:
+            status = self.records[key]["status"]
+            ready = cond.get_condition(status, "Ready") or {}
+            if status.get("phase") == "Failed" and ready.get("reason") != cond.UPSTREAM_FAILED:
+                out.append((key, ready.get("message", ""), annotations(self.records[key]).get(LOG, "")))
+        return out
+
+    def _schedule(self) -> None:
+        phases = {k: self.phase(k) for k in self.order}
+        for key in self.selected:
+            if key in self.finished or key in self.running:
+                continue
+            resource = self.resources[key]
+            if resource.spec.resources.suspend:  # type: ignore[attr-defined]
+                if phases[key] != "Suspended":
+                    self.set_phase(key, "Suspended", cond.SUSPENDED, "spec.resources.suspend is true")
+                    phases[key] = "Suspended"
+                continue
+            bl = blockers(resource, phases)
+            if bl and bl[0].reason == "UpstreamFailed":
+                self.set_phase(key, "Failed", cond.UPSTREAM_FAILED, bl[0].message)
+                self.finished.add(key)
+                phases[key] = "Failed"
+                continue
+            if bl:
+                if phases[key] != "Waiting":
+                    self.set_phase(key, "Waiting", bl[0].reason, bl[0].message)
+                    phases[key] = "Waiting"
+                continue
+            if key in self.retry_at:
+                if time.time() < self.retry_at[key]:
+                    continue
+                del self.retry_at[key]
+            if self._try_cache(key):
+                phases[key] = "Succeeded"
+                continue
+            if len(self.running) >= max(1, self.options.jobs):
+                if self.current(key) != ("Pending", cond.CREATED):
+                    self.set_phase(key, "Pending", cond.CREATED, f"queued: {len(self.running)} stage(s) running "
+                                                                 f"(--jobs {self.options.jobs})")
+                    phases[key] = "Pending"
+                continue
+            self._launch(key)
+            phases[key] = self.phase(key)
+
+    def _resolved(self, key: str) -> tuple[dict, str]:
+        outputs, digests = self._upstream_outputs()
+        resolved = resolve(self.resources[key], outputs, self.workdir.default_output(key))
+        ckey = cache.cache_key(resolved, cache.input_digests(resolved, digests))
+        return resolved, ckey
+
+    def _try_cache(self, key: str) -> bool:
+        if key in self.forced:
+            return False
+        _, ckey = self._resolved(key)
+        stored = self.store.load(key)
+        if not cache.is_cached(stored, ckey):
+            return False
+        rec = self.records[key]
+        rec["status"] = stored["status"]
+        annotations(rec).update({k: v for k, v in annotations(stored).items() if k in (CACHE_KEY, LOG, SPEC_HASH)})
+        self.set_phase(key, "Succeeded", cond.CACHED,
+                       "skipped: succeeded before with the same resolved spec and input digests")
+        self.finished.add(key)
+        return True
+
+    def _launch(self, key: str) -> None:
+        resource = self.resources[key]
+        rec = self.records[key]
+        status = rec["status"]
+        resolved, ckey = self._resolved(key)
+        run_dir = self.workdir.run_dir(key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec_file, result_file = self.workdir.spec_file(key), self.workdir.result_file(key)
+        progress_file, log_file = self.workdir.progress_file(key), self.workdir.log_file(key)
+        spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        for stale in (result_file, progress_file):
+            stale.unlink(missing_ok=True)
+        annotations(rec).update({SPEC_HASH: spec_hash(resolved), CACHE_KEY: ckey, LOG: str(log_file)})
+        annotations(rec).pop("local.branchmerge.dev/ranks", None)
+        status["output"] = {"uri": resolved["spec"]["output"]["uri"]}
+        status["metrics"] = {}
+        status["progress"] = {"fraction": 0.0, "message": "starting"}
+        status["attempts"] = int(status.get("attempts") or 0) + 1
+        self.tries[key] = self.tries.get(key, 0) + 1
+        status["startTime"] = cond.now()
+        status.pop("completionTime", None)
+        jobs = max(1, self.options.jobs)
+        threads = self.options.threads or max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(self.selected))))
+        ranks = local_ranks(resource)
+        argv, ranks = stage_command(resource, spec_file, result_file, ranks)
+        try:
+            env = stage_env(resource, progress_file, max(1, threads // ranks))
+        except EnvError as err:
+            self.set_phase(key, "Failed", cond.INVALID_SPEC, str(err))
+            self.finished.add(key)
+            return
+        if ranks > 1:
+            annotations(rec)["local.branchmerge.dev/ranks"] = str(ranks)
+        log = open(log_file, "ab")
+        log.write(f"# attempt {status['attempts']}: {' '.join(argv)}\n".encode())
+        log.flush()
+        # own process group: Ctrl-C in the terminal reaches the runner only, which stops children in order
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        deadline = resource.spec.run_policy.active_deadline_seconds  # type: ignore[attr-defined]
+        self.running[key] = Attempt(proc, log, time.time(), ranks,
+                                    deadline=time.time() + deadline if deadline else None)
+        message = f"attempt {status['attempts']}" + (f", {ranks} ranks" if ranks > 1 else "")
+        self.set_phase(key, "Running", cond.STARTED if self.tries[key] == 1 else cond.RETRYING, message)
+
+    def _poll(self) -> None:
+        for key in list(self.running):
+            attempt = self.running[key]
+            self._read_progress(key, attempt)
+            if attempt.deadline and time.time() > attempt.deadline and attempt.stop_reason is None:
+                attempt.stop_reason = cond.DEADLINE_EXCEEDED
+                self._signal(attempt, signal.SIGTERM)
+            code = attempt.proc.poll()
+            if code is not None:
+                self._finish(key, attempt, code)
+
+    def _read_progress(self, key: str, attempt: Attempt, force: bool = False) -> None:
+        events, attempt.progress_offset = read_events(self.workdir.progress_file(key), attempt.progress_offset)
+        if not events:
+            return
+        status = self.records[key]["status"]
+        last = events[-1]
+        progress = status.setdefault("progress", {"fraction": 0.0, "message": ""})
+        if "fraction" in last:
+            progress["fraction"] = round(float(last["fraction"]), 4)
+        if last.get("message"):
+            progress["message"] = str(last["message"])[:200]
+        status["metrics"] = {k: v for k, v in (last.get("metrics") or {}).items()
+                             if isinstance(v, (int, float, str, bool))}
+        if self.display:
+            self.display.progress(key, self.records[key], attempt.started)
+        if force or time.time() - attempt.last_save > 1.0:
+            attempt.last_save = time.time()
+            self.store.save(self.records[key])
+
+    def _finish(self, key: str, attempt: Attempt, code: int) -> None:
+        del self.running[key]
+        attempt.log.close()
+        self._read_progress(key, attempt, force=True)
+        rec = self.records[key]
+        status = rec["status"]
+        result = self._result(key)
+        duration = time.time() - attempt.started
+        if result.get("phase") == "Succeeded" and (code == 0 or self._published(result)):
+            # a non-zero exit after a complete, digested output (e.g. a rank aborting at exit) still counts
+            status["output"] = {"uri": result.get("outputUri") or status.get("output", {}).get("uri"),
+                                "digest": result.get("digest")}
+            status["metrics"] = result.get("metrics") or {}
+            status["progress"] = {"fraction": 1.0, "message": "done"}
+            note = "" if code == 0 else f" (process exited {code} after publishing)"
+            self.set_phase(key, "Succeeded", cond.SUCCEEDED, f"finished in {duration:.1f}s{note}")
+            self.finished.add(key)
+            return
+        error = result.get("error") or last_line(self.workdir.log_file(key)) or f"exited with code {code}"
+        if attempt.stop_reason == cond.INTERRUPTED:
+            self.set_phase(key, "Failed", cond.INTERRUPTED, "interrupted (SIGINT/SIGTERM) while running")
+            self.finished.add(key)
+            return
+        if attempt.stop_reason == cond.DEADLINE_EXCEEDED:
+            self.set_phase(key, "Failed", cond.DEADLINE_EXCEEDED,
+                           f"ran longer than runPolicy.activeDeadlineSeconds; {error}")
+            self.finished.add(key)
+            return
+        policy = self.resources[key].spec.run_policy  # type: ignore[attr-defined]
+        retries_used = self.tries.get(key, 1) - 1
+        permanent = code == EXIT_INVALID
+        if not permanent and retries_used < policy.backoff_limit:
+            delay = policy.backoff_seconds * (2 ** retries_used)
+            self.retry_at[key] = time.time() + delay
+            self.set_phase(key, "Pending", cond.RETRYING,
+                           f"attempt {status['attempts']} failed (exit {code}): {error}; retrying in {delay}s")
+            return
+        reason = cond.FAILED if permanent or policy.backoff_limit == 0 else cond.BACKOFF_LIMIT_EXCEEDED
+        self.set_phase(key, "Failed", reason, error)
+        self.finished.add(key)
+
+    def _result(self, key: str) -> dict:
+        try:
+            return json.loads(self.workdir.result_file(key).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _published(result: dict) -> bool:
+        from ...trainer.publish import combined_digest, read_manifest
+        from ...trainer.uris import UnresolvableUri, local_path
+
+        try:
+            files = read_manifest(local_path(result.get("outputUri", "")))
+        except UnresolvableUri:
+            return False
+        return files is not None and combined_digest(files) == result.get("digest")
+
+    # ---- stopping -----------------------------------------------------------------------------------
+    @staticmethod
+    def _signal(attempt: Attempt, sig: int) -> None:
+        try:
+            os.killpg(attempt.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _stop_all(self, reason: str, message: str) -> None:
+        """Stop every child: SIGINT to its process group, SIGTERM after the grace period, SIGKILL last."""
+        for attempt in self.running.values():
+            attempt.stop_reason = reason
+            self._signal(attempt, signal.SIGINT)
+        for sig, wait in ((signal.SIGTERM, self.options.grace_seconds), (signal.SIGKILL, 5.0)):
+            end = time.time() + wait
+            while time.time() < end and any(a.proc.poll() is None for a in self.running.values()):
+                time.sleep(0.1)
+            for attempt in self.running.values():
+                if attempt.proc.poll() is None:
+                    self._signal(attempt, sig)
+        for key, attempt in list(self.running.items()):
+            attempt.proc.wait()
+            self._finish(key, attempt, attempt.proc.returncode)
+        for key in self.selected:  # never started: keep the phase, say why nothing happened
+            if key not in self.finished:
+                status = self.records[key]["status"]
+                self.retry_at.pop(key, None)
+                message = "the run was interrupted before this stage ran"
+                cond.set_phase(status, status.get("phase") or "Pending", cond.INTERRUPTED, message)
+                cond.set_condition(status, "Reconciling", False, cond.INTERRUPTED, message)
+                self.save(key)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.interrupted = True
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._signals[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: the caller handles interrupts
+                pass
+
+    def _restore_signals(self) -> None:
+        for sig, handler in self._signals.items():
+            signal.signal(sig, handler)
+        self._signals.clear()

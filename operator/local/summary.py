@@ -1,0 +1,37 @@
+"""The closing lines of ``branchmerge run``: one row per stage, then the failures with their log paths."""
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+
+from .display import fmt_duration, reason_of
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+
+
+def duration(status: dict) -> float | None:
+    start, end = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
+    return (end - start).total_seconds() if start and end else None
+
+
+def print_summary(runner, stream=None) -> None:
+    stream = stream or sys.stdout
+    print("", file=stream)
+    for key in runner.selected:
+        status = runner.records[key]["status"]
+        print(f"  {key:<30} {status.get('phase', ''):<10} {reason_of(runner.records[key]):<16} "
+              f"{fmt_duration(duration(status)):>7}", file=stream)
+    for key, error, log in runner.failures():
+        print(f"error: {key} failed: {error}" + (f" (log: {log})" if log else ""), file=sys.stderr)
+    if runner.interrupted:
+        print(f"interrupted; rerun the same command to resume (workdir {runner.workdir.root})", file=sys.stderr)
+    else:
+        print(f"status: branchmerge status --workdir {runner.workdir.root}\n"
+              f"report: branchmerge report --workdir {runner.workdir.root}", file=stream)

@@ -1,0 +1,57 @@
+"""Names and labels of the children the operator creates (deterministic: restart-safe, create-if-absent)."""
+from __future__ import annotations
+
+import hashlib
+import re
+
+from ..api.common import GROUP
+
+# Labels on every child (and on pods through the Job template).
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "branchmerge-operator"
+LABEL_KIND = f"{GROUP}/kind"
+LABEL_NAME = f"{GROUP}/name"
+LABEL_RUN = f"{GROUP}/run"  # the run hash: identity of the resolved spec
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+LABEL_JOB = f"{GROUP}/job"  # on pods: the Job they belong to (selector of the headless Service)
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# On the run's ConfigMap: the final result of the run (compact JSON), the durable record after Job TTL.
+ANNOTATION_RESULT = f"{GROUP}/result"
+# On a CR: which Secret (name or name/key) holds the Hugging Face token for hf:// staging.
+ANNOTATION_HF_SECRET = f"{GROUP}/hf-token-secret"
+
+# Indexed Job pods get the hostname "<job>-<index>" (a DNS label, <= 63 chars): keep room for the index.
+MAX_CHILD_NAME = 52
+
+
+def _dns_label(text: str) -> str:
+    text = re.sub(r"[^a-z0-9-]", "-", text.lower())
+    return text.strip("-") or "x"
+
+
+def child_name(cr_name: str, run_hash: str, attempt: int | None = None, limit: int = MAX_CHILD_NAME) -> str:
+    """``<cr>-<hash8>[-<attempt>]``: a DNS-1035 label (Services need one) of at most ``limit`` characters.
+
+    Too-long CR names are cut and get a short digest of the full name so distinct CRs never collide.
+    """
+    suffix = f"-{run_hash[:8]}" + (f"-{attempt}" if attempt is not None else "")
+    base = _dns_label(cr_name)
+    if not base[0].isalpha():  # DNS-1035: Services must start with a letter
+        base = "bm-" + base
+    if len(base) + len(suffix) <= limit:
+        return base + suffix
+    digest = hashlib.sha256(cr_name.encode()).hexdigest()[:6]
+    keep = limit - len(suffix) - len(digest) - 1
+    return f"{base[:keep].rstrip('-')}-{digest}{suffix}"
+
+
+def owner_labels(kind: str, name: str) -> dict[str, str]:
+    return {MANAGED_BY: MANAGED_BY_VALUE, LABEL_KIND: kind, LABEL_NAME: name}
+
+
+def owner_key_of(child: dict) -> str | None:
+    """``Kind/name`` of the CR a child belongs to, from its labels (None: not ours)."""
+    labels = child.get("metadata", {}).get("labels") or {}
+    if labels.get(MANAGED_BY) != MANAGED_BY_VALUE or LABEL_KIND not in labels:
+        return None
+    return f"{labels[LABEL_KIND]}/{labels.get(LABEL_NAME, '')}"

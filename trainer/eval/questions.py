@@ -1,0 +1,91 @@
+"""From benchmark records to the prompts sent to the model and the references each sample is graded against.
+
+A question normally has one prompt sampled k times (one request with n = k). With ``shuffleChoices`` every
+sample sees its own seeded order of the options, so it has its own prompt and its own reference letter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...api.eval import Benchmark
+from .prompts import LETTERS, TemplateError, lettered, mcq_view, reference_index, render, shuffled_order
+
+MAX_CHOICES = len(LETTERS)
+
+
+class QuestionError(ValueError):
+    """A record cannot be turned into a question (message names the field)."""
+
+
+@dataclass
+class Question:
+    id: str
+    record: dict[str, Any]
+    """What the grader sees: the original fields plus canonical ``answer``/``choices``/``tests`` keys."""
+    prompts: list[str]
+    """One user message, or one per sample when options are shuffled."""
+    graded: list[dict[str, Any]] = field(default_factory=list)
+    """Per prompt: the record as graded (mcq: the options as shown and the remapped reference letter)."""
+    orders: list[list[int]] | None = None
+    """mcq with shuffling: the original option index at each shown position, per sample."""
+
+
+def canonical_record(record: dict, benchmark: Benchmark) -> dict:
+    """The record with the spec's field names mapped to the canonical ones the graders read."""
+    fields = benchmark.fields
+    out = dict(record)
+    for canonical, source in (("answer", fields.answer), ("choices", fields.choices), ("tests", fields.tests)):
+        if source in record:
+            out[canonical] = record[source]
+    return out
+
+
+def _require(record: dict, key: str, source: str) -> Any:
+    value = record.get(key)
+    if value is None or value == "" or value == []:
+        raise QuestionError(f"field {source!r} is missing or empty")
+    return value
+
+
+def build_question(record: dict, qid: str, benchmark: Benchmark, seed: int) -> Question:
+    rec = canonical_record(record, benchmark)
+    values = dict(record)
+    if benchmark.kind in ("math", "exact"):
+        rec["answer"] = str(_require(rec, "answer", benchmark.fields.answer))
+    elif benchmark.kind == "code":
+        tests = _require(rec, "tests", benchmark.fields.tests)
+        if not isinstance(tests, (list, dict, str)):
+            raise QuestionError(f"field {benchmark.fields.tests!r} must hold the tests (see docs/eval-data.md)")
+    if benchmark.kind != "mcq":
+        prompt = _render(benchmark.template, values)
+        return Question(qid, rec, [prompt], [rec])
+
+    choices = _require(rec, "choices", benchmark.fields.choices)
+    if not isinstance(choices, list) or not 2 <= len(choices) <= MAX_CHOICES:
+        raise QuestionError(f"field {benchmark.fields.choices!r} must be a list of 2 to {MAX_CHOICES} options")
+    choices = [str(c) for c in choices]
+    try:
+        correct = reference_index(_require(rec, "answer", benchmark.fields.answer), choices)
+    except ValueError as err:
+        raise QuestionError(f"field {benchmark.fields.answer!r}: {err}") from None
+    rec.update(choices=choices, answer=LETTERS[correct])
+    if not benchmark.shuffle_choices:
+        values["choices"] = lettered(choices)
+        return Question(qid, rec, [_render(benchmark.template, values)], [rec])
+    question = Question(qid, rec, [], [], [])
+    for sample in range(benchmark.samples):
+        order = shuffled_order(len(choices), seed, benchmark.name, qid, sample)
+        text, letter, order = mcq_view(choices, correct, order)
+        values["choices"] = text
+        question.prompts.append(_render(benchmark.template, values))
+        question.graded.append({**rec, "choices": [choices[i] for i in order], "answer": letter})
+        question.orders.append(order)  # type: ignore[union-attr]
+    return question
+
+
+def _render(template: str, values: dict) -> str:
+    try:
+        return render(template, values)
+    except TemplateError as err:
+        raise QuestionError(str(err)) from None

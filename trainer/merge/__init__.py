@@ -1,0 +1,1 @@
+"""Merge stage: a streaming, bounded-memory model-merge engine over safetensors folders."""

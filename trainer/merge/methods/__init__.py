@@ -1,0 +1,10 @@
+"""Merge methods, one module each: ``NAME``, ``ANCHOR`` ("base": needs the base; "first": the base or the
+first model; None: no anchor), ``ACCEPTS`` (parameter names it uses) and ``merge(MergeInputs) -> MergeOutput``."""
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import arcee_fusion, dare_linear, dare_ties, linear, model_stock, slerp, task_arithmetic, ties
+
+METHODS: dict[str, ModuleType] = {m.NAME: m for m in (
+    linear, task_arithmetic, ties, dare_ties, dare_linear, slerp, model_stock, arcee_fusion)}

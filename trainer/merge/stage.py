@@ -1,0 +1,97 @@
+"""Merge stage entry point: ``run(ctx)`` validates the inputs, streams the merge into an atomic temp
+folder (shards + index + config + tokenizer) and returns the metrics for the CR status."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...api.merge import MergeSpec
+from ..errors import InvalidInput
+from ..publish import atomic_folder
+from .assets import copy_assets
+from .engine import MergeJob, run_merge
+from .methods import METHODS
+from .model_folder import ModelFolder
+from .params import ParamResolver, check_parameters, parse_size
+from .plan import build_plan
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Folders:
+    """Opens each distinct input folder once (a model may also be the base)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.by_path: dict[Path, ModelFolder] = {}
+
+    def open(self, ref, label: str) -> ModelFolder:
+        path = self.ctx.input_path(ref, label).resolve()
+        if path not in self.by_path:
+            self.by_path[path] = ModelFolder(path, f"{label} ({ref.uri})")
+        return self.by_path[path]
+
+    def close(self) -> None:
+        for folder in self.by_path.values():
+            folder.close()
+
+
+def build_job(spec: MergeSpec, folders: _Folders) -> tuple[MergeJob, ModelFolder]:
+    method = METHODS[spec.method]
+    check_parameters(spec, method)
+    base = folders.open(spec.base, "spec.base") if spec.base is not None else None
+    models = [folders.open(m, f"spec.models[{i}]") for i, m in enumerate(spec.models)]
+    if method.ANCHOR == "base" and base is None:
+        raise InvalidInput(f"spec.base: method {spec.method} needs a base model")
+    anchor = None
+    if method.ANCHOR == "base":
+        anchor = base
+    elif method.ANCHOR == "first":
+        anchor = base if base is not None else models[0]
+    anchor_indexes = [i for i, m in enumerate(models) if anchor is not None and m is anchor]
+    if method.ANCHOR == "first" and base is None:
+        anchor_indexes = [0]
+    other_indexes = [i for i in range(len(models)) if i not in anchor_indexes]
+    others = [models[i] for i in other_indexes]
+    needed = {"arcee_fusion": 1, "slerp": 1}.get(spec.method)
+    if needed is not None and len(others) != needed:
+        raise InvalidInput(f"spec.models: {spec.method} merges the base with exactly one other model, "
+                           f"got {len(others)} besides the base")
+    if spec.method == "model_stock" and len(others) < 2:
+        raise InvalidInput("spec.models: model_stock needs at least 2 models besides the base")
+    if not others:
+        raise InvalidInput("spec.models: nothing to merge (every model is the base)")
+    reference = base if base is not None else models[0]
+    inputs = ([anchor] if anchor is not None else []) + others
+    out_dtype = DTYPES[spec.out_dtype] if spec.out_dtype else None
+    plan = build_plan(reference, inputs, out_dtype)
+    job = MergeJob(method=method, anchor=anchor, others=others, other_indexes=other_indexes,
+                   anchor_indexes=anchor_indexes, plan=plan, resolver=ParamResolver(spec, other_indexes),
+                   compute_dtype=DTYPES[spec.dtype], seed=spec.seed, shard_bytes=parse_size(spec.out_shard_size),
+                   folders=list(folders.by_path.values()))
+    return job, reference
+
+
+def run(ctx) -> dict:
+    spec: MergeSpec = ctx.spec
+    folders = _Folders(ctx)
+    try:
+        job, reference = build_job(spec, folders)
+        out = Path(ctx.output_dir).resolve()
+        for path, folder in folders.by_path.items():
+            if out == path or out in path.parents:
+                raise InvalidInput(f"spec.output.uri: {ctx.output_uri} is (inside) the input {folder.label}")
+        tokenizer_source = (ctx.input_path(spec.tokenizer_source, "spec.tokenizerSource")
+                            if spec.tokenizer_source is not None else reference.path)
+        ctx.progress.update(0.0, f"{spec.method}: merging {len(job.plan.tensors)} tensors", force=True,
+                            tensorsTotal=len(job.plan.tensors))
+        with atomic_folder(ctx.output_dir) as tmp:
+            metrics = run_merge(job, tmp, ctx.progress)
+            copy_assets(tmp, reference.path, tokenizer_source, vocab_size=job.plan.vocab_size,
+                        out_dtype=DTYPES[spec.out_dtype] if spec.out_dtype else None)
+        ctx.progress.update(1.0, f"{spec.method}: merged {metrics['tensorsMerged']} tensors", force=True,
+                            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        return metrics
+    finally:
+        folders.close()

@@ -1,0 +1,66 @@
+"""From spec.data to tokenised samples: load, template, mask, apply the over-length policy, mix by weight."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import InvalidInput
+from .chat import encode
+from .packing import Sample
+from .records import Layout, load_dataset, mix
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    samples: int = 0  # after mixing
+    dropped: int = 0  # over maxSeqLen (drop policy) or nothing left to learn after truncation
+    truncated: int = 0
+    no_label_after_truncation: int = 0
+    shortest_prompt: int | None = None
+    per_dataset: list[int] = field(default_factory=list)
+
+
+def _prompt_length(labels: list[int]) -> int:
+    return next((i for i, x in enumerate(labels) if x != -100), len(labels))
+
+
+def build_samples(spec, tokenizer, input_path) -> tuple[list[Sample], DataStats]:
+    """``input_path(ref, what)`` resolves a dataset ref to a local path (StageContext.input_path)."""
+    training = spec.training
+    max_len = training.max_seq_len
+    stats = DataStats()
+    kept_per_dataset: list[list[Sample]] = []
+    for i, ref in enumerate(spec.data):
+        what = f"spec.data[{i}]"
+        layout = Layout(ref.format, ref.messages_field, ref.prompt_field, ref.response_field)
+        conversations = load_dataset(input_path(ref, what), layout, what)
+        stats.records += len(conversations)
+        kept = []
+        for messages in conversations:
+            enc = encode(tokenizer, messages)
+            if enc.n_label_tokens == 0:
+                raise InvalidInput(f"{what}: a record renders without assistant tokens (empty response?)")
+            prompt = _prompt_length(enc.labels)
+            stats.shortest_prompt = prompt if stats.shortest_prompt is None else min(stats.shortest_prompt, prompt)
+            ids, labels = enc.input_ids, enc.labels
+            if len(ids) > max_len:
+                if training.over_length == "drop":
+                    stats.dropped += 1
+                    continue
+                ids, labels = ids[:max_len], labels[:max_len]
+                if all(x == -100 for x in labels[1:]):  # the prompt alone fills maxSeqLen
+                    stats.dropped += 1
+                    stats.no_label_after_truncation += 1
+                    continue
+                stats.truncated += 1
+            kept.append(Sample(ids, labels))
+        if not kept:
+            raise InvalidInput(
+                f"spec.training.maxSeqLen={max_len}: no sample of {what} fits "
+                f"({len(conversations)} records; shortest prompt {stats.shortest_prompt} tokens, "
+                f"overLength={training.over_length}); raise maxSeqLen or use shorter records")
+        kept_per_dataset.append(kept)
+        stats.per_dataset.append(len(kept))
+    samples = mix(kept_per_dataset, [ref.weight for ref in spec.data], training.seed)
+    stats.samples = len(samples)
+    return samples, stats

@@ -1,0 +1,239 @@
+"""The BranchSFT training loop on a DeepSpeed engine.
+
+Loss normalisation: every optimizer step minimises the mean per-token loss over all assistant tokens of
+the global batch. Each rank knows the global token count from the plan (no communication), scales its
+micro-batch token sum by world x accumulation / global tokens, and DeepSpeed's division by the
+accumulation steps and averaging over ranks give back exactly that mean -- the same update for 1 or N ranks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..publish import atomic_folder, write_json_atomic
+from . import checkpoint as ckpt
+from .dataset import build_samples
+from .engine import (check_same_tokenizer, deepspeed_config, load_model, load_tokenizer,
+                     optimizer_and_scheduler)
+from .losses import divergence, taid_weight, token_cross_entropy
+from .packing import IGNORE, collate
+from .plan import Plan, make_plan
+from .runtime import choose_precision, clean_shm, prepare_env
+
+log = logging.getLogger("branchmerge.sft")
+RESULT_FILE = "branchmerge_sft.json"  # training metrics and provenance, published with the model
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    tokens_seen: int = 0
+    label_tokens: int = 0
+    initial_loss: float | None = None
+    last_loss: float | None = None
+    last_ce: float | None = None
+    last_kd: float | None = None
+    history: list[float] = field(default_factory=list)
+
+    def client_state(self) -> dict:
+        return {k: getattr(self, k) for k in ("step", "tokens_seen", "label_tokens", "initial_loss", "last_loss",
+                                              "last_ce", "last_kd", "history")}
+
+    @classmethod
+    def from_client_state(cls, state: dict) -> "RunState":
+        return cls(**{k: state[k] for k in cls().client_state() if k in state})
+
+
+def _row_counts(rows, samples) -> tuple[int, int]:
+    """(real tokens, trained target tokens) of some rows."""
+    real = labels = 0
+    for row in rows:
+        for i, s, e in row:
+            real += e - s
+            labels += sum(1 for x in samples[i].labels[s + 1:e] if x != IGNORE)
+    return real, labels
+
+
+def _utilisation(plan: Plan, samples) -> float:
+    real = computed = 0
+    for step in range(plan.total_steps):
+        for rank in range(plan.world_size):
+            for micro in plan.micro_batches(step, rank):
+                sizes = [sum(e - s for _, s, e in row) for row in micro]
+                real += sum(sizes)
+                computed += max(sizes) * len(sizes)
+    return real / computed if computed else 0.0
+
+
+def _is_checkpoint_step(plan: Plan, every: int, done: int) -> bool:
+    if done >= plan.total_steps:
+        return False  # the final weights are the output itself
+    if every:
+        return done % every == 0
+    ends, acc = set(), 0
+    for n in plan.steps_by_epoch:
+        acc += n
+        ends.add(acc)
+    return done in ends
+
+
+def train(ctx) -> dict:
+    spec = ctx.spec
+    t = spec.training
+    started = time.time()
+    env = prepare_env()
+    kd = spec.objective.type == "kd"
+
+    base = ctx.input_path(spec.base, "spec.base")
+    tokenizer = load_tokenizer(base, spec)
+    teacher_path = None
+    if kd:
+        teacher_path = ctx.input_path(spec.objective.teacher, "spec.objective.teacher")
+        check_same_tokenizer(tokenizer, load_tokenizer(teacher_path, spec), teacher_path)
+    samples, stats = build_samples(spec, tokenizer, ctx.input_path)
+    plan = make_plan([len(s.input_ids) for s in samples], t, env.world_size)
+    precision, precision_note = choose_precision(t.precision)
+    if precision_note and env.rank == 0:
+        print(f"branchmerge sft: {precision_note}", file=sys.stderr)
+    ctx.progress.update(0.0, f"{stats.samples} samples, {plan.total_steps} steps", force=True,
+                        steps=plan.total_steps, samples=stats.samples)
+
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    import torch.distributed as dist
+
+    torch.manual_seed(t.seed)
+    ds_config = deepspeed_config(spec, plan.accumulation, precision)
+    teacher = None
+    if kd:  # loaded before the student: HfDeepSpeedConfig would partition it too
+        teacher, _ = load_model(teacher_path, spec, precision, trainable=False)
+    model, zero3_handle = load_model(base, spec, precision,
+                                     zero3_config=ds_config if spec.deepspeed.zero_stage == 3 else None)
+    optimizer, scheduler, warmup = optimizer_and_scheduler(model, spec, plan.total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+
+    root, fp = ckpt.checkpoint_root(ctx.output_dir), ckpt.fingerprint(spec, env.world_size)
+    state, resumed_from = RunState(), None
+    found = ckpt.complete_checkpoints(root, fp)
+    if found:
+        resumed_from, folder = found[-1]
+        state = RunState.from_client_state(ckpt.load(engine, folder))
+        if env.rank == 0:
+            print(f"branchmerge sft: resumed from {folder} (step {state.step})", file=sys.stderr)
+
+    pad_id = tokenizer.pad_token_id
+    objective = spec.objective
+    w = objective.kd_weight if kd else 0.0
+    scale = env.world_size * plan.accumulation
+    loop_started, session_tokens = time.time(), 0
+    for step in range(state.step, plan.total_steps):
+        real_tokens, n_labels = _row_counts(plan.step_rows(step), samples)
+        n_labels = max(n_labels, 1)
+        lr = engine.get_lr()[0]
+        sums = torch.zeros(2, dtype=torch.float64)  # CE and KD token sums on this rank
+        taid_t = taid_weight(objective.taid_start, objective.taid_end, step / max(plan.total_steps - 1, 1))
+        for micro in plan.micro_batches(step, env.rank):
+            batch = collate(micro, samples, t.packing, pad_id)
+            inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+            logits = engine(**inputs).logits
+            targets = batch["targets"]
+            mask = targets != IGNORE
+            ce_sum = token_cross_entropy(logits, targets).sum()
+            loss_sum = ce_sum
+            if kd:
+                with torch.no_grad():
+                    teacher_logits = teacher(**inputs).logits
+                vocab = min(logits.shape[-1], teacher_logits.shape[-1])
+                kd_sum = divergence(logits[mask][:, :vocab], teacher_logits[mask][:, :vocab], objective.divergence,
+                                    temperature=objective.temperature, beta=objective.jsd_beta,
+                                    taid_t=taid_t).sum()
+                loss_sum = (1 - w) * ce_sum + w * kd_sum
+                sums[1] += kd_sum.detach().double()
+            sums[0] += ce_sum.detach().double()
+            engine.backward(loss_sum * scale / n_labels)
+            engine.step()
+        if env.world_size > 1:
+            dist.all_reduce(sums)
+        ce, kd_value = (sums / n_labels).tolist()
+        loss = (1 - w) * ce + w * kd_value if kd else ce
+        state.step = step + 1
+        state.tokens_seen += real_tokens
+        state.label_tokens += n_labels
+        state.initial_loss = loss if state.initial_loss is None else state.initial_loss
+        state.last_loss, state.last_ce, state.last_kd = loss, ce, (kd_value if kd else None)
+        state.history.append(round(loss, 6))
+        session_tokens += real_tokens
+        tps = session_tokens / max(time.time() - loop_started, 1e-9)
+        ctx.progress.update(state.step / plan.total_steps, f"step {state.step}/{plan.total_steps}",
+                            force=state.step == plan.total_steps, step=state.step,
+                            epoch=round(plan.epoch_float(state.step), 4), loss=round(loss, 6), lr=lr,
+                            tokensPerSecond=round(tps, 1))
+        if _is_checkpoint_step(plan, spec.checkpointing.every_steps, state.step):
+            ckpt.save(engine, root, state.step, state.client_state(), fp, spec.checkpointing.keep, env.rank,
+                      dist.barrier)
+    train_seconds = time.time() - loop_started
+
+    metrics = {
+        "finalLoss": state.last_loss, "initialLoss": state.initial_loss, "steps": state.step,
+        "epoch": round(plan.epoch_float(state.step), 4), "tokensSeen": state.tokens_seen,
+        "labelTokens": state.label_tokens, "tokensPerSecond": round(session_tokens / max(train_seconds, 1e-9), 1),
+        "packingUtilisation": round(_utilisation(plan, samples), 6), "packing": t.packing,
+        "samples": stats.samples, "records": stats.records, "droppedSamples": stats.dropped,
+        "truncatedSamples": stats.truncated, "worldSize": env.world_size,
+        "gradientAccumulation": plan.accumulation, "warmupSteps": warmup, "zeroStage": spec.deepspeed.zero_stage,
+        "precision": precision, "resumedFromStep": resumed_from,
+    }
+    if precision_note:
+        metrics["precisionNote"] = precision_note
+    if kd:
+        metrics.update(finalCrossEntropy=state.last_ce, finalDivergence=state.last_kd,
+                       divergence=objective.divergence)
+    publish_model(ctx, engine, tokenizer, base, spec, env.rank, dist.barrier, metrics, state)
+    metrics["wallSeconds"] = round(time.time() - started, 3)
+    if env.rank == 0:
+        ckpt_dirs = root  # the run is complete: its resumable state is no longer needed
+        import shutil
+
+        shutil.rmtree(ckpt_dirs, ignore_errors=True)
+    dist.barrier()
+    clean_shm(env)
+    del zero3_handle
+    return metrics
+
+
+def publish_model(ctx, engine, tokenizer, base: Path, spec, rank: int, barrier, metrics: dict,
+                  state: RunState) -> None:
+    """Write the HF folder atomically on rank 0 (ZeRO-3: gather the partitioned weights first)."""
+    from transformers import AutoConfig
+
+    if spec.deepspeed.zero_stage == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank must call it
+    else:
+        state_dict = engine.module.state_dict() if rank == 0 else None
+    if rank == 0:
+        base_dtype = getattr(AutoConfig.from_pretrained(base, trust_remote_code=spec.trust_remote_code), "dtype",
+                             None)
+        if isinstance(base_dtype, str):
+            base_dtype = getattr(torch, base_dtype)
+        if base_dtype is not None:
+            state_dict = {k: v.to(base_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        module = engine.module
+        module.config.use_cache = True
+        if base_dtype is not None:
+            module.config.dtype = base_dtype
+        with atomic_folder(ctx.output_dir) as tmp:
+            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
+            tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / RESULT_FILE, {"metrics": metrics, "lossHistory": state.history,
+                                                  "spec": spec.model_dump(mode="json", by_alias=True)})
+    barrier()
