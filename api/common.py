@@ -84,7 +84,9 @@ class SecretKeyRef(ApiModel):
     """A key of a Secret in the CR's namespace. Secrets are only ever referenced, never inlined."""
 
     name: Name
+    """Secret name."""
     key: Annotated[str, Field(min_length=1, max_length=253)]
+    """Key within the Secret's data."""
 
 
 class EnvVarSource(ApiModel):
@@ -97,18 +99,25 @@ class EnvVar(ApiModel):
 
     rules = (Rule("has(self.value) != has(self.valueFrom)", "exactly one of value or valueFrom must be set"),)
     name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+    """Variable name."""
     value: Annotated[str, Field(max_length=32768)] | None = None
+    """Literal value (not for secrets: use valueFrom)."""
     value_from: EnvVarSource | None = None
+    """Value from a Secret key."""
 
 
 class Toleration(ApiModel):
     """A Kubernetes toleration (e.g. for tainted GPU nodes)."""
 
     key: Annotated[str, Field(max_length=316)] | None = None
+    """Taint key (empty with operator Exists: tolerate everything)."""
     operator: Literal["Exists", "Equal"] = "Equal"
     value: Annotated[str, Field(max_length=63)] | None = None
+    """Taint value (operator Equal)."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect; empty matches all effects."""
     toleration_seconds: int | None = None
+    """How long a NoExecute taint is tolerated before eviction."""
 
 
 class Resources(ApiModel):
@@ -125,11 +134,15 @@ class Resources(ApiModel):
     shm_size: Quantity | None = None
     """Size of /dev/shm (NCCL, dataloaders); defaults to a size derived from the GPU count."""
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
+    """Node labels the pods must match (e.g. a GPU product label)."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
+    """Tolerations for tainted (GPU) nodes."""
     priority_class_name: Name | None = None
+    """PriorityClass of the pods (preemption order)."""
     image: Annotated[str, Field(max_length=512)] | None = None
     """Container image; defaults to the operator's trainer image."""
     env: Annotated[list[EnvVar], Field(max_length=128)] = Field(default_factory=list)
+    """Extra environment variables of the stage's containers."""
     queue_name: Name | None = None
     """Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the Job."""
     suspend: bool = False
@@ -153,12 +166,17 @@ class Sampling(ApiModel):
     """Sampling parameters (vLLM semantics)."""
 
     temperature: Annotated[float, Field(ge=0, le=10)] = 0.6
+    """Sampling temperature (TinyR1: 0.6; 0 is greedy)."""
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    """Nucleus sampling mass."""
     top_k: Annotated[int, Field(ge=-1)] = -1
     """-1 disables top-k."""
     max_tokens: Annotated[int, Field(ge=1, le=1_048_576)] = 32768
+    """Maximum generated tokens per sample; longer answers are truncated (and counted)."""
     seed: int = 0
+    """Base seed; per-request seeds derive from it, so runs are reproducible."""
     stop: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=16)] = Field(default_factory=list)
+    """Stop strings (the chat template's end-of-turn token always stops)."""
 
 
 class Endpoint(ApiModel):
@@ -171,8 +189,11 @@ class Endpoint(ApiModel):
     api_key_secret_ref: SecretKeyRef | None = None
     """Secret key holding the API key (sent as a bearer token)."""
     max_concurrency: Annotated[int, Field(ge=1, le=4096)] = 32
+    """Requests in flight at once (per worker)."""
     timeout_seconds: Annotated[float, Field(gt=0)] = 600
+    """Timeout of one request."""
     max_retries: Annotated[int, Field(ge=0, le=100)] = 8
+    """Retries on 429, 5xx and timeouts, with exponential backoff and jitter (Retry-After honoured)."""
 
 
 class Engine(ApiModel):
@@ -183,13 +204,19 @@ class Engine(ApiModel):
              "FieldValueRequired"),
     )
     name: Literal["vllm", "openai", "transformers"] = "vllm"
+    """vllm: offline engine in the pod; openai: a remote endpoint; transformers: plain generate (fallback)."""
     tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
+    """GPUs one engine spans (vLLM tensor parallelism)."""
     data_parallel_size: Annotated[int, Field(ge=1, le=1024)] = 1
     """Independent engine replicas (pods); prompts are sharded across them."""
     max_model_len: Annotated[int, Field(ge=16)] | None = None
+    """Context length of the engine (prompt + answer); defaults to the model's."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights and activations dtype."""
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """Share of GPU memory vLLM may take (weights + KV cache)."""
     enforce_eager: bool = False
+    """Disable CUDA graphs / compilation (faster start, slower decode)."""
     trust_remote_code: bool = False
     """Run code shipped with the model. Off unless asked."""
     endpoint: Endpoint | None = None

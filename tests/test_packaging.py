@@ -25,3 +25,22 @@ def test_api_and_cli_do_not_import_ml_or_kube_libraries():
                    "print(' '.join(m for m in ('torch', 'vllm', 'deepspeed', 'kopf', 'kubernetes', 'transformers')"
                    " if m in sys.modules))")
     assert mods == ""
+
+
+def test_plain_wheel_maps_every_folder_into_the_namespace(tmp_path):
+    """`pip install .` (not editable) ships every module of api/, operator/, trainer/ under branchmerge.*."""
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    wheel = next(tmp_path.glob("branchmerge-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = set()
+    for folder, package in (("api", "branchmerge/api"), ("operator", "branchmerge/operator"),
+                            ("trainer", "branchmerge/trainer"), ("branchmerge", "branchmerge")):
+        for path in (REPO / folder).rglob("*.py"):
+            if "__pycache__" not in path.parts:
+                expected.add(f"{package}/{path.relative_to(REPO / folder).as_posix()}")
+    assert expected - names == set()
+    assert not any(n.startswith(("operator/", "api/", "trainer/")) for n in names)
