@@ -17,6 +17,10 @@ def test_operator_folder_does_not_shadow_stdlib_operator():
     path = _python("import operator; print(operator.__file__)")
     assert not path.startswith(str(REPO)), path
     assert _python("import branchmerge.operator, operator; print(operator.itemgetter(1)([0, 7]))") == "7"
+    # `python -m` imports runpy -> collections -> operator with the checkout first on sys.path
+    out = subprocess.run([sys.executable, "-m", "timeit", "-n", "1", "pass"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 def test_api_and_cli_do_not_import_ml_or_kube_libraries():
