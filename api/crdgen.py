@@ -187,4 +187,10 @@ def write_all(out_dir: str | Path) -> list[Path]:
         path = out / f"{GROUP}_{info.plural}.yaml"
         path.write_text(render(kind))
         written.append(path)
+    from ..operator.peering_crd import PEERING_CRDS, render_peering  # kopf peering: operator leader election
+
+    for filename in PEERING_CRDS:
+        path = out / filename
+        path.write_text(render_peering(filename))
+        written.append(path)
     return written

@@ -37,8 +37,8 @@ class Prompts(ApiModel):
 
 
 class TeacherSampling(Sampling):
-    n: Annotated[int, Field(ge=1, le=256)] = 1
-    """Samples per prompt."""
+    samples_per_prompt: Annotated[int, Field(ge=1, le=256)] = 1
+    """Samples per prompt (vLLM's n; not called `n`, which Go YAML 1.1 -- kubectl, Helm -- reads as false)."""
 
 
 class Verify(ApiModel):

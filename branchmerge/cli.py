@@ -17,8 +17,10 @@ COMMAND_MODULES = [
     "branchmerge.commands.run",
     "branchmerge.commands.status",
     "branchmerge.commands.report",
+    "branchmerge.commands.quickstart",
     "branchmerge.commands.compare",
     "branchmerge.commands.convert",
+    "branchmerge.commands.operator",
 ]
 
 

@@ -10,10 +10,9 @@ completion index; both use an Indexed Job whose pod 0 is reachable as ``<job>-0.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
-
-import yaml
 
 from ..api.common import API_VERSION
 from ..api.resources import KIND_INFO
@@ -199,7 +198,8 @@ def build_configmap(run: Run) -> dict:
         "metadata": {"name": run.configmap_name, "namespace": run.namespace, "labels": run.child_labels(),
                      "ownerReferences": [run.owner_reference()]},
         "immutable": True,
-        "data": {"spec.yaml": yaml.safe_dump(run.resolved, sort_keys=False)},
+        # JSON is YAML (the stage loads it with yaml.safe_load) and ~50x cheaper to write than PyYAML.
+        "data": {"spec.yaml": json.dumps(run.resolved, indent=1)},
     }
 
 
@@ -266,7 +266,7 @@ def _env(run: Run, attempt: int, opts: OperatorOptions) -> list[dict]:
             node = node.get(key, {}) if isinstance(node, dict) else {}
         ref = (node.get("endpoint") or {}).get("apiKeySecretRef")
         if ref:
-            env.append({"name": "BRANCHMERGE_ENDPOINT_API_KEY",
+            env.append({"name": "BRANCHMERGE_API_KEY",  # trainer/engine/openai_engine.py API_KEY_ENV
                         "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}})
     for item in run.resources.get("env", []):
         if "valueFrom" in item:  # secrets only by reference
@@ -325,8 +325,9 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
         mounts.append({"name": vol, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writable})
     init: list[dict] = []
-    base_container = {"image": image, "imagePullPolicy": opts.image_pull_policy,
-                      "securityContext": _container_security()}
+    def base_container() -> dict:
+        return {"image": image, "imagePullPolicy": opts.image_pull_policy, "securityContext": _container_security()}
+
     if staged:
         if opts.staging_claim:
             volumes.append({"name": "staging", "persistentVolumeClaim": {"claimName": opts.staging_claim}})
@@ -341,7 +342,7 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
         for i, uri in enumerate(staged):
             repo, revision = _hf_parts(uri)
             init.append({
-                **base_container,
+                **base_container(),
                 "name": f"stage-input-{i}",
                 "command": ["python", "-c", HF_STAGE, repo, revision, f"{STAGING_ROOT}/{staged_name(uri)}"],
                 "env": token_env + [{"name": "HOME", "value": "/tmp"},
@@ -350,12 +351,12 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
             })
     if multi:
         init.append({
-            **base_container,
+            **base_container(),
             "name": "wait-for-peers",
             "command": ["python", "-c", DNS_WAIT, f"{run.job_name(attempt)}-0.{service_name(run, attempt)}", "600"],
         })
     container = {
-        **base_container,
+        **base_container(),
         "name": MAIN_CONTAINER,
         "command": stage_command(run),
         "env": _env(run, attempt, opts),

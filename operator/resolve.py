@@ -37,22 +37,27 @@ def _set_path(doc: dict, path: str, value) -> None:
     ref_obj["uri"] = value
 
 
-def resolve(resource: CustomResource, outputs: dict[str, str], default_output: str | None = None) -> dict:
-    """The wire-form manifest with refs replaced. ``outputs`` maps Kind/name to output URI of succeeded
-    upstreams; KeyError-free: call ``blockers`` first."""
-    doc = resource.wire()
+def resolve(resource: CustomResource, outputs: dict[str, str], default_output: str | None = None,
+            refs: list[Reference] | None = None) -> dict:
+    """The manifest as the user wrote it (defaults left implicit, so a stage can tell what was asked for)
+    with refs replaced. ``outputs`` maps Kind/name to output URI of succeeded upstreams; KeyError-free:
+    call ``blockers`` first."""
+    doc = resource.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json")
+    doc.update(apiVersion=resource.api_version, kind=resource.kind)  # type: ignore[attr-defined]
     doc.pop("status", None)
-    for ref in references(resource):
+    for ref in refs if refs is not None else references(resource):  # refs: precomputed references()
         _set_path(doc, ref.path, outputs[ref.key])
     if not doc["spec"].get("output", {}).get("uri") and default_output:
         doc["spec"].setdefault("output", {})["uri"] = default_output
     return doc
 
 
-def blockers(resource: CustomResource, phases: dict[str, str | None]) -> list[Unresolved]:
-    """What keeps ``resource`` from starting. ``phases`` maps Kind/name to phase (None: exists, no status)."""
+def blockers(resource: CustomResource, phases: dict[str, str | None],
+             refs: list[Reference] | None = None) -> list[Unresolved]:
+    """What keeps ``resource`` from starting. ``phases`` maps Kind/name to phase (None: exists, no status);
+    ``refs``: precomputed ``references(resource)``."""
     out = []
-    for ref in references(resource):
+    for ref in refs if refs is not None else references(resource):
         if ref.key not in phases:
             out.append(Unresolved("UpstreamNotFound", ref, f"{ref.key} (at {ref.path}) does not exist"))
         elif phases[ref.key] == "Failed":

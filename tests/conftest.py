@@ -40,3 +40,17 @@ def tiny_tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm(tiny_model):
+    """ONE offline vLLM engine (branchmerge.trainer.engine) on the tiny model for the whole session (~30 s start).
+
+    Its raw ``vllm.LLM`` is ``tiny_vllm.llm`` and its tokenizer ``tiny_vllm.tokenizer``.
+    """
+    from branchmerge.api.common import Engine
+    from branchmerge.trainer.engine import open_engine
+
+    engine = open_engine(Engine(name="vllm", dtype="float32", enforce_eager=True, max_model_len=1024), tiny_model)
+    yield engine
+    engine.close()

@@ -83,13 +83,24 @@ def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _flat_metrics(metrics: dict, prefix: str = "") -> dict:
+    """Scalar metrics, nested ones as dotted keys (benchmarks.aime.pass1): the termination message is JSON
+    the operator copies into status.metrics."""
+    flat: dict = {}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float, str, bool)):
+            flat[prefix + key] = value
+        elif isinstance(value, dict) and prefix.count(".") < 2:
+            flat.update(_flat_metrics(value, f"{prefix}{key}."))
+    return flat
+
+
 def _write_termination_log(result: dict) -> None:
     path = os.environ.get("BRANCHMERGE_TERMINATION_LOG")
     if not path:
         return
     compact = {k: result[k] for k in ("phase", "outputUri", "digest", "error") if k in result}
-    compact["metrics"] = {k: v for k, v in result.get("metrics", {}).items()
-                          if isinstance(v, (int, float, str, bool))}
+    compact["metrics"] = _flat_metrics(result.get("metrics", {}))
     text = json.dumps(compact, separators=(",", ":"))
     if len(text.encode()) > TERMINATION_LOG_LIMIT:  # keep the essentials; full metrics are in the result file
         compact["metrics"] = {}
@@ -121,7 +132,12 @@ def run(stage: str, spec_file: str | Path, result_file: str | Path | None = None
             raise InvalidInput(f"spec.output.uri: {err}") from None
         result.update(kind=resource.kind, name=resource.name, outputUri=output_uri)  # type: ignore
         module = importlib.import_module(f"branchmerge.trainer.{stage}.stage")
-        ctx = StageContext(resource, output_uri, output_dir, Progress(enabled=rank == 0), rank, world)
+        progress = Progress(enabled=rank == 0)
+        if rank == 0 and os.environ.get("BRANCHMERGE_K8S_STATUS"):  # on Kubernetes: live status (operator)
+            from .progress_k8s import StatusSink
+
+            progress.add_sink(StatusSink.from_env())
+        ctx = StageContext(resource, output_uri, output_dir, progress, rank, world)
         metrics = module.run(ctx) or {}
         if rank == 0:
             files = read_manifest(output_dir)

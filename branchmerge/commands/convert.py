@@ -1,4 +1,4 @@
-"""``branchmerge convert {aime,gpqa,livecodebench} IN OUT``: public benchmark files -> Eval JSONL (docs/eval-data.md)."""
+"""``branchmerge convert {aime,gpqa,livecodebench} IN OUT``: public benchmark files -> Eval JSONL."""
 from __future__ import annotations
 
 import sys

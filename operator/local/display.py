@@ -12,10 +12,28 @@ PHASE_STYLE = {"Succeeded": "green", "Failed": "red", "Running": "cyan", "Waitin
                "Pending": "dim", "Suspended": "magenta"}
 
 
-def eta_seconds(fraction: float | None, elapsed: float) -> float | None:
+def eta_seconds(fraction: float | None, elapsed: float, first: tuple[float, float] | None = None,
+                now: float | None = None) -> float | None:
+    """Remaining seconds at the rate observed so far. With ``first`` = (time, fraction) of the first progress
+    event, the rate excludes the stage's start-up (imports, model loading), which would inflate the ETA."""
     if not fraction or fraction < 0.02 or fraction >= 1:
         return None
+    if first is not None and now is not None and fraction - first[1] > 0.01 and now > first[0]:
+        return (now - first[0]) * (1 - fraction) / (fraction - first[1])
     return elapsed * (1 - fraction) / fraction
+
+
+class EtaTracker:
+    """Remembers each stage's first progress event to estimate its rate."""
+
+    def __init__(self):
+        self.first: dict[str, tuple[float, float]] = {}
+
+    def eta(self, key: str, fraction: float, started: float) -> float | None:
+        now = time.time()
+        if key not in self.first or fraction < self.first[key][1]:
+            self.first[key] = (now, fraction)
+        return eta_seconds(fraction, now - started, self.first[key], now)
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -39,6 +57,7 @@ class PlainDisplay:
         self.interval = interval
         self.t0 = time.time()
         self._last_progress: dict[str, tuple[float, float]] = {}
+        self.etas = EtaTracker()
 
     def _print(self, text: str) -> None:
         print(f"[{fmt_duration(time.time() - self.t0):>6}] {text}", file=self.stream, flush=True)
@@ -58,11 +77,11 @@ class PlainDisplay:
         progress = record["status"].get("progress") or {}
         fraction = float(progress.get("fraction") or 0.0)
         now = time.time()
+        eta = self.etas.eta(key, fraction, started)
         last_time, last_fraction = self._last_progress.get(key, (started, 0.0))
         if now - last_time < self.interval and fraction - last_fraction < 0.25:
             return
         self._last_progress[key] = (now, fraction)
-        eta = eta_seconds(fraction, now - started)
         self._print(f"{key:<28} {fraction * 100:5.1f}%  eta {fmt_duration(eta):>6}  {progress.get('message', '')}")
 
     def stop(self) -> None:
@@ -79,6 +98,8 @@ class LiveDisplay:
         self.runner = None
         self.live = None
         self.started: dict[str, float] = {}
+        self.etas = EtaTracker()
+        self.eta: dict[str, float | None] = {}
         self.t0 = time.time()
 
     def start(self, runner) -> None:
@@ -100,6 +121,8 @@ class LiveDisplay:
 
     def progress(self, key: str, record: dict, started: float) -> None:
         self.started[key] = started
+        fraction = float((record["status"].get("progress") or {}).get("fraction") or 0.0)
+        self.eta[key] = self.etas.eta(key, fraction, started)
 
     def render(self):
         from rich.console import Group
@@ -130,7 +153,7 @@ class LiveDisplay:
                 ProgressBar(total=1.0, completed=fraction, width=24) if running or phase == "Succeeded" else "",
                 f"{fraction * 100:3.0f}%" if running else "",
                 fmt_duration(elapsed) if running else "",
-                fmt_duration(eta_seconds(fraction, elapsed or 0)) if running else "",
+                fmt_duration(self.eta.get(key)) if running else "",
                 message,
             )
         done = sum(1 for k in runner.selected if runner.records[k]["status"].get("phase") == "Succeeded")

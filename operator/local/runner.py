@@ -27,7 +27,7 @@ from .. import conditions as cond
 from ..resolve import blockers, resolve, spec_hash
 from . import cache
 from .launch import EnvError, local_ranks, stage_command, stage_env
-from .store import CACHE_KEY, LOG, SPEC_HASH, StatusStore, annotations
+from .store import CACHE_KEY, LOG, RANKS, SPEC_HASH, StatusStore, annotations
 from .workdir import Workdir
 
 TICK = 0.2
@@ -60,6 +60,7 @@ class Attempt:
     last_save: float = 0.0
     deadline: float | None = None
     stop_reason: str | None = None  # set when the runner itself stops it (Interrupted, DeadlineExceeded)
+    cores: list[int] = field(default_factory=list)
 
 
 def _match(dag_keys: list[str], name: str) -> str:
@@ -100,6 +101,8 @@ class Runner:
         self.retry_at: dict[str, float] = {}
         self.finished: set[str] = set()
         self.tries: dict[str, int] = {}  # attempts made by this invocation (retry accounting)
+        self.cache_checked: set[str] = set()
+        self.outside: dict[str, dict | None] = {}
         self.selected: list[str] = []
         self.forced: set[str] = set()
         self.interrupted = False
@@ -131,9 +134,13 @@ class Runner:
 
     # ---- status helpers -----------------------------------------------------------------------------
     def record(self, key: str) -> dict | None:
+        """A selected stage's live record, or the stored one of a stage outside the selection (read once:
+        nothing else writes it while this runner holds the workdir)."""
         if key in self.records:
             return self.records[key]
-        return self.store.load(key)
+        if key not in self.outside:
+            self.outside[key] = self.store.load(key)
+        return self.outside[key]
 
     def phase(self, key: str) -> str | None:
         rec = self.record(key)
@@ -168,8 +175,28 @@ class Runner:
         return outputs, digests
 
     # ---- the loop -----------------------------------------------------------------------------------
+    def _lock(self):
+        """One runner per workdir: a second one would launch the same stages into the same outputs."""
+        import fcntl
+
+        self.workdir.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.workdir.root / ".lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise SelectionError(f"another `branchmerge run` is using {self.workdir.root}") from None
+        return handle
+
     def run(self) -> int:
         self.select()
+        lock = self._lock()
+        try:
+            return self._run()
+        finally:
+            lock.close()
+
+    def _run(self) -> int:
         for key in self.selected:
             self.records[key] = self.store.sync(self.resources[key], self.manifests.sources.get(key))
         if self.display:
@@ -200,7 +227,7 @@ class Runner:
             if self.resources[key].spec.resources.suspend:  # type: ignore[attr-defined]
                 continue
             bl = blockers(self.resources[key], {k: self.phase(k) for k in self.order})
-            if not bl or any(self._can_progress(b.ref.key) for b in bl):
+            if not bl or bl[0].reason == "UpstreamFailed" or any(self._can_progress(b.ref.key) for b in bl):
                 return False
         return True
 
@@ -220,7 +247,7 @@ class Runner:
         for key in self.selected:
             status = self.records[key]["status"]
             ready = cond.get_condition(status, "Ready") or {}
-            if status.get("phase") == "Failed" and ready.get("reason") != cond.UPSTREAM_FAILED:
+            if status.get("phase") == "Failed" and ready.get("reason") not in (cond.UPSTREAM_FAILED, cond.INTERRUPTED):
                 out.append((key, ready.get("message", ""), annotations(self.records[key]).get(LOG, "")))
         return out
 
@@ -269,8 +296,10 @@ class Runner:
         return resolved, ckey
 
     def _try_cache(self, key: str) -> bool:
-        if key in self.forced:
+        # decided once per stage: its upstreams are final by now, and hashing inputs every tick is costly
+        if key in self.forced or key in self.cache_checked:
             return False
+        self.cache_checked.add(key)
         _, ckey = self._resolved(key)
         stored = self.store.load(key)
         if not cache.is_cached(stored, ckey):
@@ -282,6 +311,19 @@ class Runner:
                        "skipped: succeeded before with the same resolved spec and input digests")
         self.finished.add(key)
         return True
+
+    def _claim_cores(self) -> list[int]:
+        """This machine's cores split into ``jobs`` slots; a stage gets a slot no running stage holds, so
+        engines that pin threads (vLLM-CPU binds to cores) do not pile onto the same core."""
+        total = os.cpu_count() or 1
+        jobs = max(1, min(self.options.jobs, total))
+        per = self.options.threads or max(1, total // jobs)
+        busy = {c for a in self.running.values() for c in a.cores}
+        for slot in range(jobs):
+            cores = [(slot * per + i) % total for i in range(per)]
+            if not busy.intersection(cores):
+                return cores
+        return list(range(per))
 
     def _launch(self, key: str) -> None:
         resource = self.resources[key]
@@ -296,7 +338,7 @@ class Runner:
         for stale in (result_file, progress_file):
             stale.unlink(missing_ok=True)
         annotations(rec).update({SPEC_HASH: spec_hash(resolved), CACHE_KEY: ckey, LOG: str(log_file)})
-        annotations(rec).pop("local.branchmerge.dev/ranks", None)
+        annotations(rec).pop(RANKS, None)
         status["output"] = {"uri": resolved["spec"]["output"]["uri"]}
         status["metrics"] = {}
         status["progress"] = {"fraction": 0.0, "message": "starting"}
@@ -304,18 +346,17 @@ class Runner:
         self.tries[key] = self.tries.get(key, 0) + 1
         status["startTime"] = cond.now()
         status.pop("completionTime", None)
-        jobs = max(1, self.options.jobs)
-        threads = self.options.threads or max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(self.selected))))
+        cores = self._claim_cores()
         ranks = local_ranks(resource)
         argv, ranks = stage_command(resource, spec_file, result_file, ranks)
         try:
-            env = stage_env(resource, progress_file, max(1, threads // ranks))
+            env = stage_env(resource, progress_file, max(1, len(cores) // ranks), cores)
         except EnvError as err:
             self.set_phase(key, "Failed", cond.INVALID_SPEC, str(err))
             self.finished.add(key)
             return
         if ranks > 1:
-            annotations(rec)["local.branchmerge.dev/ranks"] = str(ranks)
+            annotations(rec)[RANKS] = str(ranks)
         log = open(log_file, "ab")
         log.write(f"# attempt {status['attempts']}: {' '.join(argv)}\n".encode())
         log.flush()
@@ -323,7 +364,7 @@ class Runner:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
         deadline = resource.spec.run_policy.active_deadline_seconds  # type: ignore[attr-defined]
-        self.running[key] = Attempt(proc, log, time.time(), ranks,
+        self.running[key] = Attempt(proc, log, time.time(), ranks, cores=cores,
                                     deadline=time.time() + deadline if deadline else None)
         message = f"attempt {status['attempts']}" + (f", {ranks} ranks" if ranks > 1 else "")
         self.set_phase(key, "Running", cond.STARTED if self.tries[key] == 1 else cond.RETRYING, message)

@@ -19,11 +19,12 @@ CACHE_KEY = ANNOTATION_PREFIX + "cache-key"
 SPEC_HASH = ANNOTATION_PREFIX + "spec-hash"
 LOG = ANNOTATION_PREFIX + "log"
 SOURCE = ANNOTATION_PREFIX + "source"
+RANKS = ANNOTATION_PREFIX + "ranks"
 
 
 def new_record(resource: CustomResource, source: str | None = None) -> dict:
-    doc = resource.wire()
-    doc.pop("status", None)
+    wire = resource.wire()
+    doc = {"apiVersion": wire["apiVersion"], "kind": wire["kind"], "metadata": wire["metadata"], "spec": wire["spec"]}
     if source:
         doc["metadata"].setdefault("annotations", {})[SOURCE] = source
     doc["status"] = {"phase": "Pending", "conditions": [], "attempts": 0, "metrics": {}}

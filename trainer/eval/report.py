@@ -58,6 +58,11 @@ def results_markdown(results: dict) -> str:
                          "p95 tokens", "truncated (%)"], rows, ["l", "l", "r", "r", "r", "r", "r", "r", "r"]))
     lines += ["", "pass@1 is averaged over k samples per question; ± is the standard error over questions; "
               "pass@k uses the unbiased estimator (Chen et al. 2021)."]
+    reasons = {name: b["reasons"] for name, b in results["benchmarks"].items() if b.get("reasons")}
+    if reasons:
+        lines += ["", "Verdicts: " + "; ".join(
+            f"{name}: " + ", ".join(f"{reason} {count}" for reason, count in counts.items())
+            for name, counts in reasons.items())]
     if results.get("timing"):
         t = results["timing"]
         lines += ["", "Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())]

@@ -71,7 +71,7 @@ def _install_audit_hook(work_dir, result_fd):
             real = os.path.realpath(os.fsdecode(path))
         except (TypeError, ValueError):
             return False
-        return real == work_dir or real.startswith(work_dir + os.sep)
+        return real == work_dir or real.startswith(work_dir + os.sep) or real == os.devnull
 
     def hook(event, args):
         if event == "import":
@@ -126,7 +126,9 @@ def main():
     if os.getuid() != 0:  # root ignores RLIMIT_NPROC; it counts per user, so leave room for what already runs
         _limit("RLIMIT_NPROC", _count_user_processes(os.getuid()) + cfg["extra_processes"])
     sys.stdout.flush()
-    _install_audit_hook(work_dir, result_fd)
+    results = os.fdopen(result_fd, "w", closefd=False) if cfg["mode"] == "functional" else None
+    if cfg.get("audit_hook", True):
+        _install_audit_hook(work_dir, result_fd)
     del libc
     for name in ("ctypes", "ctypes.util", "_ctypes"):
         sys.modules.pop(name, None)
@@ -136,12 +138,11 @@ def main():
         globs = {"__name__": "__main__", "__file__": os.path.join(work_dir, "solution.py"), "__builtins__": __builtins__}
         exec(compile(source, "solution.py", "exec"), globs)
         return
-    _run_functional(source, cfg, result_fd)
+    _run_functional(source, cfg, results)
 
 
-def _run_functional(source, cfg, result_fd):
-    """Define the program, then call ``fn_name`` on each case; one JSON line per case on ``result_fd``."""
-    out = os.fdopen(result_fd, "w", closefd=False)
+def _run_functional(source, cfg, out):
+    """Define the program, then call ``fn_name`` on each case; one JSON line per case on ``out``."""
     real_stdout = sys.stdout
     sys.stdout = open(os.devnull, "w")  # the program's prints must not mix with results
     globs = {"__name__": "solution", "__builtins__": __builtins__}

@@ -1,1 +1,13 @@
-"""Merge stage: a streaming, bounded-memory model-merge engine over safetensors folders."""
+"""Merge stage: a streaming, bounded-memory model-merge engine over safetensors folders.
+
+Layout (one job per module):
+- ``safetensors_io``: validated header parsing, zero-copy memory-mapped tensors whose pages are released after
+  use; a writer that lays out shard headers up front and streams tensors (or row blocks) into place.
+- ``model_folder``: a HF folder (single file or shards + index) as named tensors.
+- ``plan``: the output's tensors checked across inputs (missing/extra tensors, shapes, tied embeddings,
+  vocabulary rows trimmed to the common size), before anything is written.
+- ``params``: per-method parameter checks and per-tensor overrides (regex, first match wins).
+- ``methods/``: one module per merge method (mergekit semantics, TinyR1's Arcee Fusion).
+- ``engine``: the tensor loop (whole tensors, or row blocks for huge ones), metrics and progress.
+- ``assets``: config, generation config, tokenizer and chat template; ``stage``: the entry point.
+"""

@@ -6,11 +6,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
 
 from ..progress import Progress
-from .methods.base import MergeInputs
+from .methods.base import MergeInputs, MergeOutput, RowBlocks
 from .model_folder import ModelFolder
 from .params import ParamResolver
 from .plan import Plan
@@ -37,6 +38,13 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+# A tensor whose copy in the compute dtype is larger than this is merged a block of rows at a time by methods
+# that support it (linear, task_arithmetic, arcee_fusion): a 152k x 5120 embedding is 3 GB in float32, and
+# a method holds several such copies.
+BLOCKED_ABOVE_BYTES = 64 << 20
+BLOCK_BYTES = 16 << 20
+
+
 def _load(folder: ModelFolder, source: str, rows: int | None, dtype: torch.dtype) -> torch.Tensor:
     tensor = folder.view(source)
     if rows is not None:
@@ -57,25 +65,22 @@ def run_merge(job: MergeJob, out_dir: Path, progress: Progress) -> dict:
         for done, out in enumerate(writer.order, start=1):
             planned = by_name[out.name]
             if planned.merge:
-                loaded = [_load(f, s, planned.rows, job.compute_dtype) for f, s in zip(inputs, planned.sources)]
-                anchor = loaded[0] if job.anchor is not None else None
-                others = loaded[1:] if job.anchor is not None else loaded
-                generator = torch.Generator().manual_seed(tensor_seed(job.seed, out.name))
-                result = job.method.merge(MergeInputs(out.name, anchor, others, job.resolver.for_tensor(out.name),
-                                                      generator))
-                tensor = result.tensor.to(out.dtype)
-                merged_entries += tensor.numel()
-                if result.taken is not None:
-                    reports_taken = True
-                    for index, count in zip(job.other_indexes, result.taken):
-                        taken[index] += count
-                    for index in job.anchor_indexes:
-                        taken[index] += result.taken_base or 0
-                del loaded, anchor, others, result
+                def blocks():
+                    nonlocal merged_entries, reports_taken
+                    for result in _merge_results(job, inputs, planned):
+                        tensor = result.tensor.to(out.dtype)
+                        merged_entries += tensor.numel()
+                        if result.taken is not None:
+                            reports_taken = True
+                            for index, count in zip(job.other_indexes, result.taken):
+                                taken[index] += count
+                            for index in job.anchor_indexes:
+                                taken[index] += result.taken_base or 0
+                        del result
+                        yield tensor
+                writer.write_blocks(out.name, blocks())
             else:
-                tensor = _load(inputs[0], planned.sources[0], planned.rows, out.dtype)
-            writer.write(out.name, tensor)
-            del tensor
+                writer.write(out.name, _load(inputs[0], planned.sources[0], planned.rows, out.dtype))
             for folder, source in zip(inputs, planned.sources):
                 folder.release(source)
             progress.update(done / total, f"merged {out.name}", tensorsMerged=done, tensorsTotal=total,
@@ -101,3 +106,33 @@ def run_merge(job: MergeJob, out_dir: Path, progress: Progress) -> dict:
     if reports_taken and merged_entries:
         metrics["fractionTaken"] = {f"models[{i}]": round(taken[i] / merged_entries, 6) for i in sorted(taken)}
     return metrics
+
+
+def _merge_results(job: MergeJob, inputs: list[ModelFolder], planned) -> Iterator[MergeOutput]:
+    """The method's output for one tensor: whole, or block by block for huge tensors when it can."""
+    out = planned.out
+    generator = torch.Generator().manual_seed(tensor_seed(job.seed, out.name))
+    params = job.resolver.for_tensor(out.name)
+    has_anchor = job.anchor is not None
+    compute_bytes = out.numel * torch.empty((), dtype=job.compute_dtype).element_size()
+    blocked = getattr(job.method, "merge_blocks", None)
+    if blocked is None or compute_bytes <= BLOCKED_ABOVE_BYTES or len(out.shape) < 2:
+        loaded = [_load(f, s, planned.rows, job.compute_dtype) for f, s in zip(inputs, planned.sources)]
+        yield job.method.merge(MergeInputs(out.name, loaded[0] if has_anchor else None,
+                                           loaded[1:] if has_anchor else loaded, params, generator))
+        return
+    views = [f.view(s) for f, s in zip(inputs, planned.sources)]
+    row_bytes = [v[0].numel() * v.element_size() for v in views]
+    loaded_range: list[tuple[int, int]] = []
+
+    def load(start: int, end: int):
+        for (a, b) in loaded_range:  # the previous block is done: hand its pages back
+            for f, s, rb in zip(inputs, planned.sources, row_bytes):
+                f.release(s, a * rb, (b - a) * rb)
+        loaded_range[:] = [(start, end)]
+        rows = [v[start:end].to(job.compute_dtype) for v in views]
+        return (rows[0], rows[1:]) if has_anchor else (None, rows)
+
+    per_row = max(1, out.numel // out.shape[0]) * torch.empty((), dtype=job.compute_dtype).element_size()
+    src = RowBlocks(out.name, out.shape, max(1, BLOCK_BYTES // per_row), load, params, generator)
+    yield from blocked(src)

@@ -93,8 +93,8 @@ class ModelFolder:
         self.bytes_read += info.nbytes
         return self.where[name].view(name)
 
-    def release(self, name: str) -> None:
-        self.where[name].release(name)
+    def release(self, name: str, offset: int = 0, length: int | None = None) -> None:
+        self.where[name].release(name, offset, length)
 
     def close(self) -> None:
         for f in self.files.values():

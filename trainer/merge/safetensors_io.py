@@ -114,13 +114,15 @@ class SafetensorsFile:
             flat = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.start)
         return flat.view(info.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process (they stay in the page cache; re-read on next access)."""
+    def release(self, name: str, offset: int = 0, length: int | None = None) -> None:
+        """Drop the tensor's pages (or ``length`` bytes from ``offset`` in it) from this process; they stay
+        in the page cache and are read again on the next access."""
         if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         info = self.tensors[name]
-        start = (info.start // PAGE) * PAGE
-        end = min(len(self._mm), info.start + info.nbytes)
+        length = info.nbytes - offset if length is None else length
+        start = ((info.start + offset) // PAGE) * PAGE
+        end = min(len(self._mm), info.start + offset + length)
         if end > start:
             self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
@@ -145,8 +147,12 @@ class OutTensor:
     shape: tuple[int, ...]
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
+        return self.numel * itemsize(self.dtype)
 
 
 def _header_bytes(tensors: list[OutTensor]) -> bytes:
@@ -205,15 +211,26 @@ class ShardedWriter:
         self._left_in_shard = len(self.shards[self._shard])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.write_blocks(name, [tensor])
+
+    def write_blocks(self, name: str, blocks) -> None:
+        """Write the next planned tensor from consecutive row blocks (or one block: the whole tensor)."""
         expected = self.order[self._next]
-        if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
-            raise RuntimeError(f"writer got {name} {tuple(tensor.shape)} {tensor.dtype}, planned "
-                               f"{expected.name} {expected.shape} {expected.dtype}")
+        if name != expected.name:
+            raise RuntimeError(f"writer got {name}, planned {expected.name}")
         if self._left_in_shard == 0:
             self._open_next_shard()
-        data = tensor.contiguous().view(-1)
-        if data.numel():
-            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+        written = 0
+        for block in blocks:
+            if block.dtype != expected.dtype or tuple(block.shape[1:]) != expected.shape[1:]:
+                raise RuntimeError(f"{name}: block {tuple(block.shape)} {block.dtype} does not fit "
+                                   f"{expected.shape} {expected.dtype}")
+            data = block.contiguous().view(-1)
+            if data.numel():
+                self._file.write(memoryview(data.view(torch.uint8).numpy()))
+            written += data.numel() * data.element_size()
+        if written != expected.nbytes:  # a short tensor would corrupt every offset after it
+            raise RuntimeError(f"{name}: wrote {written} bytes, planned {expected.nbytes}")
         self.bytes_written += expected.nbytes
         self._next += 1
         self._left_in_shard -= 1

@@ -2,6 +2,7 @@
 folder (shards + index + config + tokenizer) and returns the metrics for the CR status."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -73,6 +74,18 @@ def build_job(spec: MergeSpec, folders: _Folders) -> tuple[MergeJob, ModelFolder
     return job, reference
 
 
+PROVENANCE = "branchmerge_merge.json"
+
+
+def write_provenance(folder: Path, ctx, metrics: dict) -> None:
+    """How this folder was made (method, input URIs, parameters, metrics), like mergekit's model card."""
+    spec = ctx.spec.wire()
+    spec.pop("resources", None)
+    spec.pop("runPolicy", None)
+    record = {"kind": "Merge", "name": ctx.resource.name, "spec": spec, "metrics": metrics}
+    (folder / PROVENANCE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
 def run(ctx) -> dict:
     spec: MergeSpec = ctx.spec
     folders = _Folders(ctx)
@@ -80,8 +93,8 @@ def run(ctx) -> dict:
         job, reference = build_job(spec, folders)
         out = Path(ctx.output_dir).resolve()
         for path, folder in folders.by_path.items():
-            if out == path or out in path.parents:
-                raise InvalidInput(f"spec.output.uri: {ctx.output_uri} is (inside) the input {folder.label}")
+            if out == path or out in path.parents or path in out.parents:  # replacing it would destroy an input
+                raise InvalidInput(f"spec.output.uri: {ctx.output_uri} overlaps the input {folder.label}")
         tokenizer_source = (ctx.input_path(spec.tokenizer_source, "spec.tokenizerSource")
                             if spec.tokenizer_source is not None else reference.path)
         ctx.progress.update(0.0, f"{spec.method}: merging {len(job.plan.tensors)} tensors", force=True,
@@ -90,6 +103,7 @@ def run(ctx) -> dict:
             metrics = run_merge(job, tmp, ctx.progress)
             copy_assets(tmp, reference.path, tokenizer_source, vocab_size=job.plan.vocab_size,
                         out_dtype=DTYPES[spec.out_dtype] if spec.out_dtype else None)
+            write_provenance(tmp, ctx, metrics)
         ctx.progress.update(1.0, f"{spec.method}: merged {metrics['tensorsMerged']} tensors", force=True,
                             **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         return metrics

@@ -59,6 +59,19 @@ def check_same_tokenizer(student_tok, teacher_tok, teacher_path: Path) -> None:
                            "same tokenizer")
 
 
+def attention_implementation() -> str:
+    """flash-attention 2 (varlen from position ids) on GPUs that have it, else per-sample SDPA (attention.py)."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    from .attention import register
+
+    return register()
+
+
 def load_model(path: Path, spec, precision: str, *, trainable: bool = True, zero3_config: dict | None = None):
     """Load a causal LM. With ``zero3_config`` the weights are partitioned while loading (deepspeed.zero.Init
     through transformers' HfDeepSpeedConfig), so no rank ever holds a full copy; the returned handle must
@@ -74,7 +87,8 @@ def load_model(path: Path, spec, precision: str, *, trainable: bool = True, zero
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                     attn_implementation=attention_implementation(),
                                                      trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as err:
         raise InvalidInput(f"cannot load a causal LM from {path}: {err}") from None
@@ -100,5 +114,9 @@ def optimizer_and_scheduler(model, spec, total_steps: int):
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=t.adam_epsilon)
     warmup = math.ceil(t.warmup_ratio * total_steps)
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    return optimizer, scheduler, warmup
+
+    def make_scheduler(wrapped_optimizer):
+        # built on the optimizer DeepSpeed hands back: ZeRO-3 regroups the parameters of the client optimizer
+        return get_scheduler(t.scheduler, wrapped_optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    return optimizer, make_scheduler, warmup

@@ -9,10 +9,12 @@
 Targets are shifted per piece (``target[t] = label[t + 1]`` inside one piece, -100 at its end), so no
 token is ever trained to predict the first token of another sample.
 
-Block-diagonal attention on CPU uses transformers' packed-sequence path: with ``attention_mask=None`` and
-position ids that restart, ``masking_utils.find_packed_sequence_indices`` turns the position ids into a
-block-diagonal causal mask for sdpa and eager attention (flash-attention varlen on GPU reads the same
-position ids). Padding at a row's end is its own block, so it never touches real tokens.
+Block-diagonal attention comes from the position ids alone (no mask is passed for neat rows): the stage runs
+``attention.py``'s per-sample SDPA (flash-attention varlen on GPU reads the same position ids), and with
+plain sdpa/eager attention transformers' ``find_packed_sequence_indices`` builds the equivalent
+block-diagonal causal mask. Padding at a row's end is its own block, so it never touches real tokens. The model
+must run with ``use_cache=False``: with a KV cache transformers skips the packed-sequence detection (the
+equivalence test in tests/trainer/sft/test_sft_packing.py checks all three attention paths).
 """
 from __future__ import annotations
 

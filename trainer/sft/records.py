@@ -33,8 +33,10 @@ def dataset_files(path: Path, what: str) -> list[Path]:
     if path.is_file():
         files = [path]
     else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        # a folder holds data files (.jsonl/.parquet) beside metadata: a published folder's _manifest.json,
+        # a TeacherGen's teachergen.json -- those are not records
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".parquet")
+                       and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
     if not files:
         raise InvalidInput(f"{what}: no .jsonl or .parquet files in {path}")
     for f in files:

@@ -7,8 +7,9 @@ accumulation steps and averaging over ranks give back exactly that mean -- the s
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,15 +61,40 @@ def _row_counts(rows, samples) -> tuple[int, int]:
     return real, labels
 
 
-def _utilisation(plan: Plan, samples) -> float:
-    real = computed = 0
+def _utilisation(plan: Plan, max_len: int) -> tuple[float, float]:
+    """(row fill: real tokens / (rows x maxSeqLen), compute fill: real tokens / tokens in padded micro batches)
+    over every step of the plan."""
+    real = computed = rows = 0
     for step in range(plan.total_steps):
         for rank in range(plan.world_size):
             for micro in plan.micro_batches(step, rank):
                 sizes = [sum(e - s for _, s, e in row) for row in micro]
                 real += sum(sizes)
                 computed += max(sizes) * len(sizes)
-    return real / computed if computed else 0.0
+                rows += len(sizes)
+    return (real / (rows * max_len) if rows else 0.0), (real / computed if computed else 0.0)
+
+
+class _ProgressBar:
+    """A rich progress bar on rank 0 when stderr is a terminal (local runs); silent otherwise."""
+
+    def __init__(self, rank: int, total: int, done: int):
+        self.bar = None
+        if rank == 0 and sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("sft", total=total, completed=done)
+
+    def update(self, done: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, description=f"sft loss {loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            with contextlib.suppress(Exception):
+                self.bar.stop()
 
 
 def _is_checkpoint_step(plan: Plan, every: int, done: int) -> bool:
@@ -87,7 +113,6 @@ def train(ctx) -> dict:
     spec = ctx.spec
     t = spec.training
     started = time.time()
-    env = prepare_env()
     kd = spec.objective.type == "kd"
 
     base = ctx.input_path(spec.base, "spec.base")
@@ -97,7 +122,8 @@ def train(ctx) -> dict:
         teacher_path = ctx.input_path(spec.objective.teacher, "spec.objective.teacher")
         check_same_tokenizer(tokenizer, load_tokenizer(teacher_path, spec), teacher_path)
     samples, stats = build_samples(spec, tokenizer, ctx.input_path)
-    plan = make_plan([len(s.input_ids) for s in samples], t, env.world_size)
+    plan = make_plan([len(s.input_ids) for s in samples], t, ctx.world_size)
+    env = prepare_env()  # after validating inputs: a bad spec fails fast without touching the environment
     precision, precision_note = choose_precision(t.precision)
     if precision_note and env.rank == 0:
         print(f"branchmerge sft: {precision_note}", file=sys.stderr)
@@ -136,6 +162,7 @@ def train(ctx) -> dict:
     w = objective.kd_weight if kd else 0.0
     scale = env.world_size * plan.accumulation
     loop_started, session_tokens = time.time(), 0
+    bar = _ProgressBar(env.rank, plan.total_steps, state.step)
     for step in range(state.step, plan.total_steps):
         real_tokens, n_labels = _row_counts(plan.step_rows(step), samples)
         n_labels = max(n_labels, 1)
@@ -145,14 +172,14 @@ def train(ctx) -> dict:
         for micro in plan.micro_batches(step, env.rank):
             batch = collate(micro, samples, t.packing, pad_id)
             inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-            logits = engine(**inputs).logits
+            logits = engine(**inputs, use_cache=False).logits
             targets = batch["targets"]
             mask = targets != IGNORE
             ce_sum = token_cross_entropy(logits, targets).sum()
             loss_sum = ce_sum
             if kd:
                 with torch.no_grad():
-                    teacher_logits = teacher(**inputs).logits
+                    teacher_logits = teacher(**inputs, use_cache=False).logits
                 vocab = min(logits.shape[-1], teacher_logits.shape[-1])
                 kd_sum = divergence(logits[mask][:, :vocab], teacher_logits[mask][:, :vocab], objective.divergence,
                                     temperature=objective.temperature, beta=objective.jsd_beta,
@@ -178,16 +205,20 @@ def train(ctx) -> dict:
                             force=state.step == plan.total_steps, step=state.step,
                             epoch=round(plan.epoch_float(state.step), 4), loss=round(loss, 6), lr=lr,
                             tokensPerSecond=round(tps, 1))
+        bar.update(state.step, loss)
         if _is_checkpoint_step(plan, spec.checkpointing.every_steps, state.step):
             ckpt.save(engine, root, state.step, state.client_state(), fp, spec.checkpointing.keep, env.rank,
                       dist.barrier)
+    bar.close()
     train_seconds = time.time() - loop_started
 
+    row_fill, compute_fill = _utilisation(plan, t.max_seq_len)
     metrics = {
         "finalLoss": state.last_loss, "initialLoss": state.initial_loss, "steps": state.step,
         "epoch": round(plan.epoch_float(state.step), 4), "tokensSeen": state.tokens_seen,
         "labelTokens": state.label_tokens, "tokensPerSecond": round(session_tokens / max(train_seconds, 1e-9), 1),
-        "packingUtilisation": round(_utilisation(plan, samples), 6), "packing": t.packing,
+        "packingUtilisation": round(row_fill, 6), "computeUtilisation": round(compute_fill, 6),
+        "packing": t.packing, "rows": sum(len(r) for r in plan.rows_by_epoch),
         "samples": stats.samples, "records": stats.records, "droppedSamples": stats.dropped,
         "truncatedSamples": stats.truncated, "worldSize": env.world_size,
         "gradientAccumulation": plan.accumulation, "warmupSteps": warmup, "zeroStage": spec.deepspeed.zero_stage,
@@ -200,11 +231,8 @@ def train(ctx) -> dict:
                        divergence=objective.divergence)
     publish_model(ctx, engine, tokenizer, base, spec, env.rank, dist.barrier, metrics, state)
     metrics["wallSeconds"] = round(time.time() - started, 3)
-    if env.rank == 0:
-        ckpt_dirs = root  # the run is complete: its resumable state is no longer needed
-        import shutil
-
-        shutil.rmtree(ckpt_dirs, ignore_errors=True)
+    if env.rank == 0:  # the run is complete: its resumable state is no longer needed
+        shutil.rmtree(root, ignore_errors=True)
     dist.barrier()
     clean_shm(env)
     del zero3_handle

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MergeInputs, MergeOutput
+from .base import MergeInputs, MergeOutput, elementwise_blocks
 
 NAME = "linear"
 ANCHOR = None
@@ -19,3 +19,6 @@ def merge(inputs: MergeInputs) -> MergeOutput:
     if p.normalize and abs(total) >= 1e-8:
         out.div_(total)
     return MergeOutput(out)
+
+
+merge_blocks = elementwise_blocks(merge)

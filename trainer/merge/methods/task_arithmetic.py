@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ._task_vectors import combine
-from .base import MergeInputs, MergeOutput
+from .base import MergeInputs, MergeOutput, elementwise_blocks
 
 NAME = "task_arithmetic"
 ANCHOR = "base"
@@ -11,3 +11,6 @@ ACCEPTS = frozenset({"weight", "lambda", "weight_scale"})
 
 def merge(inputs: MergeInputs) -> MergeOutput:
     return combine(inputs, sparsify=None, consensus=False, normalize=False)
+
+
+merge_blocks = elementwise_blocks(merge)

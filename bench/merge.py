@@ -1,0 +1,324 @@
+"""Benchmark the Merge engine against raw I/O and mergekit on a synthetic ~1 GB bf16 model.
+
+    .venv/bin/python bench/merge.py [--workdir /tmp/branchmerge-bench-merge] [--layers 8]
+                                    [--mergekit /work/mk-venv/bin/mergekit-yaml] [--scale-check]
+
+Builds (once, cached in --workdir) a Llama-shaped base model in bf16 safetensors shards plus two
+"fine-tuned" variants (base + small random deltas), then times in this run, each as a subprocess with its
+peak RSS sampled (psutil, whole process tree):
+  raw      read every input byte once + write one model's bytes (the I/O floor),
+  engine   `branchmerge stage merge` for ties and arcee_fusion,
+  mergekit `mergekit-yaml` on the same configs when installed (a separate venv: it pins other versions).
+Prints ratios (engine / raw, engine / mergekit) and how far the outputs agree with mergekit's.
+--scale-check also merges a model with half the layers: peak RSS should not follow model size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD_BYTES = 400 << 20
+
+
+# ----------------------------------------------------------------------------------------- synthetic models
+
+def model_shapes(layers: int, hidden: int, intermediate: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{proj}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (intermediate, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (intermediate, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, intermediate)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def write_synthetic(folder: Path, shapes: dict, seed: int, base_seed: int | None, hidden: int, layers: int,
+                    intermediate: int, vocab: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Base (base_seed None) or base + 0.002-scale deltas, in shards with an index."""
+    if (folder / "config.json").exists():
+        return
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map, shard, shard_bytes, count = {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, shard_bytes, count
+        if shard:
+            count += 1
+            name = f"model-{count:05d}.safetensors"
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+            weight_map.update({n: name for n in shard})
+            shard, shard_bytes = {}, 0
+
+    for i, (name, shape) in enumerate(shapes.items()):
+        g = torch.Generator().manual_seed((base_seed if base_seed is not None else seed) * 100_003 + i)
+        t = torch.randn(shape, generator=g) * 0.02
+        if name.endswith("norm.weight"):
+            t += 1.0
+        if base_seed is not None:
+            t += torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i)) * 0.002
+        shard[name] = t.to(dtype)
+        shard_bytes += shard[name].numel() * shard[name].element_size()
+        if shard_bytes >= SHARD_BYTES:
+            flush()
+    flush()
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(torch.empty((), dtype=dtype).element_size() * torch.Size(s).numel()
+                                        for s in shapes.values())},
+         "weight_map": weight_map}))
+    (tmp / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": hidden // 128,
+        "num_key_value_heads": hidden // 128, "vocab_size": vocab, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
+        "hidden_act": "silu"}))
+    os.replace(tmp, folder)
+
+
+def build_models(workdir: Path, layers: int, hidden: int, intermediate: int, vocab: int,
+                 dtype: torch.dtype = torch.bfloat16) -> list[Path]:
+    shapes = model_shapes(layers, hidden, intermediate, vocab)
+    suffix = "" if dtype == torch.bfloat16 else "-" + str(dtype).removeprefix("torch.")
+    root = workdir / f"models-L{layers}-H{hidden}{suffix}"
+    folders = [root / "base", root / "ft1", root / "ft2"]
+    for folder, seed, base_seed in zip(folders, (1, 2, 3), (None, 1, 1)):
+        write_synthetic(folder, shapes, seed, base_seed, hidden, layers, intermediate, vocab, dtype)
+    return folders
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------- measurement
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall time, CPU time (user + system of the process and its waited children) and peak RSS (sum over the
+    process tree, sampled every 20 ms) of a command. On a shared machine CPU time is the steadier number."""
+    cpu_before = _children_cpu()
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return {"wall": wall, "cpu": _children_cpu() - cpu_before, "rss": peak, "stdout": stdout}
+
+
+# Run in a bare interpreter (no torch import) so the floor includes no library start-up cost.
+RAW_IO = """
+import os, sys
+from pathlib import Path
+inputs, out, out_bytes = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
+buf = bytearray(64 << 20)
+view = memoryview(buf)
+for folder in inputs:
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(view):
+                pass
+with open(out, "wb", buffering=0) as fh:
+    left = out_bytes
+    while left > 0:
+        n = min(left, len(buf))
+        fh.write(view[:n])
+        left -= n
+    os.fsync(fh.fileno())
+os.remove(out)
+"""
+
+
+def python_cmd() -> list[str]:
+    return [sys.executable]
+
+
+def run_raw(inputs: list[Path], out: Path, out_bytes: int) -> dict:
+    """The I/O floor: read every input shard once, write one model's bytes to one file (fsync)."""
+    return measure([*python_cmd(), "-c", RAW_IO, *map(str, inputs), str(out), str(out_bytes)])
+
+
+def engine_manifest(method: str, base: Path, ft1: Path, ft2: Path, out: Path) -> dict:
+    if method == "ties":
+        models = [{"uri": ft1.as_uri(), "weight": 1.0, "density": 0.5},
+                  {"uri": ft2.as_uri(), "weight": 0.5, "density": 0.5}]
+        base_ref = base
+    else:  # arcee_fusion, TinyR1 style: the second model is the base
+        models = [{"uri": ft1.as_uri()}, {"uri": ft2.as_uri()}]
+        base_ref = ft2
+    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Merge", "metadata": {"name": "bench-" + method.replace("_", "-")},
+            "spec": {"method": method, "base": {"uri": base_ref.as_uri()}, "models": models,
+                     "dtype": "float32", "outDtype": "bfloat16", "outShardSize": "2GB", "seed": 0,
+                     "output": {"uri": out.as_uri()}}}
+
+
+def mergekit_config(method: str, base: Path, ft1: Path, ft2: Path) -> dict:
+    if method == "ties":
+        return {"merge_method": "ties", "base_model": str(base),
+                "models": [{"model": str(ft1), "parameters": {"weight": 1.0, "density": 0.5}},
+                           {"model": str(ft2), "parameters": {"weight": 0.5, "density": 0.5}}],
+                "parameters": {"normalize": True}, "dtype": "float32", "out_dtype": "bfloat16"}
+    return {"merge_method": "arcee_fusion", "base_model": str(ft2),
+            "models": [{"model": str(ft1)}, {"model": str(ft2)}], "dtype": "float32", "out_dtype": "bfloat16"}
+
+
+def agreement(ours: Path, theirs: Path) -> dict:
+    """Fraction of equal entries and max |difference| between two merged folders."""
+    from safetensors import safe_open
+
+    def tensors(folder: Path):
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(f, "pt") as st:
+                for k in st.keys():
+                    yield k, f
+
+    theirs_where = dict(tensors(theirs))
+    equal = total = 0
+    worst = 0.0
+    for name, f in tensors(ours):
+        with safe_open(f, "pt") as a, safe_open(theirs_where[name], "pt") as b:
+            x, y = a.get_tensor(name).float(), b.get_tensor(name).float()
+        equal += int((x == y).sum())
+        total += x.numel()
+        worst = max(worst, float((x - y).abs().max()))
+    return {"equal": equal / total, "maxAbsDiff": worst}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/branchmerge-bench-merge"))
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--methods", default="ties,arcee_fusion")
+    ap.add_argument("--mergekit", default="/work/mk-venv/bin/mergekit-yaml",
+                    help="mergekit-yaml of a separate venv (skipped when missing)")
+    ap.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="dtype of the synthetic models (float32: no magnitude ties, outputs comparable exactly)")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the engine and mergekit")
+    ap.add_argument("--scale-check", action="store_true", help="also merge a model with half the layers")
+    args = ap.parse_args()
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    dtype = getattr(torch, args.model_dtype)
+    base, ft1, ft2 = build_models(work, args.layers, args.hidden, args.intermediate, args.vocab, dtype)
+    size = folder_bytes(base)
+    print(f"model: {args.layers} layers, hidden {args.hidden}, {size / 1e9:.2f} GB {args.model_dtype} per model "
+          f"(built/cached in {time.time() - t0:.0f} s)")
+    # warm the page cache so every runner reads from the same place
+    run_raw([base, ft1, ft2], work / "warm.bin", 0)
+    # Same threads for every runner; on a shared, oversubscribed machine 1 thread is much faster than
+    # OpenMP threads that spin while descheduled.
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    have_mergekit = Path(args.mergekit).exists()
+    rows = []
+    for method in args.methods.split(","):
+        inputs = [base, ft1, ft2] if method == "ties" else [ft1, ft2]
+        print(f"[{method}] raw I/O ...", flush=True)
+        raw = run_raw(inputs, work / "raw.bin", size)
+        out = work / f"out-{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        spec = work / f"{method}.yaml"
+        spec.write_text(yaml.safe_dump(engine_manifest(method, base, ft1, ft2, out)))
+        print(f"[{method}] engine ...", flush=True)
+        eng = measure([*python_cmd(), "-m", "branchmerge.cli", "stage", "merge", "--spec", str(spec),
+                       "--result", str(work / f"{method}.result.json")], env)
+        metrics = json.loads((work / f"{method}.result.json").read_text())["metrics"]
+        row = {"method": method, "raw": raw, "engine": eng, "metrics": metrics}
+        if have_mergekit:
+            mk_out = work / f"mergekit-{method}"
+            shutil.rmtree(mk_out, ignore_errors=True)
+            cfg = work / f"mergekit-{method}.yaml"
+            cfg.write_text(yaml.safe_dump(mergekit_config(method, base, ft1, ft2)))
+            print(f"[{method}] mergekit ...", flush=True)
+            row["mergekit"] = measure([args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer",
+                                       "--no-write-model-card", "--random-seed", "0", "--quiet"], env)
+            row["agreement"] = agreement(out, mk_out)
+            shutil.rmtree(mk_out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        rows.append(row)
+
+    print(f"\n{'method':<13} {'runner':<9} {'wall s':>7} {'cpu s':>7} {'peak RSS MB':>12} "
+          f"{'wall x raw':>11} {'wall x mk':>10} {'cpu x raw':>10} {'cpu x mk':>9}")
+    for row in rows:
+        for runner in ("raw", "engine", "mergekit"):
+            if runner not in row:
+                continue
+            m, raw, mk = row[runner], row["raw"], row.get("mergekit")
+            ratio = (lambda key, ref: f"{m[key] / ref[key]:.2f}" if ref and ref[key] > 0 else "-")
+            print(f"{row['method']:<13} {runner:<9} {m['wall']:>7.1f} {m['cpu']:>7.1f} {m['rss'] / 2**20:>12.0f} "
+                  f"{ratio('wall', raw):>11} {ratio('wall', mk):>10} {ratio('cpu', raw):>10} "
+                  f"{ratio('cpu', mk):>9}")
+        if "agreement" in row:
+            a = row["agreement"]
+            print(f"{'':<13} agreement with mergekit: {100 * a['equal']:.3f}% entries equal, "
+                  f"max |diff| {a['maxAbsDiff']:.3g}")
+        if "fractionTaken" in row["metrics"]:
+            print(f"{'':<13} fractionTaken: {row['metrics']['fractionTaken']}")
+    if args.scale_check:  # the same merges on a model with half the layers: peak RSS should not follow size
+        half = max(1, args.layers // 2)
+        hb, h1, h2 = build_models(work, half, args.hidden, args.intermediate, args.vocab, dtype)
+        print()
+        for row in rows:
+            method = row["method"]
+            out = work / "out-half"
+            shutil.rmtree(out, ignore_errors=True)
+            spec = work / "half.yaml"
+            spec.write_text(yaml.safe_dump(engine_manifest(method, hb, h1, h2, out)))
+            small = measure([*python_cmd(), "-m", "branchmerge.cli", "stage", "merge", "--spec", str(spec)], env)
+            shutil.rmtree(out, ignore_errors=True)
+            big = row["engine"]
+            print(f"scale check ({method}): {half} layers ({folder_bytes(hb) / 1e9:.2f} GB) peak RSS "
+                  f"{small['rss'] / 2**20:.0f} MB, cpu {small['cpu']:.1f} s; {args.layers} layers "
+                  f"({size / 1e9:.2f} GB) peak RSS {big['rss'] / 2**20:.0f} MB, cpu {big['cpu']:.1f} s; "
+                  f"RSS ratio {big['rss'] / small['rss']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

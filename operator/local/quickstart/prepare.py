@@ -1,0 +1,92 @@
+"""The quickstart's inputs, made here instead of downloaded: datasets of the three domains and two tiny
+untrained models (a larger teacher, a smaller student) sharing one tokenizer trained on the domains' text.
+
+    <root>/models/teacher-init, <root>/models/student-init      Qwen2 folders from branchmerge.trainer.tiny
+    <root>/data/qs-<domain>-solutions.jsonl                      worked solutions the teacher first learns
+    <root>/data/qs-<domain>-prompts.jsonl                        prompts TeacherGen answers (with references)
+    <root>/data/qs-<domain>-eval.jsonl                           held-out questions for Eval
+    <root>/data/qs-general.jsonl                                 a little of everything: the student's "pretraining"
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .domains import DOMAINS, corpus, tasks, user_message
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much data: ``full`` for the README's run, ``reduced`` for the CI smoke test."""
+
+    teacher_solutions: int  # per domain
+    prompts: int  # per domain, for TeacherGen
+    eval_questions: int  # per domain
+    general: int  # per domain
+
+
+SIZES = {
+    "full": Sizes(teacher_solutions=400, prompts=320, eval_questions=50, general=100),
+    "reduced": Sizes(teacher_solutions=200, prompts=40, eval_questions=16, general=30),
+}
+
+# Sized for 2 CPU cores: the teacher (~0.43M parameters) has 3x the student's (~0.13M) capacity.
+TEACHER = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256)
+STUDENT = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+VOCAB = 384
+DONE = ".prepared"
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(path)
+
+
+def _chat(domain: str, task: dict) -> dict:
+    return {"prompt": user_message(domain, task), "response": task["solution"], "domain": domain}
+
+
+def _question(domain: str, task: dict) -> dict:
+    """A record for TeacherGen and Eval: the rendered question plus the grader's reference fields."""
+    record = {"id": task["id"], "prompt": task["prompt"], "question": user_message(domain, task), "domain": domain}
+    for key in ("answer", "choices", "tests"):
+        if key in task:
+            record[key] = task[key]
+    return record
+
+
+def prepare(root: str | Path, size: str = "full", seed: int = 0) -> Path:
+    """Write everything under ``root`` (idempotent: a finished preparation of the same size is kept)."""
+    root = Path(root).resolve()
+    marker = root / DONE
+    wanted = json.dumps({"size": size, "seed": seed, "version": 3})
+    if marker.exists() and marker.read_text() == wanted:
+        return root
+    sizes = SIZES[size]
+    data, models = root / "data", root / "models"
+    data.mkdir(parents=True, exist_ok=True)
+    models.mkdir(parents=True, exist_ok=True)
+
+    general = []
+    for domain in DOMAINS:
+        held_out = tasks(domain, sizes.eval_questions, seed + 3)
+        held_ids = {t["id"] for t in held_out}
+        _write_jsonl(data / f"qs-{domain}-eval.jsonl", [_question(domain, t) for t in held_out])
+        prompts = tasks(domain, sizes.prompts, seed + 2, exclude=held_ids)
+        _write_jsonl(data / f"qs-{domain}-prompts.jsonl", [_question(domain, t) for t in prompts])
+        taught = tasks(domain, sizes.teacher_solutions, seed + 1, exclude=held_ids)
+        _write_jsonl(data / f"qs-{domain}-solutions.jsonl", [_chat(domain, t) for t in taught])
+        general += [_chat(domain, t) for t in tasks(domain, sizes.general, seed + 4, exclude=held_ids)]
+    _write_jsonl(data / "qs-general.jsonl", general)
+
+    from ....trainer.tiny import build_tiny_model, build_tokenizer
+
+    tokenizer = build_tokenizer(corpus(seed), vocab_size=VOCAB)
+    build_tiny_model(models / "teacher-init", tokenizer=tokenizer, seed=seed + 10, **TEACHER)
+    build_tiny_model(models / "student-init", tokenizer=tokenizer, seed=seed + 20, **STUDENT)
+    marker.write_text(wanted)
+    return root

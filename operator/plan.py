@@ -1,0 +1,378 @@
+"""The operator's decisions, as pure functions of what it observed (plain dicts in, plain data out).
+
+``target(cr, upstreams, opts)`` says what the CR should run: nothing yet (an upstream is missing, not
+done or failed), nothing ever (invalid spec), or a ``Run`` (resolved manifest + run hash).
+``plan(cr, upstreams, observed, opts, now)`` compares that with the children that exist and returns the
+children to create, Jobs to patch or delete, the new status, the Events of the transition and when to
+look again. The kopf handlers only feed it and apply its answer, so every decision is unit-testable.
+
+Lifecycle decisions:
+- A run is identified by the hash of its resolved spec without ``resources.suspend``,
+  ``resources.queueName`` and ``runPolicy`` (those act on the running Job, they do not change what it
+  computes). Editing anything else after the run started (a new generation with a new hash) supersedes
+  it: the active Job of the old hash is deleted and attempt 1 of the new run starts; a finished run is
+  re-run for the new spec. Specs are never mutated by the operator.
+- A finished run stays finished when an upstream later re-runs or is deleted. A failed run is looked at
+  again after any edit: raising ``runPolicy.backoffLimit`` after BackoffLimitExceeded resumes retrying.
+- Each attempt is one Job ``<cr>-<hash>-<attempt>``; the run's ConfigMap ``<cr>-<hash>`` holds the
+  resolved spec and, once the run ends, its result (annotation): the durable record that survives Job
+  TTL and operator restarts, so a finished run is never started again.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from pydantic import ValidationError
+
+from ..api.graph import references
+from ..api.resources import KIND_INFO, CustomResource
+from ..api.validation import InvalidManifest, _schema_errors
+from . import conditions as C
+from .builders import Run, UnsupportedSpec, build_children, build_job, build_service, hf_secret_for, storage_plan
+from .failures import ACTIVE, FAILED, SUCCEEDED, SUSPENDED, classify_failure, finished_at, job_state, stage_result
+from .naming import ANNOTATION_RESULT, LABEL_ATTEMPT, LABEL_RUN
+from .options import OperatorOptions
+from .resolve import blockers, resolve, spec_hash
+
+QUEUED = "Queued"  # Job created suspended, waiting for Kueue to admit it
+TERMINAL = ("Succeeded", "Failed")
+
+
+@dataclass
+class Blocked:
+    """Cannot start now; ``phase``/``reason``/``message`` say why."""
+
+    phase: str
+    reason: str
+    message: str
+    stalled: bool = False
+
+
+@dataclass
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Observed:
+    """Children of the CR as the operator sees them."""
+
+    jobs: list[dict] = field(default_factory=list)
+    pods: dict[str, list[dict]] = field(default_factory=dict)  # job name -> its pods (finished jobs only)
+    configmap: dict | None = None  # the current run's ConfigMap, if it exists
+
+
+@dataclass
+class Plan:
+    status: dict
+    create: list[dict] = field(default_factory=list)
+    patch: list[tuple[str, str, dict]] = field(default_factory=list)  # (kind, name, merge patch)
+    delete: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    run: Run | None = None
+    finished: str | None = None  # "Succeeded"/"Failed" when this plan ends the run (for metrics)
+    retried: str | None = None  # failure reason when this plan schedules/starts a retry
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+def parse_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text.replace(".000000", ""), "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        try:
+            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+
+
+def run_hash(resolved: dict) -> str:
+    doc = copy.deepcopy(resolved)
+    spec = doc["spec"]
+    spec.pop("runPolicy", None)
+    for key in ("suspend", "queueName"):
+        spec.get("resources", {}).pop(key, None)
+    if spec.get("resources") == {}:
+        spec.pop("resources")
+    return spec_hash(doc)
+
+
+def _clean(cr: dict) -> dict:
+    """The manifest part of a live object (server metadata would break parsing and hashing)."""
+    meta = cr.get("metadata", {})
+    clean_meta = {k: meta[k] for k in ("name", "namespace", "labels") if meta.get(k)}
+    return {"apiVersion": cr.get("apiVersion"), "kind": cr.get("kind"), "metadata": clean_meta,
+            "spec": cr.get("spec", {})}
+
+
+def parse(cr: dict) -> CustomResource:
+    """Schema validation only: the API server already enforced the CRD's CEL rules on admission, and
+    evaluating them again here (cel-python, ~20 ms per CR) would dominate reconcile latency."""
+    try:
+        return KIND_INFO[cr["kind"]].model.model_validate(_clean(cr))
+    except ValidationError as err:
+        raise InvalidManifest(_schema_errors(err)) from None
+
+
+def default_output(cr: dict, opts: OperatorOptions) -> str | None:
+    if not opts.default_output_root:
+        return None
+    meta = cr["metadata"]
+    return f"{opts.default_output_root.rstrip('/')}/{meta.get('namespace', 'default')}/{cr['kind'].lower()}/{meta['name']}"
+
+
+def upstream_view(crs: list[dict]) -> dict[str, dict]:
+    """Kind/name -> {phase, uri} of CRs in the namespace (what ``target`` needs of them)."""
+    out = {}
+    for cr in crs:
+        status = cr.get("status") or {}
+        out[f"{cr['kind']}/{cr['metadata']['name']}"] = {
+            "phase": status.get("phase"), "uri": (status.get("output") or {}).get("uri")}
+    return out
+
+
+def target(cr: dict, upstreams: dict[str, dict], opts: OperatorOptions) -> Run | Blocked:
+    """What the CR should run now (a ``Run``) or why it cannot (``Blocked``)."""
+    try:
+        resource = parse(cr)
+    except InvalidManifest as err:
+        return Blocked("Failed", C.INVALID_SPEC, str(err)[:1024])
+    phases = {key: up["phase"] for key, up in upstreams.items()}
+    refs = references(resource)  # walks the whole spec: once per reconcile
+    blocking = blockers(resource, phases, refs)
+    if blocking:
+        first = blocking[0]
+        message = "; ".join(b.message for b in blocking)[:1024]
+        return Blocked("Waiting", first.reason, message, stalled=first.reason == C.UPSTREAM_FAILED)
+    outputs = {ref.key: upstreams[ref.key]["uri"] for ref in refs}
+    missing = [key for key, uri in outputs.items() if not uri]
+    if missing:
+        return Blocked("Waiting", C.UPSTREAM_NOT_READY, f"{missing[0]} succeeded without an output URI")
+    resolved = resolve(resource, outputs, default_output(cr, opts), refs)
+    meta = cr["metadata"]
+    run = Run(kind=cr["kind"], name=meta["name"], namespace=meta.get("namespace", "default"),
+              uid=meta.get("uid", ""), run_hash=run_hash(resolved), resolved=resolved,
+              labels=dict(meta.get("labels") or {}), hf_secret=hf_secret_for(cr, opts))
+    try:
+        storage_plan(run)
+    except UnsupportedSpec as err:
+        return Blocked("Failed", C.INVALID_SPEC, str(err))
+    return run
+
+
+# ---- status -------------------------------------------------------------------------------------------
+
+def transition(old: dict, phase: str, reason: str, message: str, generation: int | None,
+               stalled: bool = False) -> dict:
+    status = copy.deepcopy(old)
+    C.set_phase(status, phase, reason, message, generation)
+    if stalled:  # an upstream failed: not terminal (it may be fixed), but no progress without a change
+        C.set_condition(status, "Stalled", True, reason, message, generation)
+        C.set_condition(status, "Reconciling", False, reason, "", generation)
+    return status
+
+
+def transition_events(old: dict, new: dict) -> list[Event]:
+    """One Event per change of phase, Ready reason or attempt, with the same reason as the condition."""
+    before = (old.get("phase"), (C.get_condition(old, "Ready") or {}).get("reason"), old.get("attempts"))
+    ready = C.get_condition(new, "Ready") or {}
+    after = (new.get("phase"), ready.get("reason"), new.get("attempts", old.get("attempts")))
+    if before == after:
+        return []
+    warning = new.get("phase") == "Failed" or (C.get_condition(new, "Stalled") or {}).get("status") == "True"
+    return [Event("Warning" if warning else "Normal", ready.get("reason", ""), ready.get("message", ""))]
+
+
+def status_changed(old: dict, new: dict) -> dict:
+    """Merge patch turning ``old`` into ``new`` (None deletes a field)."""
+    patch = {}
+    for key in set(old) | set(new):
+        if old.get(key) != new.get(key):
+            patch[key] = new.get(key)
+    return patch
+
+
+def _attempt(job: dict) -> int:
+    try:
+        return int(job["metadata"]["labels"][LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return 0
+
+
+def recorded_result(configmap: dict | None) -> dict | None:
+    """The final result a run's ConfigMap records (None: the run has not ended, or no ConfigMap)."""
+    if not configmap:
+        return None
+    text = (configmap.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_RESULT)
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def _finish(plan: Plan, old: dict, run: Run, result: dict, generation: int | None, record: bool) -> Plan:
+    """Terminal status from a run result; ``record`` also writes it to the run's ConfigMap."""
+    if result["phase"] == "Succeeded":
+        status = transition(old, "Succeeded", C.SUCCEEDED, f"attempt {result.get('attempt', 1)} succeeded",
+                            generation)
+        status["output"] = {k: v for k, v in {"uri": result.get("outputUri") or run.spec["output"]["uri"],
+                                               "digest": result.get("digest")}.items() if v}
+        status["progress"] = {"fraction": 1.0, "message": "done"}
+        status["metrics"] = {**(old.get("metrics") or {}), **(result.get("metrics") or {})}
+    else:
+        status = transition(old, "Failed", result.get("reason") or C.FAILED, result.get("message", ""), generation)
+    status["attempts"] = result.get("attempt", old.get("attempts", 0))
+    if result.get("completionTime"):  # the Job's own time, stable across restarts
+        status["completionTime"] = result["completionTime"]
+    plan.status = status
+    if record:
+        plan.patch.append(("ConfigMap", run.configmap_name,
+                           {"metadata": {"annotations": {ANNOTATION_RESULT: json.dumps(result, sort_keys=True)}}}))
+        plan.finished = result["phase"]
+    return plan
+
+
+def backoff_delay(run: Run, attempt: int, opts: OperatorOptions) -> float:
+    base = float(run.run_policy.get("backoffSeconds", 30))
+    return min(base * 2 ** max(attempt - 1, 0), opts.max_backoff_seconds)
+
+
+# ---- the plan -----------------------------------------------------------------------------------------
+
+def plan(cr: dict, upstreams: dict[str, dict], observed: Observed, opts: OperatorOptions, now: float,
+         want: Run | Blocked | None = None) -> Plan:
+    """``want`` is ``target(cr, upstreams, opts)`` when the caller computed it already."""
+    old = cr.get("status") or {}
+    generation = cr.get("metadata", {}).get("generation")
+    want = want if want is not None else target(cr, upstreams, opts)
+    if isinstance(want, Blocked):
+        if want.phase == "Waiting" and old.get("phase") in TERMINAL and old.get("observedGeneration") == generation:
+            # A finished run stays finished when an upstream later re-runs or is deleted (intermediate
+            # CRs are often cleaned up); editing this CR starts a new run.
+            return Plan(copy.deepcopy(old))
+        status = transition(old, want.phase, want.reason, want.message, generation, want.stalled)
+        return Plan(status, events=transition_events(old, status))
+    run = want
+    out = Plan(copy.deepcopy(old), run=run)
+    suspend = bool(run.resources.get("suspend"))
+
+    # Active attempts of superseded runs (an edited spec) stop; finished ones are left to TTL/GC.
+    for job in observed.jobs:
+        labels = job.get("metadata", {}).get("labels") or {}
+        if labels.get(LABEL_RUN) != run.run_hash and job_state(job) in (ACTIVE, SUSPENDED):
+            out.delete.append(("Job", job["metadata"]["name"]))
+
+    recorded = recorded_result(observed.configmap)
+    if recorded is not None and recorded["phase"] == "Failed" and recorded.get("generation") != generation:
+        recorded = None  # a failed run is looked at again after an edit (e.g. a higher backoffLimit)
+    if recorded is not None:  # the run already ended (maybe before a restart, or its Jobs expired)
+        _finish(out, old, run, recorded, generation, record=False)
+        out.events = transition_events(old, out.status)
+        return out
+
+    mine = sorted((j for j in observed.jobs if (j.get("metadata", {}).get("labels") or {}).get(LABEL_RUN)
+                   == run.run_hash), key=_attempt)
+    latest = mine[-1] if mine else None
+    attempt = _attempt(latest) if latest else 0
+
+    if latest is None:
+        # First attempt of this run. (status.attempts > 0 with no Job left means the Jobs expired or were
+        # deleted mid-run: start again from the recorded attempt number so names never repeat.)
+        first = max(int(old.get("attempts", 0)) if old.get("observedGeneration") == generation else 0, 0) + 1
+        status = copy.deepcopy(old)
+        for key in ("startTime", "completionTime", "output", "metrics", "progress"):
+            status.pop(key, None)
+        status["attempts"] = first
+        phase, reason = ("Suspended", C.SUSPENDED) if suspend else ("Running", C.STARTED)
+        status = transition(status, phase, reason, f"attempt {first} of run {run.run_hash} created", generation)
+        out.create = build_children(run, first, opts, suspend=suspend)
+        out.status = status
+        out.events = transition_events(old, status)
+        return out
+
+    state = job_state(latest)
+    name = latest["metadata"]["name"]
+    if state in (ACTIVE, SUSPENDED):
+        job_suspended = bool(latest.get("spec", {}).get("suspend"))
+        queued = bool(run.resources.get("queueName"))
+        if suspend and not job_suspended:
+            out.patch.append(("Job", name, {"spec": {"suspend": True}}))
+            job_suspended = True
+        elif not suspend and job_suspended and not queued:  # with Kueue, admission unsuspends the Job
+            out.patch.append(("Job", name, {"spec": {"suspend": False}}))
+            job_suspended = False
+        if suspend:
+            phase, reason, message = "Suspended", C.SUSPENDED, f"attempt {attempt} suspended"
+        elif job_suspended:
+            phase, reason, message = "Pending", QUEUED, f"attempt {attempt} waits for admission by queue " \
+                                                        f"{run.resources.get('queueName')}"
+        elif (latest.get("status") or {}).get("active") or (latest.get("status") or {}).get("ready"):
+            phase, reason, message = "Running", C.RUNNING, f"attempt {attempt} running"
+        else:
+            phase, reason, message = "Running", C.STARTED, f"attempt {attempt} starting"
+        out.status = transition(old, phase, reason, message, generation)
+        out.status["attempts"] = attempt
+        out.events = transition_events(old, out.status)
+        return out
+
+    pods = observed.pods.get(name, [])
+    if state == SUCCEEDED:
+        result = stage_result(pods) or {}
+        record = {"phase": "Succeeded", "attempt": attempt, "outputUri": result.get("outputUri"),
+                  "digest": result.get("digest"), "metrics": result.get("metrics") or {},
+                  "completionTime": finished_at(latest)}
+        _finish(out, old, run, record, generation, record=True)
+        out.events = transition_events(old, out.status)
+        return out
+
+    # The attempt failed: permanent, retry later, or retry now.
+    failure = classify_failure(latest, pods)
+    limit = int(run.run_policy.get("backoffLimit", 3))
+    if not failure.retryable or attempt > limit:
+        reason = failure.reason if not failure.retryable else C.BACKOFF_LIMIT_EXCEEDED
+        message = failure.message if not failure.retryable else \
+            f"{attempt} attempt(s) failed, backoffLimit {limit}; last: {failure.message}"
+        record = {"phase": "Failed", "attempt": attempt, "reason": reason, "message": message[:1024],
+                  "exitCode": failure.exit_code, "completionTime": finished_at(latest), "generation": generation}
+        _finish(out, old, run, record, generation, record=True)
+        out.events = transition_events(old, out.status)
+        return out
+    failed_at = parse_time(finished_at(latest)) or now
+    due = failed_at + backoff_delay(run, attempt, opts)
+    message = f"attempt {attempt} failed ({failure.reason}: {failure.message}); "
+    # Counted once per failed attempt: when the wait starts (or at once when there is no wait).
+    waiting_already = (C.get_condition(old, "Ready") or {}).get("reason") == C.RETRYING
+    if now < due:
+        when = datetime.fromtimestamp(due, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        out.status = transition(old, "Running", C.RETRYING, message + f"attempt {attempt + 1} at {when}", generation)
+        out.status["attempts"] = attempt
+        out.requeue_after = max(due - now, 0.05)
+        out.events = transition_events(old, out.status)
+        out.retried = None if waiting_already else failure.reason
+        return out
+    out.create = ([build_service(run, attempt + 1)] if run.pods > 1 else []) + \
+        [build_job(run, attempt + 1, opts, suspend=suspend)]
+    out.status = transition(old, "Running", C.STARTED, message + f"attempt {attempt + 1} created", generation)
+    out.status["attempts"] = attempt + 1
+    out.events = transition_events(old, out.status)
+    out.retried = None if waiting_already else failure.reason
+    return out
+
+
+def job_needing_pods(run: Run, jobs: list[dict]) -> str | None:
+    """The finished latest attempt of ``run`` whose pods ``plan`` must see (result or failure cause)."""
+    mine = [j for j in jobs if (j.get("metadata", {}).get("labels") or {}).get(LABEL_RUN) == run.run_hash]
+    if not mine:
+        return None
+    latest = max(mine, key=_attempt)
+    return latest["metadata"]["name"] if job_state(latest) in (SUCCEEDED, FAILED) else None
+

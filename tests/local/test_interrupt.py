@@ -1,0 +1,56 @@
+"""Ctrl-C: the runner stops its children by process group and leaves every status consistent; a rerun resumes."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from branchmerge.operator.local.store import StatusStore
+from branchmerge.operator.local.workdir import Workdir
+
+from .conftest import merge, write_manifests
+
+
+def ready(st: dict) -> dict:
+    return next(c for c in st["conditions"] if c["type"] == "Ready")
+
+
+def test_sigint_marks_running_interrupted_and_rerun_resumes(models, tmp_path):
+    folder = write_manifests(tmp_path / "m", [
+        merge("first", "linear", [models["m1"], models["m2"]]),
+        merge("second", "arcee_fusion", ["first", models["m2"]], base="first"),
+    ])
+    wd = tmp_path / "wd"
+    store = StatusStore(Workdir.at(wd))
+    cmd = [sys.executable, "-m", "branchmerge.cli", "run", "-f", str(folder), "--workdir", str(wd), "--plain"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        rec = store.load("Merge/first")
+        if rec and rec["status"].get("phase") == "Running":
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        raise AssertionError("the first stage never started")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    first, second = store.load("Merge/first")["status"], store.load("Merge/second")["status"]
+    assert first["phase"] == "Failed" and ready(first)["reason"] == "Interrupted"
+    assert first["completionTime"] and first["attempts"] == 1
+    assert second["phase"] in ("Pending", "Waiting") and ready(second)["reason"] == "Interrupted"
+    assert {c["type"]: c["status"] for c in second["conditions"]}["Reconciling"] == "False"
+    assert "rerun the same command to resume" in err
+    # the child's whole process group is gone: no stage process is left behind
+    leftovers = subprocess.run(["pgrep", "-f", str(wd / "runs/merge/first/resolved.yaml")], capture_output=True)
+    assert leftovers.returncode == 1, leftovers.stdout
+    assert not (wd / "outputs/merge/first/_manifest.json").exists()  # nothing half-published
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    first, second = store.load("Merge/first")["status"], store.load("Merge/second")["status"]
+    assert first["phase"] == second["phase"] == "Succeeded"
+    assert first["attempts"] == 2 and ready(first)["reason"] == "Succeeded"

@@ -1,0 +1,115 @@
+"""The runner's pure pieces: cache identity, kubectl-style tables, ETA, the report's Branch-Merge check."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from branchmerge.operator import conditions as cond
+from branchmerge.operator.local import cache
+from branchmerge.operator.local.display import eta_seconds
+from branchmerge.operator.local.report import Row, acceptance, branch_merge_checks, Stage
+from branchmerge.operator.local.table import find, get_table
+
+
+def merge_doc(uri_a: str, uri_b: str) -> dict:
+    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Merge", "metadata": {"name": "m"},
+            "spec": {"method": "linear", "models": [{"uri": uri_a}, {"uri": uri_b}], "output": {"uri": "file:///o"}}}
+
+
+def test_cache_key_follows_input_content_not_only_uris(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b"
+    a.write_text('{"x": 1}\n')
+    b.mkdir()
+    (b / "_manifest.json").write_text(json.dumps({"files": {"w": "1" * 64}}))
+    doc = merge_doc(a.as_uri(), b.as_uri())
+    first = cache.cache_key(doc, cache.input_digests(doc, {}))
+    assert first == cache.cache_key(doc, cache.input_digests(doc, {}))
+    a.write_text('{"x": 2}\n')  # same URI, new content
+    second = cache.cache_key(doc, cache.input_digests(doc, {}))
+    assert second != first
+    # an upstream's reported digest stands for its output, whatever is on disk
+    digests = cache.input_digests(doc, {b.as_uri(): "sha256:upstream"})
+    assert digests["spec.models[1]"] == "sha256:upstream"
+    assert cache.content_digest("hf://org/model@v1") == "uri:hf://org/model@v1"
+
+
+def test_is_cached_needs_success_same_key_and_intact_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    files = {"model.safetensors": "a" * 64}
+    (out / "_manifest.json").write_text(json.dumps({"files": files}))
+    from branchmerge.trainer.publish import combined_digest
+
+    record = {"metadata": {"annotations": {"local.branchmerge.dev/cache-key": "k1"}},
+              "status": {"phase": "Succeeded", "output": {"uri": out.as_uri(), "digest": combined_digest(files)}}}
+    assert cache.is_cached(record, "k1")
+    assert not cache.is_cached(record, "k2")
+    (out / "_manifest.json").unlink()  # output deleted or half-replaced: rerun
+    assert not cache.is_cached(record, "k1")
+
+
+def record(kind, name, phase, reason, **status):
+    st = {"phase": phase, "startTime": "2026-01-01T00:00:00Z", **status}
+    cond.set_phase(st, phase, reason)
+    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": kind, "metadata": {"name": name},
+            "spec": {"domain": "math"} if kind == "BranchSFT" else {}, "status": st}
+
+
+def test_get_table_groups_kinds_in_pipeline_order_with_their_column():
+    records = [record("Eval", "e", "Succeeded", "Succeeded", completionTime="2026-01-01T00:01:05Z",
+                      metrics={"score": 0.4567}),
+               record("BranchSFT", "math", "Failed", "UpstreamFailed")]
+    text = get_table(records, now=datetime(2026, 1, 1, 0, 2, tzinfo=timezone.utc))
+    sft_block, eval_block = text.split("\n\n")
+    assert sft_block.splitlines()[0].split() == ["BRANCHSFTS", "PHASE", "REASON", "DOMAIN", "PROGRESS", "DURATION",
+                                                 "AGE"]
+    assert sft_block.splitlines()[1].split()[:4] == ["math", "Failed", "UpstreamFailed", "math"]
+    assert eval_block.splitlines()[1].split() == ["e", "Succeeded", "Succeeded", "0.4567", "-", "1m05s", "2m00s"]
+    assert [r["metadata"]["name"] for r in find(records, "bsft/math")] == ["math"]
+    assert find(records, "Merge/math") == []
+
+
+def test_eta_ignores_startup_time():
+    assert eta_seconds(0.5, elapsed=100) == 100
+    # 80 s of imports, then 10 s for the first half: 10 s to go
+    assert eta_seconds(0.5, elapsed=90, first=(1080.0, 0.0), now=1090.0) == 10
+    assert eta_seconds(0.0, elapsed=10) is None and eta_seconds(1.0, elapsed=10) is None
+
+
+def test_branch_merge_check_and_acceptance():
+    rows = [Row("base", "base", None, {"math": (0.1, 0, None), "code": (0.2, 0, None)}),
+            Row("math", "branch", "math", {"math": (0.6, 0, None), "code": (0.1, 0, None)}),
+            Row("code", "branch", "code", {"math": (0.1, 0, None), "code": (0.7, 0, None)}),
+            Row("merged", "merge", None, {"math": (0.55, 0, None), "code": (0.5, 0, None)})]
+    checks = {claim: ok for claim, ok, _ in branch_merge_checks(rows)}
+    assert checks == {"merged above the base on every benchmark": True,
+                      "merged close to branch math on math": True,
+                      "merged close to branch code on code": False}
+    stage = Stage("TeacherGen/t", {"kind": "TeacherGen", "metadata": {"name": "t"}, "status": {}},
+                  {"metrics": {"samplesKept": 7, "samplesRejected": {"wrong_answer": 3, "duplicate": 1}}}, [])
+    assert acceptance(stage) == {"kept": 7, "wrong_answer": 3, "duplicate": 1}
+
+
+def test_branchsft_ranks_map_to_a_torchrun_launch_capped_to_the_cores(tmp_path):
+    from branchmerge.api.validation import parse_resource
+    from branchmerge.operator.local.launch import local_ranks, stage_command, stage_env
+
+    def sft(nodes: int, gpus: int):
+        return parse_resource({"apiVersion": "branchmerge.dev/v1alpha1", "kind": "BranchSFT",
+                               "metadata": {"name": "b"},
+                               "spec": {"base": {"uri": "file:///m"}, "data": [{"uri": "file:///d.jsonl"}],
+                                        "training": {"globalBatchSize": 64},
+                                        "resources": {"nodes": nodes, "gpusPerNode": gpus,
+                                                      "env": [{"name": "X", "value": "1"}]}}})
+
+    assert local_ranks(sft(1, 0), cores=2) == 1
+    assert local_ranks(sft(2, 0), cores=2) == 2
+    assert local_ranks(sft(4, 8), cores=2) == 2  # 32 ranks asked, 2 cores here
+    argv, ranks = stage_command(sft(2, 0), tmp_path / "s.yaml", tmp_path / "r.json", 2)
+    assert ranks == 2 and argv[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node" in argv
+    assert argv[argv.index("--nproc-per-node") + 1] == "2" and argv[-2:] == ["--result", str(tmp_path / "r.json")]
+    argv, ranks = stage_command(sft(1, 0), tmp_path / "s.yaml", tmp_path / "r.json", 1)
+    assert ranks == 1 and argv[1:5] == ["-m", "branchmerge.cli", "stage", "sft"]
+    env = stage_env(sft(1, 0), tmp_path / "p.jsonl", threads=1, cores=[1])
+    assert env["BRANCHMERGE_PROGRESS_FILE"] == str(tmp_path / "p.jsonl") and env["X"] == "1"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"

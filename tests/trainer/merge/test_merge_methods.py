@@ -1,0 +1,261 @@
+"""Each merge method against an independent reference written here from the published formulas
+(numpy, float64), on small random tensors."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from branchmerge.trainer.merge.engine import tensor_seed
+from branchmerge.trainer.merge.methods import METHODS, arcee_fusion
+from branchmerge.trainer.merge.methods.base import MergeInputs, TensorParams
+
+
+def run_method(method, base, others, seed=0, name="w", **params):
+    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+    out = METHODS[method].merge(MergeInputs(name, base, list(others), TensorParams(**params), gen))
+    return out
+
+
+def rand(shape, seed, scale=1.0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def np64(t):
+    return t.double().numpy()
+
+
+# ------------------------------------------------------------------ linear and task arithmetic: exact
+
+def test_linear_is_exact_weighted_mean():
+    # integer-valued tensors and dyadic weights: every intermediate is exactly representable
+    a = torch.randint(-50, 50, (8, 6)).float()
+    b = torch.randint(-50, 50, (8, 6)).float()
+    out = run_method("linear", None, [a, b], weights=(1.0, 3.0), normalize=True).tensor
+    assert torch.equal(out, (a + 3 * b) / 4)
+    unnormalized = run_method("linear", None, [a, b], weights=(1.0, 3.0), normalize=False).tensor
+    assert torch.equal(unnormalized, a + 3 * b)
+
+
+def test_linear_random_matches_reference():
+    ts = [rand((5, 7), s) for s in range(3)]
+    w = (0.2, 0.5, 1.3)
+    out = run_method("linear", None, ts, weights=w, normalize=True).tensor
+    ref = sum(wk * np64(t) for wk, t in zip(w, ts)) / sum(w)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_task_arithmetic_is_exact():
+    base = torch.randint(-20, 20, (6, 4)).float()
+    a, b = base + torch.randint(-8, 8, (6, 4)), base + torch.randint(-8, 8, (6, 4))
+    out = run_method("task_arithmetic", base, [a, b], weights=(0.5, 0.25), lambda_=2.0).tensor
+    assert torch.equal(out, base + 2.0 * (0.5 * (a - base) + 0.25 * (b - base)))
+
+
+# ------------------------------------------------------------------ TIES
+
+def ties_reference(base, others, weights, densities, lam=1.0, normalize=True):
+    b = np64(base).ravel()
+    trimmed = []
+    for o, d in zip(others, densities):
+        delta = np64(o).ravel() - b
+        k = int(d * delta.size)
+        order = np.argsort(-np.abs(delta), kind="stable")
+        kept = np.zeros_like(delta)
+        kept[order[:k]] = delta[order[:k]]
+        trimmed.append(kept)
+    weighted = np.stack([w * t for w, t in zip(weights, trimmed)])
+    elected = np.where(weighted.sum(axis=0) >= 0, 1.0, -1.0)
+    agree = np.sign(weighted) == elected
+    mixed = (weighted * agree).sum(axis=0)
+    divisor = (np.array(weights)[:, None] * agree).sum(axis=0)
+    divisor[divisor == 0] = 1
+    if normalize:
+        mixed = mixed / divisor
+    return (b + lam * mixed).reshape(base.shape), agree.sum(axis=1)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_matches_reference(normalize):
+    base = rand((12, 10), 0)
+    others = [base + rand((12, 10), s, 0.1) for s in (1, 2, 3)]
+    weights, densities = (1.0, 0.5, 2.0), (0.3, 0.5, 0.8)
+    out = run_method("ties", base, others, weights=weights, densities=densities, lambda_=0.7, normalize=normalize)
+    ref, taken = ties_reference(base, others, weights, densities, 0.7, normalize)
+    np.testing.assert_allclose(out.tensor.numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert out.taken == list(taken)
+
+
+def test_ties_trim_is_exact_count_with_equal_magnitudes():
+    base = torch.zeros(100)
+    other = torch.ones(100)  # every magnitude ties: still exactly int(0.37 * 100) entries kept
+    out = run_method("ties", base, [other], weights=(1.0,), densities=(0.37,))
+    assert int((out.tensor != 0).sum()) == 37 and out.taken == [37]
+
+
+# ------------------------------------------------------------------ DARE
+
+def dare_reference(base, others, weights, densities, seed, name, consensus, rescale=True, lam=1.0):
+    """The drop masks are the documented draws: per tensor a generator seeded with tensor_seed(seed, name),
+    one ``rand(shape) < density`` per model in order. Everything else follows the formulas."""
+    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+    b = np64(base).ravel()
+    dropped = []
+    for o, d in zip(others, densities):
+        delta = np64(o).ravel() - b
+        keep = (torch.rand(base.shape, generator=gen, dtype=torch.float32) < d).numpy().ravel()
+        kept = delta * keep
+        if rescale and np.abs(kept).sum() > 0:
+            kept = kept * (np.abs(delta).sum() / np.abs(kept).sum())  # L1 norm preserved
+        dropped.append(kept)
+    weighted = np.stack([w * t for w, t in zip(weights, dropped)])
+    if consensus:
+        elected = np.where(weighted.sum(axis=0) >= 0, 1.0, -1.0)
+        agree = np.sign(weighted) == elected
+        mixed = (weighted * agree).sum(axis=0)
+        divisor = (np.array(weights)[:, None] * agree).sum(axis=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = weighted.sum(axis=0), sum(weights)
+    return (b + lam * mixed / divisor).reshape(base.shape)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_matches_reference_and_is_deterministic(method):
+    base = rand((20, 16), 0)
+    others = [base + rand((20, 16), s, 0.1) for s in (1, 2)]
+    kw = dict(weights=(1.0, 0.6), densities=(0.4, 0.7), normalize=True, rescale=True, lambda_=1.0)
+    first = run_method(method, base, others, seed=11, name="layer.w", **kw).tensor
+    again = run_method(method, base, others, seed=11, name="layer.w", **kw).tensor
+    other_seed = run_method(method, base, others, seed=12, name="layer.w", **kw).tensor
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other_seed)
+    ref = dare_reference(base, others, kw["weights"], kw["densities"], 11, "layer.w", method == "dare_ties")
+    np.testing.assert_allclose(first.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dare_drop_rate_and_l1_rescale():
+    base = torch.zeros(200_000)
+    other = rand((200_000,), 3)
+    out = run_method("dare_linear", base, [other], weights=(1.0,), densities=(0.3,), rescale=True)
+    kept = out.tensor != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.01
+    assert math.isclose(out.tensor.abs().sum().item(), other.abs().sum().item(), rel_tol=1e-4)
+    plain = run_method("dare_linear", base, [other], weights=(1.0,), densities=(0.3,), rescale=False).tensor
+    assert torch.equal(plain[kept], other[kept])
+
+
+# ------------------------------------------------------------------ SLERP
+
+def slerp_reference(a, b, t):
+    va, vb = np64(a).ravel(), np64(b).ravel()
+    cos = va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb))
+    if abs(cos) > 0.9995:
+        return ((1 - t) * va + t * vb).reshape(a.shape)
+    theta = np.arccos(cos)
+    return ((np.sin((1 - t) * theta) * va + np.sin(t * theta) * vb) / np.sin(theta)).reshape(a.shape)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_slerp_matches_reference(t):
+    a, b = rand((9, 5), 0), rand((9, 5), 1)
+    out = run_method("slerp", a, [b], t=t).tensor
+    np.testing.assert_allclose(out.numpy(), slerp_reference(a, b, t), rtol=1e-5, atol=1e-6)
+
+
+def test_slerp_falls_back_to_lerp_when_parallel():
+    a = rand((50,), 0)
+    b = a * 2.0 + 1e-4 * rand((50,), 1)
+    out = run_method("slerp", a, [b], t=0.25).tensor
+    np.testing.assert_allclose(out.numpy(), (0.75 * np64(a) + 0.25 * np64(b)), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ model stock
+
+def test_model_stock_matches_reference():
+    base = rand((10, 8), 0)
+    others = [base + rand((10, 8), 5) * 0.2 + rand((10, 8), s) * 0.1 for s in (1, 2, 3)]
+    out = run_method("model_stock", base, others)
+    offsets = [np64(o).ravel() - np64(base).ravel() for o in others]
+    cosines = [offsets[i] @ offsets[j] / (np.linalg.norm(offsets[i]) * np.linalg.norm(offsets[j]))
+               for i in range(3) for j in range(i + 1, 3)]
+    cos, n = float(np.mean(cosines)), 3
+    t = n * cos / (1 + (n - 1) * cos)
+    ref = t * np.mean([np64(o) for o in others], axis=0) + (1 - t) * np64(base)
+    assert out.extra["t"] == pytest.approx(t, rel=1e-5)
+    np.testing.assert_allclose(out.tensor.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ Arcee Fusion
+
+def fusion_scores_reference(o, b):
+    o2, b2 = np64(o), np64(b)
+    if o2.ndim == 1:
+        o2, b2 = o2[None], b2[None]
+    p = np.exp(o2 - o2.max(-1, keepdims=True)); p = p / p.sum(-1, keepdims=True) + 1e-8
+    q = np.exp(b2 - b2.max(-1, keepdims=True)); q = q / q.sum(-1, keepdims=True) + 1e-8
+    kl = (p * np.log(p / q)).sum(-1, keepdims=True)
+    return (np.abs(o2 - b2) * kl).reshape(o.shape)
+
+
+def quantile_threshold(scores):
+    s = np.sort(np.asarray(scores).ravel())
+    n = s.size
+    q1, med, q3 = (s[int(q * (n - 1))] for q in (0.25, 0.5, 0.75))
+    return med + 1.5 * (q3 - q1)
+
+
+def test_arcee_threshold_on_known_distribution():
+    # 0..99 plus three outliers: sorted index floor(q*(n-1)) with n=103 -> Q1=25, median=51, Q3=76
+    scores = torch.tensor([float(i) for i in range(100)] + [500.0, 130.0, 128.0])
+    scores = scores[torch.randperm(103, generator=torch.Generator().manual_seed(0))]
+    t = arcee_fusion.threshold(scores, torch.Generator())
+    assert t == pytest.approx(51 + 1.5 * (76 - 25))  # 127.5: only 128, 130 and 500 pass
+    assert int((scores >= t).sum()) == 3
+
+
+def test_arcee_fusion_takes_only_outlier_rows_and_entries():
+    # Known score distribution: the base is flat; every ordinary row of the other model holds the same
+    # 30 offsets (|d| = 0.001..0.030, rotated), so all those rows share one KL value K and their scores are
+    # {0.001..0.030}*K, 38 copies each. Two rows change strongly (large KL). Quantiles at floor(q*(n-1)),
+    # n=1200: Q1=0.008K, median=0.016K, Q3=0.024K -> T=0.040K, above every ordinary score.
+    base = torch.zeros(40, 30)
+    pattern = torch.tensor([0.001 * (j + 1) * (-1) ** j for j in range(30)])
+    other = torch.stack([pattern.roll(r) for r in range(40)])
+    other[7] = 4.0 * rand((30,), 2)
+    other[23] = 4.0 * rand((30,), 3)
+    out = run_method("arcee_fusion", base, [other])
+    scores = fusion_scores_reference(other, base)
+    k = scores[0].max() / 0.030
+    assert quantile_threshold(scores) == pytest.approx(0.040 * k, rel=1e-6)
+    mask = scores >= quantile_threshold(scores)
+    np.testing.assert_allclose(np64(arcee_fusion.importance(other, base)), scores, rtol=1e-3)
+    assert mask.sum() > 10 and set(np.nonzero(mask)[0]) == {7, 23}
+    np.testing.assert_array_equal(out.tensor.numpy(), np.where(mask, np64(other), np64(base)).astype(np.float32))
+    assert out.taken == [int(mask.sum())] and out.taken_base == mask.size - int(mask.sum())
+
+
+def test_arcee_fusion_random_matches_reference_1d_and_2d():
+    for shape in [(64,), (16, 24)]:
+        base, other = rand(shape, 0), rand(shape, 0) + rand(shape, 1, 0.5)
+        out = run_method("arcee_fusion", base, [other]).tensor
+        scores = fusion_scores_reference(other, base)
+        ref = np64(base) + (np64(other) - np64(base)) * (scores >= quantile_threshold(scores))
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_arcee_fusion_samples_large_tensors_with_the_seed():
+    base = rand((1100, 1000), 0)  # 1.1e6 entries > 1e6: threshold from a seeded sample
+    other = base + rand((1100, 1000), 1, 0.05)
+    a = run_method("arcee_fusion", base, [other], seed=5, name="big").tensor
+    b = run_method("arcee_fusion", base, [other], seed=5, name="big").tensor
+    assert torch.equal(a, b)
+    scores = arcee_fusion.importance(other, base)
+    gen = torch.Generator().manual_seed(tensor_seed(5, "big"))
+    sample = scores.reshape(-1)[torch.randint(scores.numel(), (1_000_000,), generator=gen)]
+    t_sample = quantile_threshold(sample.numpy())
+    np.testing.assert_array_equal(a.numpy(), torch.where(scores >= t_sample, other, base).numpy())
+    # the sampled threshold is close to the exact one
+    assert t_sample == pytest.approx(quantile_threshold(scores.numpy()), rel=0.02)

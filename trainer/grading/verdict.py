@@ -1,0 +1,17 @@
+"""The result of grading one response."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool | None
+    """True/False, or None when the record cannot be graded (no reference, kind none)."""
+    reason: str
+    """Short stable reason: correct, wrong_answer, no_answer, timeout, runtime_error, ..."""
+    extracted: str | None = None
+    """What was taken from the response (the boxed answer, the letter, the program)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
