@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from branchmerge.operator.local.store import StatusStore
 from branchmerge.operator.local.workdir import Workdir
 
@@ -16,6 +18,7 @@ def ready(st: dict) -> dict:
     return next(c for c in st["conditions"] if c["type"] == "Ready")
 
 
+@pytest.mark.slow  # ~40 s on 2 busy cores: two runs of real stages
 def test_sigint_marks_running_interrupted_and_rerun_resumes(models, tmp_path):
     folder = write_manifests(tmp_path / "m", [
         merge("first", "linear", [models["m1"], models["m2"]]),

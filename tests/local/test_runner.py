@@ -66,6 +66,7 @@ def test_dag_runs_upstreams_first_and_independent_stages_in_parallel(diamond_run
     assert st["startTime"] <= st["completionTime"]
 
 
+@pytest.mark.slow  # ~40 s on 2 busy cores: several real stage processes
 def test_jobs_1_runs_one_stage_at_a_time(models, tmp_path):
     folder = write_manifests(tmp_path / "m", diamond(models)[:2])
     code, _, log = run(folder, tmp_path / "wd", jobs=1)
@@ -92,6 +93,7 @@ def test_status_table_and_yaml(diamond_run):
     assert missing.returncode == 1 and "nope: not found" in missing.stderr
 
 
+@pytest.mark.slow  # ~40 s on 2 busy cores: several real stage processes
 def test_rerun_is_cached_then_an_upstream_change_reruns_downstream(diamond_run, models):
     root, folder, _, _ = diamond_run
     wd = root / "wd"
@@ -113,6 +115,7 @@ def test_rerun_is_cached_then_an_upstream_change_reruns_downstream(diamond_run, 
     assert fused["output"]["digest"] != before["fused"]["output"]["digest"]
 
 
+@pytest.mark.slow  # ~40 s on 2 busy cores: several real stage processes
 def test_selection_only_and_from(diamond_run, tmp_path):
     root, folder, _, _ = diamond_run
     wd = root / "wd"

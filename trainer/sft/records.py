@@ -7,15 +7,14 @@ weight 1.0 everywhere is plain concatenation.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from ..datasets import iter_records
 from ..errors import InvalidInput
 
-SUFFIXES = (".jsonl", ".json", ".parquet")
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -27,44 +26,6 @@ class Layout:
     messages_field: str = "messages"
     prompt_field: str = "prompt"
     response_field: str = "response"
-
-
-def dataset_files(path: Path, what: str) -> list[Path]:
-    if path.is_file():
-        files = [path]
-    else:
-        # a folder holds data files (.jsonl/.parquet) beside metadata: a published folder's _manifest.json,
-        # a TeacherGen's teachergen.json -- those are not records
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".parquet")
-                       and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
-    if not files:
-        raise InvalidInput(f"{what}: no .jsonl or .parquet files in {path}")
-    for f in files:
-        if f.suffix not in SUFFIXES:
-            raise InvalidInput(f"{what}: {f.name}: unsupported file type (expected .jsonl or .parquet)")
-    return files
-
-
-def iter_raw(file: Path, what: str) -> Iterator[tuple[str, Any]]:
-    """(location, record) for every record of one file."""
-    if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(file)
-        except Exception as err:  # corrupt file: permanent
-            raise InvalidInput(f"{what}: {file}: cannot read parquet: {err}") from None
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{file}[{i}]", row
-        return
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{file}:{lineno}", json.loads(line)
-            except ValueError as err:
-                raise InvalidInput(f"{what}: {file}:{lineno}: invalid JSON ({err})") from None
 
 
 def to_messages(record: Any, layout: Layout, where: str) -> list[dict]:
@@ -94,7 +55,7 @@ def to_messages(record: Any, layout: Layout, where: str) -> list[dict]:
 
 def load_dataset(path: Path, layout: Layout, what: str) -> list[list[dict]]:
     conversations = [to_messages(rec, layout, where)
-                     for file in dataset_files(path, what) for where, rec in iter_raw(file, what)]
+                     for where, rec in iter_records(path, what)]
     if not conversations:
         raise InvalidInput(f"{what}: dataset {path} is empty (no records)")
     return conversations

@@ -6,51 +6,14 @@ import json
 import re
 from pathlib import Path
 
+from ..datasets import read_records
 from ..errors import InvalidInput
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]+)\s*\}\}")
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-def _files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES
-                   and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
-    if not files:
-        raise InvalidInput(f"prompts.dataset: {path} holds no .jsonl or .parquet files")
-    return files
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise InvalidInput(f"prompts.dataset: {path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise InvalidInput(f"prompts.dataset: {path}:{lineno}: expected a JSON object")
-            records.append(record)
-    return records
 
 
 def load_records(path: Path) -> list[dict]:
-    records: list[dict] = []
-    for file in _files(Path(path)):
-        if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                records.extend(pq.read_table(file).to_pylist())
-            except Exception as err:
-                raise InvalidInput(f"prompts.dataset: {file}: unreadable Parquet ({err})") from None
-        else:
-            records.extend(_read_jsonl(file))
-    return records
+    return read_records(path, "prompts.dataset")
 
 
 def derived_id(record: dict) -> str:
