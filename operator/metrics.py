@@ -52,6 +52,9 @@ class OperatorMetrics:
                                 ["namespace", "name", "benchmark"], registry=r)
         self.tokens_per_second = Gauge("branchmerge_teachergen_tokens_per_second",
                                        "TeacherGen generation throughput", ["namespace", "name"], registry=r)
+        self.acceptance = Gauge("branchmerge_teachergen_acceptance_ratio",
+                                "TeacherGen samples kept / samples judged (verified and filtered)",
+                                ["namespace", "name"], registry=r)
         self.sft_loss = Gauge("branchmerge_sft_loss", "BranchSFT training loss", ["namespace", "name"], registry=r)
         self._series: dict[tuple[str, str], list[tuple[Gauge, tuple]]] = {}
 
@@ -61,8 +64,12 @@ class OperatorMetrics:
         ns, name = meta.get("namespace", ""), meta["name"]
         metrics = (cr.get("status") or {}).get("metrics") or {}
         kind = cr["kind"]
-        if kind == "TeacherGen" and _number(metrics.get("tokensPerSecond")) is not None:
-            self._set(self.tokens_per_second, (ns, name), metrics["tokensPerSecond"], ns, name)
+        if kind == "TeacherGen":
+            if _number(metrics.get("tokensPerSecond")) is not None:
+                self._set(self.tokens_per_second, (ns, name), metrics["tokensPerSecond"], ns, name)
+            ratio = acceptance_ratio(metrics)
+            if ratio is not None:
+                self._set(self.acceptance, (ns, name), ratio, ns, name)
         elif kind == "BranchSFT" and _number(metrics.get("loss")) is not None:
             self._set(self.sft_loss, (ns, name), metrics["loss"], ns, name)
         elif kind == "Eval":
@@ -89,6 +96,17 @@ class OperatorMetrics:
 
 def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def acceptance_ratio(metrics: dict) -> float | None:
+    """kept / (kept + rejected); progress events carry rejections by reason (a dict), results their sum."""
+    kept, rejected = _number(metrics.get("samplesKept")), metrics.get("samplesRejected")
+    if isinstance(rejected, dict):
+        rejected = sum(v for v in rejected.values() if _number(v) is not None)
+    rejected = _number(rejected)
+    if kept is None or rejected is None or kept + rejected <= 0:
+        return None
+    return kept / (kept + rejected)
 
 
 def benchmark_score(metrics: dict, bench: str) -> float | None:

@@ -198,8 +198,7 @@ def test_dashboard_structure():
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
     titles = " | ".join(p["title"] for p in panels).lower()
-    # TeacherGen acceptance needs a metric the operator does not export yet (reported); add "acceptance" then.
-    for topic in ("by phase", "duration", "tokens/s", "loss", "eval scores"):
+    for topic in ("by phase", "duration", "tokens/s", "acceptance", "loss", "eval scores"):
         assert topic in titles, f"dashboard has no panel about {topic}"
     cells = set()
     for p in panels:

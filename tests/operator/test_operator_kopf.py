@@ -39,7 +39,8 @@ def test_pipeline_of_four_created_at_once(cluster):
     wait_for(lambda: ready_reason(api, "TeacherGen", "gen") == "Running")
 
     # gen succeeds -> sft starts by itself with the upstream's output as its data
-    finish(api, gen_job, True, message=result("pvc://data/traces", samplesKept=7, tokensPerSecond=123.5))
+    finish(api, gen_job, True, message=result("pvc://data/traces", samplesKept=7, samplesRejected=3,
+                                                 tokensPerSecond=123.5))
     wait_for(lambda: phase(api, "TeacherGen", "gen") == "Succeeded")
     gen = api.get("TeacherGen", NS, "gen")
     assert gen["status"]["output"] == {"uri": "pvc://data/traces", "digest": "sha256:feed"}
@@ -78,6 +79,7 @@ def test_pipeline_of_four_created_at_once(cluster):
     assert m['branchmerge_stage_duration_seconds_count{kind="Merge",result="Succeeded"}'] == 1
     assert m['branchmerge_eval_score{benchmark="aime",name="eval",namespace="ns"}'] == 0.5
     assert m['branchmerge_teachergen_tokens_per_second{name="gen",namespace="ns"}'] == 123.5
+    assert m['branchmerge_teachergen_acceptance_ratio{name="gen",namespace="ns"}'] == 0.7
     assert m['branchmerge_sft_loss{name="sft",namespace="ns"}'] == 0.25
     assert sum(v for k, v in m.items() if k.startswith("branchmerge_reconcile_errors_total")) == 0
 

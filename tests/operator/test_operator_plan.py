@@ -187,3 +187,12 @@ def test_transition_events_only_on_change():
         {"type": "Ready", "status": "False", "reason": "Started", "message": "m"}]})[0].reason == "Started"
     same = {"phase": "Running", "conditions": [{"type": "Ready", "status": "False", "reason": "Started"}]}
     assert transition_events(same, same) == []
+
+
+def test_acceptance_ratio_from_progress_events_and_results():
+    from branchmerge.operator.metrics import acceptance_ratio
+
+    assert acceptance_ratio({"samplesKept": 3, "samplesRejected": {"wrong": 4, "truncated": 1}}) == 3 / 8
+    assert acceptance_ratio({"samplesKept": 7, "samplesRejected": 3}) == 0.7
+    assert acceptance_ratio({"samplesKept": 0, "samplesRejected": 0}) is None
+    assert acceptance_ratio({"tokensPerSecond": 9.0}) is None
