@@ -17,5 +17,4 @@ for package, folder in FOLDERS.items():
     packages.append(package)
     packages += [f"{package}.{sub}" for sub in find_packages(folder)]
 
-setup(packages=packages, package_dir=FOLDERS, include_package_data=True,
-      package_data={"branchmerge.operator": ["*.lua"]})
+setup(packages=packages, package_dir=FOLDERS)

@@ -24,16 +24,12 @@ def register(sub) -> None:
 def run(args) -> int:
     from branchmerge.api.manifests import load
     from branchmerge.operator.local.display import make_display
-    from branchmerge.operator.local.runner import RunOptions, Runner, SelectionError
-    from branchmerge.operator.local.summary import print_summary
+    from branchmerge.operator.local.runner import RunOptions
+    from branchmerge.operator.local.summary import run_and_summarise
     from branchmerge.operator.local.workdir import Workdir
 
     manifests = load(args.filename)
-    for problem in manifests.problems:
-        print(f"error: {problem}", file=sys.stderr)
-    if not manifests.ok:
-        return 2
-    if not manifests.resources:
+    if manifests.ok and not manifests.resources:
         print("error: no branchmerge.dev manifests found in " + ", ".join(args.filename), file=sys.stderr)
         return 2
     if args.jobs < 1:
@@ -41,11 +37,4 @@ def run(args) -> int:
         return 2
     workdir = Workdir.at(args.workdir)
     options = RunOptions(jobs=args.jobs, only=args.only, from_=args.from_, no_cache=args.no_cache)
-    runner = Runner(manifests, workdir, options, make_display(plain=True if args.plain else None))
-    try:
-        code = runner.run()
-    except SelectionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print_summary(runner)
-    return code
+    return run_and_summarise(manifests, workdir, options, make_display(plain=True if args.plain else None))

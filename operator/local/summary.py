@@ -38,3 +38,22 @@ def print_summary(runner, stream=None) -> None:
     else:
         print(f"status: branchmerge status --workdir {runner.workdir.root}\n"
               f"report: branchmerge report --workdir {runner.workdir.root}", file=stream)
+
+
+def run_and_summarise(manifests, workdir, options, display) -> int:
+    """Run a loaded manifest set with the local Runner and print the closing summary: the one entry both
+    `branchmerge run` and `branchmerge quickstart` use. Bad manifests or a bad selection exit 2."""
+    from .runner import Runner, SelectionError
+
+    for problem in manifests.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not manifests.ok:
+        return 2
+    runner = Runner(manifests, workdir, options, display)
+    try:
+        code = runner.run()
+    except SelectionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_summary(runner)
+    return code

@@ -6,15 +6,14 @@ YAML you can edit and rerun with ``branchmerge run -f``), and the runner's ``sta
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from ....api.manifests import load
 from ..display import fmt_duration, make_display
 from ..report import branch_merge_checks, eval_rows, gather, write_report
-from ..runner import RunOptions, Runner, SelectionError
-from ..summary import print_summary
+from ..runner import RunOptions
+from ..summary import run_and_summarise
 from ..workdir import Workdir
 from .manifests import pipeline, write
 from .prepare import prepare
@@ -53,19 +52,10 @@ def main(root: str | Path, size: str = "full", jobs: int = 2, prepare_only: bool
     if prepare_only:
         print(f"run them with: branchmerge run -f {folder} --workdir {root}")
         return 0
-    manifests = load([folder])
-    if not manifests.ok:  # our own generator wrote them: a problem here is a bug
-        for problem in manifests.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
     workdir = Workdir.at(root)
-    runner = Runner(manifests, workdir, RunOptions(jobs=jobs), make_display(plain))
-    try:
-        code = runner.run()
-    except SelectionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print_summary(runner)
+    code = run_and_summarise(load([folder]), workdir, RunOptions(jobs=jobs), make_display(plain))
+    if code == 2:  # our own generator wrote the manifests: invalid ones are a bug, reported above
+        return code
     report = write_report(workdir)
     summary = table2(workdir)
     if summary:
