@@ -207,6 +207,10 @@ class Operator:
             if patched is None:  # deleted meanwhile
                 return
             self.store.put_cr(patched)  # write-through: the next reconcile must not repeat this transition
+            if _generation(patched) != _generation(cr):
+                # The spec changed while this reconcile ran. Its watch event is now older than the stored
+                # answer and will be dropped as stale, so queue the key here or the edit would go unseen.
+                self._enqueue(key)
             self.metrics.observe_cr(patched)
             if old.get("phase") != decided.status.get("phase"):
                 self._wake_downstreams(key)
@@ -289,3 +293,7 @@ async def run_operator(op: Operator, *, namespaces: Collection[str] = (), cluste
         clusterwide=clusterwide, namespaces=list(namespaces), standalone=peering is None,
         peering_name=peering, priority=priority, liveness_endpoint=liveness,
         stop_flag=stop_flag, ready_flag=ready_flag)
+
+
+def _generation(obj: dict):
+    return (obj.get("metadata") or {}).get("generation")

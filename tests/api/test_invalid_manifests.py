@@ -108,7 +108,7 @@ CASES = [
     ("TeacherGen", {"spec.verify": {"kind": "none"}}, "spec.select.mode", "needs a verify.kind"),
     ("TeacherGen", {"spec.verify.answerField": DELETE}, "spec.verify.answerField", "need answerField"),
     ("TeacherGen", {"spec.verify": {"kind": "code"}}, "spec.verify.testsField", "needs testsField"),
-    ("TeacherGen", {"spec.sampling": {"n": 0}}, "spec.sampling.n", "must be >= 1"),
+    ("TeacherGen", {"spec.sampling": {"samplesPerPrompt": 0}}, "spec.sampling.samplesPerPrompt", "must be >= 1"),
     ("TeacherGen", {"spec.sampling": {"topP": 0}}, "spec.sampling.topP", "must be > 0"),
     ("TeacherGen", {"spec.shards": 0}, "spec.shards", "must be >= 1"),
     ("TeacherGen", {"spec.prompts.dataset": {"from": {"kind": "BranchSFT", "name": "x"}}},

@@ -67,7 +67,7 @@ def test_local_run_publishes_chat_dataset_and_resumes_as_noop(tmp_path, tiny_mod
     assert metrics["samplesKept"] == len(records) == manifest["counts"]["samplesKept"]
     assert metrics["tokensGenerated"] > 0 and metrics["tokensPerSecond"] > 0
     assert manifest["acceptance"]["rejectedByReason"] == metrics["samplesRejected"]
-    assert manifest["sampling"]["n"] == 3 and manifest["teacher"]["engine"]["name"] == "transformers"
+    assert manifest["sampling"]["samplesPerPrompt"] == 3 and manifest["teacher"]["engine"]["name"] == "transformers"
     keys = [(r["promptId"], r["sampleIndex"]) for r in records]
     assert keys == sorted(set(keys))
     for r in records:
