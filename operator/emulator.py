@@ -161,12 +161,16 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             await self._publish(request.resource, "ADDED", data)
         return data
 
+    def _live(self, key):
+        """The stored object at ``key``; 404 when absent or already deleted (caller holds the lock)."""
+        if key not in self._objects or self._objects[key].deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        return self._objects[key]
+
     async def _patch(self, request: rendering.Request) -> dict:
         key = (request.resource, request.namespace, request.name)
         async with self._lock:
-            if key not in self._objects or self._objects[key].deleted:
-                raise kmock.KubernetesObjectNotFoundError()
-            obj = self._objects[key]
+            obj = self._live(key)
             current = copy.deepcopy(obj.raw)
             patch = request.data
             if isinstance(patch, list):
@@ -208,9 +212,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
     async def _delete(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         key = (request.resource, request.namespace, request.name)
         async with self._lock:
-            if key not in self._objects or self._objects[key].deleted:
-                raise kmock.KubernetesObjectNotFoundError()
-            obj = self._objects[key]
+            obj = self._live(key)
             current = copy.deepcopy(obj.raw)
             meta = current.setdefault("metadata", {})
             if meta.get("finalizers"):
