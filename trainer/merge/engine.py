@@ -38,11 +38,15 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-# A tensor whose copy in the compute dtype is larger than this is merged a block of rows at a time by methods
-# that support it (linear, task_arithmetic, arcee_fusion): a 152k x 5120 embedding is 3 GB in float32, and
-# a method holds several such copies.
-BLOCKED_ABOVE_BYTES = 64 << 20
-BLOCK_BYTES = 16 << 20
+# Methods that can (merge_blocks) see a tensor a block of rows at a time. Blocks of ~256 KB per input keep the
+# method's dozen elementwise passes in the CPU cache instead of streaming each pass through main memory; it also
+# bounds memory (a 152k x 5120 embedding is 3 GB in float32, and a method holds several copies). Smaller tensors
+# are not worth the per-block overhead.
+BLOCKED_ABOVE_BYTES = 1 << 20
+BLOCK_BYTES = 256 << 10
+# Input pages of a blocked tensor are handed back to the kernel this many bytes behind the block being read:
+# methods make several passes, and pages dropped after every block would be faulted in again by the next.
+RELEASE_LAG_BYTES = 64 << 20
 
 
 def _load(folder: ModelFolder, source: str, rows: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -122,14 +126,18 @@ def _merge_results(job: MergeJob, inputs: list[ModelFolder], planned) -> Iterato
                                            loaded[1:] if has_anchor else loaded, params, generator))
         return
     views = [f.view(s) for f, s in zip(inputs, planned.sources)]
-    row_bytes = [v[0].numel() * v.element_size() for v in views]
-    loaded_range: list[tuple[int, int]] = []
+    row_bytes = max(v[0].numel() * v.element_size() for v in views)
+    lag_rows = max(1, RELEASE_LAG_BYTES // max(1, row_bytes))
+    released = [0]  # rows before this one have been handed back
 
     def load(start: int, end: int):
-        for (a, b) in loaded_range:  # the previous block is done: hand its pages back
-            for f, s, rb in zip(inputs, planned.sources, row_bytes):
-                f.release(s, a * rb, (b - a) * rb)
-        loaded_range[:] = [(start, end)]
+        if start - released[0] >= lag_rows:
+            for f, s, v in zip(inputs, planned.sources, views):
+                rb = v[0].numel() * v.element_size()
+                f.release(s, released[0] * rb, (start - released[0]) * rb)
+            released[0] = start
+        elif start < released[0]:  # a new pass from the top
+            released[0] = 0
         rows = [v[start:end].to(job.compute_dtype) for v in views]
         return (rows[0], rows[1:]) if has_anchor else (None, rows)
 

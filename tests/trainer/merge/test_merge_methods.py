@@ -95,15 +95,38 @@ def test_ties_trim_is_exact_count_with_equal_magnitudes():
     assert int((out.tensor != 0).sum()) == 37 and out.taken == [37]
 
 
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.37, 0.5, 0.999, 1.0])
+def test_magnitude_cut_over_blocks_keeps_the_top_k_first_by_position(density):
+    """The radix-select cut, applied block by block, keeps exactly the k largest magnitudes, ties at the
+    threshold broken by position -- what a stable sort of the whole tensor would keep."""
+    from branchmerge.trainer.merge.methods._task_vectors import magnitude_cuts
+    g = torch.Generator().manual_seed(3)
+    # few distinct values (many ties), both signs, zeros, and values near float32 bucket edges
+    values = torch.tensor([0.0, 1e-30, 0.25, 0.5, 0.50000006, 1.0, 3.0, 1e30], dtype=torch.float32)
+    delta = values[torch.randint(len(values), (5003,), generator=g)] * (torch.randint(2, (5003,), generator=g) * 2 - 1)
+    magnitude = delta.abs()
+    blocks = [magnitude[i:i + 700] for i in range(0, 5003, 700)]
+    (cut,) = magnitude_cuts(lambda: ([b] for b in blocks), 5003, [density])
+    k = int(density * 5003)
+    if cut is None:
+        assert density == 1.0
+        return
+    kept = torch.cat([cut.keep(b, torch.float32) for b in blocks]).bool()
+    order = sorted(range(5003), key=lambda i: (-float(magnitude[i]), i))  # stable: ties by position
+    expected = torch.zeros(5003, dtype=torch.bool)
+    expected[order[:k]] = True
+    assert torch.equal(kept, expected)
+
+
 # ------------------------------------------------------------------ DARE
 
 def dare_reference(base, others, weights, densities, seed, name, consensus, rescale=True, lam=1.0):
-    """The drop masks are the documented draws: per tensor a generator seeded with tensor_seed(seed, name),
-    one ``rand(shape) < density`` per model in order. Everything else follows the formulas."""
-    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+    """The drop masks are the documented draws: for model k of a tensor, one ``rand(shape) < density`` from a
+    generator seeded with tensor_seed(seed, name) + k. Everything else follows the formulas."""
     b = np64(base).ravel()
     dropped = []
-    for o, d in zip(others, densities):
+    for k, (o, d) in enumerate(zip(others, densities)):
+        gen = torch.Generator().manual_seed(tensor_seed(seed, name) + k)
         delta = np64(o).ravel() - b
         keep = (torch.rand(base.shape, generator=gen, dtype=torch.float32) < d).numpy().ravel()
         kept = delta * keep

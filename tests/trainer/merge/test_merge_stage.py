@@ -236,7 +236,7 @@ def test_output_inside_an_input_is_rejected(tmp_path, three):
     assert code == 2 and "spec.output.uri" in result["error"]
 
 
-@pytest.mark.parametrize("method", ["arcee_fusion", "linear", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["arcee_fusion", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"])
 def test_huge_tensors_merged_in_row_blocks_give_the_same_result(tmp_path, method, monkeypatch):
     from branchmerge.trainer.merge import engine
     # 1100 x 1000 > the 1e6-entry sample size of arcee_fusion; the other model has 10 extra vocab rows
@@ -259,8 +259,9 @@ def test_huge_tensors_merged_in_row_blocks_give_the_same_result(tmp_path, method
         monkeypatch.setattr(engine, "BLOCKED_ABOVE_BYTES", above)
         monkeypatch.setattr(engine, "BLOCK_BYTES", block)
         models = [tmp_path / "other", tmp_path / "base"]
+        extra = {"parameters": {"density": 0.3}} if method in ("ties", "dare_ties", "dare_linear") else {}
         m = merge_manifest("m", method, tmp_path / name, models, base=tmp_path / "base", seed=3,
-                           outDtype="bfloat16")
+                           outDtype="bfloat16", **extra)
         code, result = run_stage(tmp_path, m, name)
         assert code == 0, result
         outputs.append((read_model(tmp_path / name), result["metrics"]))

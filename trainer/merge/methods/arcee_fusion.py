@@ -19,22 +19,31 @@ ACCEPTS = frozenset()
 EPS = 1e-8
 SAMPLE_SIZE = 1_000_000
 QUANTILES = (0.25, 0.5, 0.75)
-ROW_BLOCK_BYTES = 64 << 20  # softmax/KL temporaries are computed a block of rows at a time
+KL_BLOCK_BYTES = 256 << 10  # softmax/KL temporaries a cache-sized block of rows at a time
+
+
+def row_kl(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(O) + eps || softmax(B) + eps) per row (over the last dimension), in float32."""
+    rows_o = other.float().reshape(-1, other.shape[-1] if other.dim() else 1)
+    rows_b = base.float().reshape(rows_o.shape)
+    kl = torch.empty(rows_o.shape[0], dtype=torch.float32)
+    block = max(1, KL_BLOCK_BYTES // max(1, rows_o.shape[1] * 4))
+    for start in range(0, rows_o.shape[0], block):
+        p = torch.softmax(rows_o[start:start + block], dim=-1).add_(EPS)
+        q = torch.softmax(rows_b[start:start + block], dim=-1).add_(EPS)
+        kl[start:start + block] = torch.div(p, q, out=q).log_().mul_(p).sum(dim=-1)
+    return kl
+
+
+def scores(other: torch.Tensor, base: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """|O - B| * the row's KL, flattened row-major."""
+    width = other.shape[-1] if other.dim() else 1
+    return (other.float() - base.float()).abs_().reshape(-1, width).mul_(kl.unsqueeze(-1)).reshape(-1)
 
 
 def importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|O - B| * row-wise KL(softmax(O) || softmax(B)), in float32 whatever the compute dtype."""
-    o = other.float() if other.dim() else other.float().reshape(1)
-    b = base.float() if base.dim() else base.float().reshape(1)
-    rows_o, rows_b = o.reshape(-1, o.shape[-1]), b.reshape(-1, b.shape[-1])
-    kl = torch.empty(rows_o.shape[0], dtype=torch.float32)
-    block = max(1, ROW_BLOCK_BYTES // max(1, rows_o.shape[1] * 4))
-    for start in range(0, rows_o.shape[0], block):
-        p = torch.softmax(rows_o[start:start + block], dim=-1) + EPS
-        q = torch.softmax(rows_b[start:start + block], dim=-1) + EPS
-        kl[start:start + block] = (p * (p / q).log()).sum(dim=-1)
-    score = (o - b).abs_().reshape(-1, o.shape[-1]).mul_(kl.unsqueeze(-1))
-    return score.reshape(other.shape)
+    """The score of every entry, shaped like the inputs."""
+    return scores(other, base, row_kl(other, base)).reshape(other.shape)
 
 
 def threshold(scores: torch.Tensor, generator: torch.Generator) -> float:
@@ -53,41 +62,46 @@ def _iqr_threshold(flat: torch.Tensor) -> float:
     return median + 1.5 * (q3 - q1)
 
 
-def merge(inputs: MergeInputs) -> MergeOutput:
-    base, (other,) = inputs.base, inputs.others
-    assert base is not None
-    scores = importance(other, base)
-    take = scores >= threshold(scores, inputs.generator)
-    del scores
+def _select(other: torch.Tensor, base: torch.Tensor, take: torch.Tensor) -> MergeOutput:
     merged = torch.where(take, other, base)  # == B + (O - B) * mask, without rounding of the difference
-    taken = int(take.sum())
+    taken = int(take.count_nonzero())
     return MergeOutput(merged, [taken], take.numel() - taken)
 
 
+def merge(inputs: MergeInputs) -> MergeOutput:
+    base, (other,) = inputs.base, inputs.others
+    assert base is not None
+    score = importance(other, base)
+    return _select(other, base, score >= threshold(score, inputs.generator))
+
+
 def merge_blocks(src: RowBlocks):
-    """Two passes over row blocks: gather the (same) seeded sample of scores, then select block by block.
-    Scores are row-local (KL over the last dimension), so blocks of whole rows give the same values."""
-    numel = 1
-    for d in src.shape:
-        numel *= d
+    """Two passes over blocks of rows. The first computes each row's KL (the costly part: two softmaxes) and
+    the seeded sample of scores; the second selects, from |O - B| and the kept row KLs. Scores are row-local,
+    so the values are those of ``merge`` on the whole tensor."""
+    numel = src.numel
     if numel <= SAMPLE_SIZE:  # the exact quantiles need every score; such a tensor is small anyway
         yield merge(src.inputs(0, src.shape[0]))
         return
     per_row = numel // src.shape[0]
-    drawn = torch.randint(numel, (SAMPLE_SIZE,), generator=src.generator)
-    order = torch.argsort(drawn)
-    drawn_sorted = drawn[order]
+    width = src.shape[-1]
+    # the same draws as ``merge``; quantiles do not depend on the sample's order, so it is gathered sorted
+    drawn_sorted = torch.from_numpy(np.sort(torch.randint(numel, (SAMPLE_SIZE,), generator=src.generator).numpy()))
     sample = torch.empty(SAMPLE_SIZE, dtype=torch.float32)
+    kl = torch.empty(numel // width, dtype=torch.float32)
     for start, end in src.ranges():
         inputs = src.inputs(start, end)
-        scores = importance(inputs.others[0], inputs.base).reshape(-1)
+        (other,), base = inputs.others, inputs.base
+        lo_row, hi_row = start * per_row // width, end * per_row // width
+        kl[lo_row:hi_row] = row_kl(other, base)
         lo, hi = (int(torch.searchsorted(drawn_sorted, start * per_row)),
                   int(torch.searchsorted(drawn_sorted, end * per_row)))
-        sample[order[lo:hi]] = scores[drawn_sorted[lo:hi] - start * per_row]
+        at = drawn_sorted[lo:hi] - start * per_row
+        picked = (other.reshape(-1)[at].float() - base.reshape(-1)[at].float()).abs_()
+        sample[lo:hi] = picked.mul_(kl[lo_row + torch.div(at, width, rounding_mode="floor")])
     cut = _iqr_threshold(sample)
     for start, end in src.ranges():
         inputs = src.inputs(start, end)
-        base, (other,) = inputs.base, inputs.others
-        take = importance(other, base) >= cut
-        taken = int(take.count_nonzero())
-        yield MergeOutput(torch.where(take, other, base), [taken], take.numel() - taken)
+        (other,), base = inputs.others, inputs.base
+        take = scores(other, base, kl[start * per_row // width:end * per_row // width]) >= cut
+        yield _select(other, base, take.reshape(other.shape))

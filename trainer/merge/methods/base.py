@@ -47,7 +47,8 @@ class MergeOutput:
 
 @dataclass
 class RowBlocks:
-    """One (huge) tensor of every input, served a block of rows at a time so memory stays bounded.
+    """One tensor of every input, served a block of rows at a time: small blocks keep a method's elementwise
+    passes inside the CPU cache, and memory stays bounded however large the tensor is.
 
     ``load(start, end)`` returns (anchor rows or None, [rows of each other model]) in the compute dtype.
     Methods that can work this way define ``merge_blocks(RowBlocks)`` yielding ``MergeOutput`` per block,
@@ -60,14 +61,51 @@ class RowBlocks:
     load: Callable[[int, int], tuple[torch.Tensor | None, list[torch.Tensor]]]
     params: TensorParams
     generator: torch.Generator
+    original_shape: tuple[int, ...] | None = None  # a scalar served as one row
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         for start in range(0, self.shape[0], self.rows_per_block):
             yield start, min(self.shape[0], start + self.rows_per_block)
 
+    @property
+    def numel(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count
+
     def inputs(self, start: int, end: int) -> MergeInputs:
         anchor, others = self.load(start, end)
         return MergeInputs(self.name, anchor, others, self.params, self.generator)
+
+    @classmethod
+    def whole(cls, inputs: MergeInputs) -> "RowBlocks":
+        """The tensors of ``inputs`` as a single block (a scalar as one row of one entry)."""
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.reshape(1) if t.dim() == 0 else t
+        first = inputs.base if inputs.base is not None else inputs.others[0]
+        shape = tuple(first.shape) or (1,)
+        return cls(inputs.name, shape, shape[0], lambda start, end: (rows(inputs.base), [rows(o) for o in inputs.others]),
+                   inputs.params, inputs.generator, original_shape=tuple(first.shape))
+
+    def join(self, outputs: Iterator[MergeOutput]) -> MergeOutput:
+        """One output for the whole tensor from the outputs of its blocks."""
+        parts = list(outputs)
+        tensor = parts[0].tensor if len(parts) == 1 else torch.cat([o.tensor for o in parts])
+        taken = None if parts[0].taken is None else [sum(c) for c in zip(*(o.taken for o in parts))]
+        taken_base = None if parts[0].taken_base is None else sum(o.taken_base for o in parts)
+        shape = self.shape if self.original_shape is None else self.original_shape
+        return MergeOutput(tensor.reshape(shape), taken, taken_base)
+
+
+def whole_tensor(merge_blocks: Callable[[RowBlocks], Iterator[MergeOutput]]):
+    """``merge`` for a method written as ``merge_blocks``: the whole tensor as one block."""
+
+    def merge(inputs: MergeInputs) -> MergeOutput:
+        src = RowBlocks.whole(inputs)
+        return src.join(merge_blocks(src))
+
+    return merge
 
 
 def elementwise_blocks(merge: Callable[[MergeInputs], MergeOutput]):

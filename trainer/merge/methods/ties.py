@@ -2,13 +2,16 @@
 the weighted sum, keep the agreeing deltas, divide by the summed weights of the kept ones (normalize)."""
 from __future__ import annotations
 
-from ._task_vectors import combine
-from .base import MergeInputs, MergeOutput
+from ._task_vectors import combine_blocks
+from .base import RowBlocks, whole_tensor
 
 NAME = "ties"
 ANCHOR = "base"
 ACCEPTS = frozenset({"weight", "density", "normalize", "lambda", "weight_scale"})
 
 
-def merge(inputs: MergeInputs) -> MergeOutput:
-    return combine(inputs, sparsify="magnitude", consensus=True, normalize=inputs.params.normalize)
+def merge_blocks(src: RowBlocks):
+    return combine_blocks(src, sparsify="magnitude", consensus=True, normalize=src.params.normalize)
+
+
+merge = whole_tensor(merge_blocks)
