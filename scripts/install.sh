@@ -11,4 +11,10 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[operator,trainer,cpu,dev]"
 # PyPI's CUDA builds of these break `import vllm` on CPU, and triton is useless here (ENVIRONMENT.md)
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+# Optional: the PromQL tests parse the alerts and dashboard with Prometheus' own grammar, an npm package
+# (skipped when node/npm are missing or the registry is unreachable)
+if command -v npm >/dev/null && [ ! -d .cache/node/node_modules/@prometheus-io/lezer-promql ]; then
+  npm install --silent --no-audit --no-fund --prefix .cache/node @prometheus-io/lezer-promql@0.315.0 \
+    @lezer/lr@1.4.12 @lezer/highlight@1.2.5 >/dev/null 2>&1 || echo "note: lezer-promql not installed: PromQL tests will skip"
+fi
 .venv/bin/python -c "import torch, vllm, deepspeed, kopf; print('installed: torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| kopf', kopf.__version__)" 2>&1 | tail -1

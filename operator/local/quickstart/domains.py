@@ -2,9 +2,10 @@
 science. Each task comes with a worked solution (what the teacher is first taught) and with the fields
 the graders need (``answer`` for math and mcq, ``tests`` for code).
 
-- math: two-step arithmetic on small numbers, solved step by step, final answer in \\boxed{} (math grading);
+- math: two-step arithmetic on single digits, solved step by step, final answer in \\boxed{} (math grading);
 - code: "write f(x) that returns x times 3 plus 4" -> a fenced Python function, checked by running tests;
-- science: which of four things belongs to a category (metal, gas, mammal...) -> a letter (mcq grading).
+- science: which of four things belongs to a category (metal, gas, mammal...) -> each option's category, then
+  a letter (mcq grading).
 The vocabularies barely overlap, so each branch's fine-tuning moves mostly its own rows and neurons --
 the situation in which merging experts can keep each one's skill.
 """
@@ -18,11 +19,13 @@ DOMAINS = ("math", "code", "science")
 
 def math_task(rng: random.Random) -> dict:
     while True:
-        a, b, c = rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 6)
+        a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
         op1, op2 = rng.choice("+-"), rng.choice("+-")
         first = a + b if op1 == "+" else a - b
         final = first + c if op2 == "+" else first - c
-        if first >= 0 and final >= 0:
+        # every number a single digit: the tokenizer splits digits, and a two-layer model that must carry
+        # into a second digit got only about a third of the sums right (measured)
+        if 0 <= first <= 9 and 0 <= final <= 9:
             break
     prompt = f"Compute {a} {op1} {b} {op2} {c}."
     solution = f"{a} {op1} {b} = {first}. {first} {op2} {c} = {final}. The answer is \\boxed{{{final}}}."
@@ -58,6 +61,7 @@ CATEGORIES = {
     "planet": ["mars", "venus", "jupiter", "saturn", "mercury", "neptune", "uranus", "earth"],
     "fruit": ["apple", "mango", "grape", "lemon", "peach", "cherry", "banana", "plum"],
 }
+CATEGORY_OF = {item: category for category, items in CATEGORIES.items() for item in items}
 LETTERS = "ABCD"
 
 
@@ -69,7 +73,11 @@ def science_task(rng: random.Random) -> dict:
     choices = wrong[:position] + [right] + wrong[position:]
     letter = LETTERS[position]
     prompt = f"Which of these is a {category}?"
-    solution = f"{right} is a {category}. Answer: {letter}"
+    # reason over every option, then commit: a small model learns "which word of this list is a metal" far
+    # more easily one option at a time than in one jump (measured: the one-jump form stayed near chance)
+    # one line per option, "B. otter ..." tokenised as in the question, so the model can copy it from there
+    steps = "\n".join(f"{LETTERS[i]}. {c} is a {CATEGORY_OF[c]}." for i, c in enumerate(choices))
+    solution = f"{steps}\nThe {category} is {letter}. Answer: {letter}"
     return {"id": f"science-{category}-{'-'.join(choices)}", "prompt": prompt, "choices": choices,
             "answer": letter, "solution": solution}
 

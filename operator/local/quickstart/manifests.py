@@ -84,8 +84,8 @@ def pipeline(inputs: str | Path, size: str = "full") -> list[dict]:
     inputs = Path(inputs)
     data, models = inputs / "data", inputs / "models"
     docs = [_sft("teacher", {"uri": _uri(models / "teacher-init")},
-                 [{"uri": _uri(data / f"qs-{d}-solutions.jsonl")} for d in DOMAINS], plan["teacher_epochs"], 3e-3,
-                 "teacher")]
+                 [{"uri": _uri(data / f"qs-{d}-solutions.jsonl")} for d in DOMAINS], plan["teacher_epochs"],
+                 plan.get("teacher_lr", 3e-3), "teacher")]
     for domain in DOMAINS:
         docs.append(_doc("TeacherGen", f"traces-{domain}", {
             "teacher": {"model": _sft_ref("teacher"), "engine": ENGINE},
