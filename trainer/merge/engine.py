@@ -38,7 +38,7 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-# Methods that can (merge_blocks) see a tensor a block of rows at a time. Blocks of ~256 KB per input keep the
+# Methods see a tensor a block of rows at a time (merge_blocks). Blocks of ~256 KB per input keep the
 # method's dozen elementwise passes in the CPU cache instead of streaming each pass through main memory; it also
 # bounds memory (a 152k x 5120 embedding is 3 GB in float32, and a method holds several copies). Smaller tensors
 # are not worth the per-block overhead.
@@ -113,14 +113,13 @@ def run_merge(job: MergeJob, out_dir: Path, progress: Progress) -> dict:
 
 
 def _merge_results(job: MergeJob, inputs: list[ModelFolder], planned) -> Iterator[MergeOutput]:
-    """The method's output for one tensor: whole, or block by block for huge tensors when it can."""
+    """The method's output for one tensor: whole when small (or 1-D), else block by block."""
     out = planned.out
     generator = torch.Generator().manual_seed(tensor_seed(job.seed, out.name))
     params = job.resolver.for_tensor(out.name)
     has_anchor = job.anchor is not None
     compute_bytes = out.numel * torch.empty((), dtype=job.compute_dtype).element_size()
-    blocked = getattr(job.method, "merge_blocks", None)
-    if blocked is None or compute_bytes <= BLOCKED_ABOVE_BYTES or len(out.shape) < 2:
+    if compute_bytes <= BLOCKED_ABOVE_BYTES or len(out.shape) < 2:
         loaded = [_load(f, s, planned.rows, job.compute_dtype) for f, s in zip(inputs, planned.sources)]
         yield job.method.merge(MergeInputs(out.name, loaded[0] if has_anchor else None,
                                            loaded[1:] if has_anchor else loaded, params, generator))
@@ -143,4 +142,4 @@ def _merge_results(job: MergeJob, inputs: list[ModelFolder], planned) -> Iterato
 
     per_row = max(1, out.numel // out.shape[0]) * torch.empty((), dtype=job.compute_dtype).element_size()
     src = RowBlocks(out.name, out.shape, max(1, BLOCK_BYTES // per_row), load, params, generator)
-    yield from blocked(src)
+    yield from job.method.merge_blocks(src)

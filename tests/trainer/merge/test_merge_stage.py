@@ -236,7 +236,8 @@ def test_output_inside_an_input_is_rejected(tmp_path, three):
     assert code == 2 and "spec.output.uri" in result["error"]
 
 
-@pytest.mark.parametrize("method", ["arcee_fusion", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("method", ["arcee_fusion", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                                    "slerp", "model_stock"])
 def test_huge_tensors_merged_in_row_blocks_give_the_same_result(tmp_path, method, monkeypatch):
     from branchmerge.trainer.merge import engine
     # 1100 x 1000 > the 1e6-entry sample size of arcee_fusion; the other model has 10 extra vocab rows
@@ -245,6 +246,9 @@ def test_huge_tensors_merged_in_row_blocks_give_the_same_result(tmp_path, method
     other["model.embed_tokens.weight"] = torch.cat([other["model.embed_tokens.weight"], torch.ones(10, 1000)])
     write_model(tmp_path / "base", base)
     write_model(tmp_path / "other", other)
+    other2 = perturbed(base, 2, 0.5)
+    other2["model.embed_tokens.weight"] = other["model.embed_tokens.weight"] * 0.5
+    write_model(tmp_path / "other2", other2)
     from branchmerge.trainer.merge.methods import METHODS
     module = METHODS[method]
     blocks_seen = []
@@ -259,7 +263,10 @@ def test_huge_tensors_merged_in_row_blocks_give_the_same_result(tmp_path, method
         monkeypatch.setattr(engine, "BLOCKED_ABOVE_BYTES", above)
         monkeypatch.setattr(engine, "BLOCK_BYTES", block)
         models = [tmp_path / "other", tmp_path / "base"]
-        extra = {"parameters": {"density": 0.3}} if method in ("ties", "dare_ties", "dare_linear") else {}
+        extra = {"parameters": {"density": 0.3}} if method in ("ties", "dare_ties", "dare_linear") else \
+            {"parameters": {"t": 0.3}} if method == "slerp" else {}
+        if method == "model_stock":  # needs 2 models besides the base
+            models = [tmp_path / "other", tmp_path / "other2"]
         m = merge_manifest("m", method, tmp_path / name, models, base=tmp_path / "base", seed=3,
                            outDtype="bfloat16", **extra)
         code, result = run_stage(tmp_path, m, name)

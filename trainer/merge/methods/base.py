@@ -51,7 +51,7 @@ class RowBlocks:
     passes inside the CPU cache, and memory stays bounded however large the tensor is.
 
     ``load(start, end)`` returns (anchor rows or None, [rows of each other model]) in the compute dtype.
-    Methods that can work this way define ``merge_blocks(RowBlocks)`` yielding ``MergeOutput`` per block,
+    Every method defines ``merge_blocks(RowBlocks)`` yielding a ``MergeOutput`` per block,
     in row order; the result must equal ``merge`` on the whole tensor.
     """
 
@@ -95,7 +95,19 @@ class RowBlocks:
         taken = None if parts[0].taken is None else [sum(c) for c in zip(*(o.taken for o in parts))]
         taken_base = None if parts[0].taken_base is None else sum(o.taken_base for o in parts)
         shape = self.shape if self.original_shape is None else self.original_shape
-        return MergeOutput(tensor.reshape(shape), taken, taken_base)
+        return MergeOutput(tensor.reshape(shape), taken, taken_base, parts[0].extra)
+
+
+def row_dot_sums(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """For each (x, y) of one block, the float64 sum of x * y per row: (len(pairs), rows).
+
+    Whole-tensor statistics (norms, dot products) are summed from these row sums at the end, so their
+    value does not depend on how the tensor was cut into blocks."""
+    out = []
+    for x, y in pairs:
+        rows = x.float().reshape(x.shape[0] if x.dim() else 1, -1)
+        out.append((rows * y.float().reshape(rows.shape)).sum(dim=1, dtype=torch.float64))
+    return torch.stack(out)
 
 
 def whole_tensor(merge_blocks: Callable[[RowBlocks], Iterator[MergeOutput]]):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 
+import math
+
 import torch
 
-from .base import MergeInputs, MergeOutput
+from .base import MergeOutput, RowBlocks, row_dot_sums, whole_tensor
 
 NAME = "model_stock"
 ANCHOR = "base"
@@ -14,16 +16,30 @@ ACCEPTS = frozenset()
 NORM_FLOOR = 1e-6
 
 
-def merge(inputs: MergeInputs) -> MergeOutput:
-    base, others = inputs.base, inputs.others
-    assert base is not None and len(others) >= 2
-    offsets = [(o - base).float().reshape(-1) for o in others]
-    norms = [torch.linalg.vector_norm(x) for x in offsets]
-    cosines = [float((offsets[i] @ offsets[j]) / (norms[i] * norms[j]).clamp(min=NORM_FLOOR))
-               for i, j in itertools.combinations(range(len(offsets)), 2)]
+def merge_blocks(src: RowBlocks):
+    """Two passes: the offsets' norms and pairwise dot products (summed over blocks), then the mix."""
+    row_sums, n = [], 0
+    for _, _, offsets in _blocks(src):
+        n = len(offsets)
+        pairs = list(itertools.combinations_with_replacement(range(n), 2))  # (i, i): squared norms
+        row_sums.append(row_dot_sums([(offsets[i], offsets[j]) for i, j in pairs]))
+    assert n >= 2
+    sums = torch.cat(row_sums, dim=1).sum(dim=1)
+    gram = {pair: float(value) for pair, value in zip(pairs, sums)}
+    cosines = [gram[i, j] / max(math.sqrt(gram[i, i]) * math.sqrt(gram[j, j]), NORM_FLOOR)
+               for i, j in itertools.combinations(range(n), 2)]
     cos = max(-1.0, min(1.0, sum(cosines) / len(cosines)))
-    n = len(others)
     denominator = 1 + (n - 1) * cos
     t = n * cos / denominator if abs(denominator) > 1e-12 else 0.0
-    mean = torch.stack(others).mean(dim=0)
-    return MergeOutput(t * mean + (1 - t) * base, extra={"t": t})
+    for base, others, _ in _blocks(src):
+        yield MergeOutput(t * torch.stack(others).mean(dim=0) + (1 - t) * base, extra={"t": t})
+
+
+def _blocks(src: RowBlocks):
+    for start, end in src.ranges():
+        inputs = src.inputs(start, end)
+        assert inputs.base is not None
+        yield inputs.base, inputs.others, [o - inputs.base for o in inputs.others]
+
+
+merge = whole_tensor(merge_blocks)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .base import MergeInputs, MergeOutput
+from .base import MergeOutput, RowBlocks, row_dot_sums, whole_tensor
 
 NAME = "slerp"
 ANCHOR = "first"
@@ -19,18 +19,29 @@ PARALLEL_COS = 0.9995
 NORM_EPS = 1e-8
 
 
-def merge(inputs: MergeInputs) -> MergeOutput:
-    a, (b,) = inputs.base, inputs.others
-    assert a is not None
-    t = float(inputs.params.t)
-    na = float(torch.linalg.vector_norm(a.float()))
-    nb = float(torch.linalg.vector_norm(b.float()))
-    dot = float((a.float().reshape(-1) @ b.float().reshape(-1)))
-    dot /= (na if na > NORM_EPS else 1.0) * (nb if nb > NORM_EPS else 1.0)
-    if abs(dot) > PARALLEL_COS:
-        return MergeOutput(torch.lerp(a, b, t))
-    theta = math.acos(max(-1.0, min(1.0, dot)))
+def merge_blocks(src: RowBlocks):
+    """Two passes: the norms and the dot product (summed over blocks), then the interpolation."""
+    sums = torch.cat([row_dot_sums([(a, a), (b, b), (a, b)]) for a, (b,) in _blocks(src)], dim=1).sum(dim=1)
+    na, nb, dot = (math.sqrt(float(sums[0])), math.sqrt(float(sums[1])), float(sums[2]))
+    t = float(src.params.t)
+    cos = dot / ((na if na > NORM_EPS else 1.0) * (nb if nb > NORM_EPS else 1.0))
+    if abs(cos) > PARALLEL_COS:
+        for a, (b,) in _blocks(src):
+            yield MergeOutput(torch.lerp(a, b, t))
+        return
+    theta = math.acos(max(-1.0, min(1.0, cos)))
     sin_theta = math.sin(theta)
     s_a = math.sin((1 - t) * theta) / sin_theta
     s_b = math.sin(t * theta) / sin_theta
-    return MergeOutput(s_a * a + s_b * b)
+    for a, (b,) in _blocks(src):
+        yield MergeOutput(s_a * a + s_b * b)
+
+
+def _blocks(src: RowBlocks):
+    for start, end in src.ranges():
+        inputs = src.inputs(start, end)
+        assert inputs.base is not None
+        yield inputs.base, inputs.others
+
+
+merge = whole_tensor(merge_blocks)
