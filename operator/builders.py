@@ -268,6 +268,9 @@ def _env(run: Run, attempt: int, opts: OperatorOptions) -> list[dict]:
         if ref:
             env.append({"name": "BRANCHMERGE_API_KEY",  # trainer/engine/openai_engine.py API_KEY_ENV
                         "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}})
+    threads = threads_per_process(run)
+    if threads and not any(item["name"] == "OMP_NUM_THREADS" for item in run.resources.get("env", [])):
+        env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
     for item in run.resources.get("env", []):
         if "valueFrom" in item:  # secrets only by reference
             ref = item["valueFrom"]["secretKeyRef"]
@@ -275,6 +278,19 @@ def _env(run: Run, attempt: int, opts: OperatorOptions) -> list[dict]:
         else:
             env.append({"name": item["name"], "value": item.get("value", "")})
     return env
+
+
+def threads_per_process(run: Run) -> int | None:
+    """CPU threads per process from the pod's CPU amount (None when unset). torch sizes its pools by the
+    node's cores, not the container's CPU limit, and OpenMP teams larger than the CPU share spin-wait on
+    descheduled threads: on 2 CPUs a merge ran 7x slower with one thread too many (bench/merge.py)."""
+    cpu = run.resources.get("cpu")
+    if not cpu:
+        return None
+    text = str(cpu)
+    cores = int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    processes = max(int(run.resources.get("gpusPerNode", 0)), 1) if uses_torchrun(run) else 1
+    return max(1, int(cores // processes))
 
 
 def uses_torchrun(run: Run) -> bool:

@@ -136,6 +136,19 @@ def test_scheduling_fields_env_secrets_queue_policy():
     assert main["resources"]["requests"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
     env = env_of(main)
     assert env["PLAIN"] == "1" and env["KEY"] == {"secretKeyRef": {"name": "s", "key": "k"}}
+    assert env["OMP_NUM_THREADS"] == "4"  # the CPU amount, not the node's cores
+
+
+@pytest.mark.parametrize("resources, threads", [
+    ({}, None), ({"cpu": "500m"}, "1"), ({"cpu": "2500m"}, "2"), ({"cpu": "8"}, "8"),
+    ({"cpu": "16", "gpusPerNode": 4}, "4"),  # torchrun: 4 ranks share the pod's CPUs
+    ({"cpu": "8", "env": [{"name": "OMP_NUM_THREADS", "value": "3"}]}, "3"),  # the user's setting wins
+])
+def test_thread_count_follows_the_cpu_amount(resources, threads):
+    run = run_of("BranchSFT", {**SFT_SPEC, "resources": resources})
+    env = [e for e in build_job(run, 1, OPTS)["spec"]["template"]["spec"]["containers"][0]["env"]
+           if e["name"] == "OMP_NUM_THREADS"]
+    assert [e["value"] for e in env] == ([threads] if threads else [])
 
 
 def test_progress_reporting_mounts_token_only_when_enabled():

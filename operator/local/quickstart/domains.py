@@ -27,8 +27,10 @@ def math_task(rng: random.Random) -> dict:
         # into a second digit got only about a third of the sums right (measured)
         if 0 <= first <= 9 and 0 <= final <= 9:
             break
-    prompt = f"Compute {a} {op1} {b} {op2} {c}."
-    solution = f"{a} {op1} {b} = {first}. {first} {op2} {c} = {final}. The answer is \\boxed{{{final}}}."
+    # no spaces around operators: digits are single tokens, so the operands of each step sit right next to
+    # its "=" (a two-layer model learns "7-4=" far more easily than "7 - 4 = ")
+    prompt = f"Compute {a}{op1}{b}{op2}{c}."
+    solution = f"{a}{op1}{b}={first}. {first}{op2}{c}={final}. The answer is \\boxed{{{final}}}."
     return {"id": f"math-{a}{op1}{b}{op2}{c}", "prompt": prompt, "answer": str(final), "solution": solution}
 
 

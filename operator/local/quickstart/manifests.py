@@ -102,14 +102,15 @@ def pipeline(inputs: str | Path, size: str = "full") -> list[dict]:
             "runPolicy": POLICY,
         }))
     docs.append(_sft("student-base", {"uri": _uri(models / "student-init")},
-                     [{"uri": _uri(data / "qs-general.jsonl")}], plan["base_epochs"], 3e-3, None))
+                     [{"uri": _uri(data / "qs-general.jsonl")}], plan["base_epochs"], plan.get("base_lr", 3e-3), None))
     for domain in DOMAINS:
+        epochs = plan["branch_epochs"]
         docs.append(_sft(domain, _sft_ref("student-base"), [{"from": {"kind": "TeacherGen", "name": f"{PREFIX}traces-{domain}"}}],
-                         plan["branch_epochs"], BRANCH_LR, domain))
+                         epochs[domain] if isinstance(epochs, dict) else epochs, BRANCH_LR, domain))
     if plan["mixed"]:
         docs.append(_sft("mixed", _sft_ref("student-base"),
                          [{"from": {"kind": "TeacherGen", "name": f"{PREFIX}traces-{d}"}} for d in DOMAINS],
-                         plan["branch_epochs"], BRANCH_LR, "mixed"))
+                         plan.get("mixed_epochs", plan["branch_epochs"]), BRANCH_LR, "mixed"))
     for name, first, second, base in (("math-science", "math", "science", "science"),
                                       ("math-code", "math", "code", "code")):
         docs.append(_doc("Merge", name, {"method": "arcee_fusion", "base": _sft_ref(base),
