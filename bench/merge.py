@@ -1,7 +1,7 @@
 """Benchmark the Merge engine against raw I/O and mergekit on a synthetic ~1 GB bf16 model.
 
     .venv/bin/python bench/merge.py [--workdir /tmp/branchmerge-bench-merge] [--layers 8]
-                                    [--mergekit /work/mk-venv/bin/mergekit-yaml] [--scale-check]
+                                    [--mergekit .venv-mergekit/bin/mergekit-yaml] [--scale-check]
 
 Builds (once, cached in --workdir) a Llama-shaped base model in bf16 safetensors shards plus two
 "fine-tuned" variants (base + small random deltas), then times in this run, each as a subprocess with its
@@ -235,7 +235,7 @@ def main() -> int:
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--methods", default="ties,arcee_fusion")
-    ap.add_argument("--mergekit", default="/work/mk-venv/bin/mergekit-yaml",
+    ap.add_argument("--mergekit", default=str(REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"),
                     help="mergekit-yaml of a separate venv (skipped when missing)")
     ap.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="dtype of the synthetic models (float32: no magnitude ties, outputs comparable exactly)")

@@ -11,6 +11,14 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[operator,trainer,cpu,dev]"
 # PyPI's CUDA builds of these break `import vllm` on CPU, and triton is useless here (ENVIRONMENT.md)
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+# mergekit (LGPL) in its own venv -- it pins other library versions -- for the engine-vs-mergekit tests and
+# bench/merge.py. Optional: those tests skip without it.
+if [ ! -x .venv-mergekit/bin/mergekit-yaml ]; then
+  { "$PY" -m venv .venv-mergekit && .venv-mergekit/bin/python -m pip install -q --upgrade pip &&
+    .venv-mergekit/bin/python -m pip install -q "torch==2.13.0" &&
+    .venv-mergekit/bin/python -m pip install -q "mergekit==0.1.5"; } >/dev/null 2>&1 ||
+    echo "note: mergekit not installed: the comparison tests will skip"
+fi
 # Optional: the PromQL tests parse the alerts and dashboard with Prometheus' own grammar, an npm package
 # (skipped when node/npm are missing or the registry is unreachable)
 if command -v npm >/dev/null && [ ! -d .cache/node/node_modules/@prometheus-io/lezer-promql ]; then

@@ -1,0 +1,95 @@
+"""The engine against mergekit itself on the same configs (a tiny Qwen2 model and two fine-tuned variants).
+
+mergekit (LGPL) pins other library versions, so it lives in its own venv: scripts/install.sh creates
+``.venv-mergekit`` (or point BRANCHMERGE_MERGEKIT at a ``mergekit-yaml``). Without it these tests skip.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from branchmerge.trainer.stage import run as run_stage_cli
+
+REPO = Path(__file__).resolve().parents[3]
+MERGEKIT = Path(os.environ.get("BRANCHMERGE_MERGEKIT", REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"))
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not MERGEKIT.exists(), reason=f"mergekit not installed ({MERGEKIT})")]
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_model, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The tiny model and two copies with different random deltas (float32)."""
+    root = tmp_path_factory.mktemp("mk")
+    base = load_file(tiny_model / "model.safetensors")
+    folders = [tiny_model]
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        folder = root / f"ft{seed}"
+        shutil.copytree(tiny_model, folder)
+        save_file({n: (t + torch.randn(t.shape, generator=g) * 0.01).contiguous() for n, t in base.items()},
+                  folder / "model.safetensors", metadata={"format": "pt"})
+        folders.append(folder)
+    return tuple(folders)
+
+
+def ours(tmp_path: Path, method: str, base: Path | None, models: list[tuple[Path, dict]], parameters: dict) -> dict:
+    spec = {"method": method, "models": [{"uri": p.as_uri(), **fields} for p, fields in models],
+            "dtype": "float32", "outDtype": "float32", "seed": 0, "parameters": parameters,
+            "output": {"uri": (tmp_path / "ours").as_uri()}}
+    if base is not None:
+        spec["base"] = {"uri": base.as_uri()}
+    manifest = {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Merge", "metadata": {"name": "m"}, "spec": spec}
+    (tmp_path / "ours.yaml").write_text(yaml.safe_dump(manifest))
+    assert run_stage_cli("merge", tmp_path / "ours.yaml", tmp_path / "result.json") == 0, (tmp_path / "result.json").read_text()
+    return load_file(tmp_path / "ours" / "model.safetensors")
+
+
+def theirs(tmp_path: Path, config: dict) -> dict:
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump({**config, "dtype": "float32", "out_dtype": "float32"}))
+    done = subprocess.run([str(MERGEKIT), str(tmp_path / "mk.yaml"), str(tmp_path / "theirs"), "--no-copy-tokenizer",
+                           "--no-write-model-card", "--random-seed", "0", "--quiet"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = {}
+    for f in sorted((tmp_path / "theirs").glob("*.safetensors")):
+        out |= load_file(f)
+    return out
+
+
+def cases(base: Path, ft1: Path, ft2: Path):
+    b, a1, a2 = str(base), str(ft1), str(ft2)
+    yield ("linear", None, [(ft1, {"weight": 1.0}), (ft2, {"weight": 3.0})], {},
+           {"merge_method": "linear", "models": [{"model": a1, "parameters": {"weight": 1.0}},
+                                                 {"model": a2, "parameters": {"weight": 3.0}}]})
+    yield ("task_arithmetic", base, [(ft1, {"weight": 0.7}), (ft2, {"weight": 0.4})], {"lambda": 0.9},
+           {"merge_method": "task_arithmetic", "base_model": b, "parameters": {"lambda": 0.9},
+            "models": [{"model": a1, "parameters": {"weight": 0.7}}, {"model": a2, "parameters": {"weight": 0.4}}]})
+    yield ("ties", base, [(ft1, {"weight": 1.0, "density": 0.5}), (ft2, {"weight": 0.5, "density": 0.3})], {},
+           {"merge_method": "ties", "base_model": b, "parameters": {"normalize": True},
+            "models": [{"model": a1, "parameters": {"weight": 1.0, "density": 0.5}},
+                       {"model": a2, "parameters": {"weight": 0.5, "density": 0.3}}]})
+    yield ("slerp", ft1, [(ft1, {}), (ft2, {})], {"t": 0.3},
+           {"merge_method": "slerp", "base_model": a1, "parameters": {"t": 0.3},
+            "models": [{"model": a1}, {"model": a2}]})
+    yield ("arcee_fusion", ft2, [(ft1, {}), (ft2, {})], {},
+           {"merge_method": "arcee_fusion", "base_model": a2, "models": [{"model": a1}, {"model": a2}]})
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "slerp", "arcee_fusion"])
+def test_same_result_as_mergekit(tmp_path, variants, method):
+    (_, base, models, parameters, config), = [c for c in cases(*variants) if c[0] == method]
+    mine, reference = ours(tmp_path, method, base, models, parameters), theirs(tmp_path, config)
+    assert set(mine) == set(reference)
+    # arcee_fusion: mergekit writes base + (other - base) * mask, which can be an ulp away from the other model's
+    # value; the engine takes that value exactly. Everything else is float32 arithmetic in another order.
+    for name in mine:
+        torch.testing.assert_close(mine[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
