@@ -7,7 +7,8 @@ Layout (one job per module):
 - ``plan``: the output's tensors checked across inputs (missing/extra tensors, shapes, tied embeddings,
   vocabulary rows trimmed to the common size), before anything is written.
 - ``params``: per-method parameter checks and per-tensor overrides (regex, first match wins).
-- ``methods/``: one module per merge method (mergekit semantics, TinyR1's Arcee Fusion).
-- ``engine``: the tensor loop (whole tensors, or row blocks for huge ones), metrics and progress.
+- ``methods/``: one module per merge method (mergekit semantics, TinyR1's Arcee Fusion), each written over
+  cache-sized blocks of rows; whole-tensor statistics (magnitude cut, norms, quantiles) come from passes first.
+- ``engine``: the tensor loop (small tensors whole, the rest in row blocks), metrics and progress.
 - ``assets``: config, generation config, tokenizer and chat template; ``stage``: the entry point.
 """
