@@ -4,7 +4,7 @@ the graders need (``answer`` for math and mcq, ``tests`` for code).
 
 - math: two-step arithmetic on single digits, solved step by step, final answer in \\boxed{} (math grading);
 - code: "write f(x) that returns x times 3 plus 4" -> a fenced Python function, checked by running tests;
-- science: what kind of thing is copper? A. gas B. metal C. bird D. fruit -> a letter (mcq grading).
+- science: which of four things belongs to a category (metal, gas, mammal...) -> a letter (mcq grading).
 The vocabularies barely overlap, so each branch's fine-tuning moves mostly its own rows and neurons --
 the situation in which merging experts can keep each one's skill.
 """
@@ -66,19 +66,15 @@ LETTERS = "ABCD"
 
 
 def science_task(rng: random.Random) -> dict:
-    """Knowledge plus reading the options: which category is <item>? The four options are categories in a
-    random order. Held-out questions reuse known items in new option sets and orders.
-    (Measured: "which of these four items is a metal?" stayed near chance even with worked solutions -- a
-    two-layer model did not learn to search four items for the one in a category, nor to find an option's
-    letter from a list it had itself written.)"""
     category, *others = rng.sample(list(CATEGORIES), 4)
-    item = rng.choice(CATEGORIES[category])
-    choices = [category] + others
-    rng.shuffle(choices)
-    letter = LETTERS[choices.index(category)]
-    prompt = f"What kind of thing is {item}?"
-    solution = f"{item} is a {category}. Answer: {letter}"
-    return {"id": f"science-{item}-{'-'.join(choices)}", "prompt": prompt, "choices": choices,
+    right = rng.choice(CATEGORIES[category])
+    wrong = [rng.choice(CATEGORIES[o]) for o in others]
+    position = rng.randrange(4)
+    choices = wrong[:position] + [right] + wrong[position:]
+    letter = LETTERS[position]
+    prompt = f"Which of these is a {category}?"
+    solution = f"{right} is a {category}. Answer: {letter}"
+    return {"id": f"science-{category}-{'-'.join(choices)}", "prompt": prompt, "choices": choices,
             "answer": letter, "solution": solution}
 
 

@@ -24,7 +24,7 @@ LABELS = {"app.kubernetes.io/part-of": "quickstart"}
 
 # epochs per SFT, eval samples k, teacher samples n per prompt, whether to train the mixed-data baseline
 PLAN = {
-    "full": dict(teacher_epochs=4, base_epochs=6, branch_epochs=4, eval_k=2, gen_n=4, mixed=True),
+    "full": dict(teacher_epochs=6, base_epochs=8, branch_epochs=4, eval_k=2, gen_n=4, mixed=True),
     "reduced": dict(teacher_epochs=3, base_epochs=2, branch_epochs=2, eval_k=1, gen_n=2, mixed=False),
 }
 # Branches make small updates on top of a capable backbone, TinyR1's regime. Measured here: branches trained
