@@ -137,11 +137,16 @@ def combine_blocks(src: RowBlocks, sparsify: str | None, consensus: bool, normal
             if p.densities[k] < 1 and before >= RESCALE_EPS and after >= RESCALE_EPS:
                 scales[k] *= before / after
     draws = _random_draws(src, count) if sparsify == "random" else []
+
+    def keep_mask(k: int, d: torch.Tensor) -> torch.Tensor | None:
+        if cuts:
+            return cuts[k].keep(d.abs().float(), d.dtype) if cuts[k] else None
+        return draws[k](d) if draws else None
+
     for base, ds in deltas():
         weighted = []
         for k, d in enumerate(ds):
-            keep = (cuts[k].keep(d.abs().float(), d.dtype) if cuts[k] else None) if cuts else \
-                draws[k](d) if draws else None
+            keep = keep_mask(k, d)
             if keep is not None:
                 d.mul_(keep)
             weighted.append(d.mul_(scales[k]) if scales[k] != 1 else d)
