@@ -119,6 +119,9 @@ def _merge_results(job: MergeJob, inputs: list[ModelFolder], planned) -> Iterato
     params = job.resolver.for_tensor(out.name)
     has_anchor = job.anchor is not None
     compute_bytes = out.numel * torch.empty((), dtype=job.compute_dtype).element_size()
+    if out.numel == 0:  # nothing to merge (methods divide by the size or read quantiles)
+        yield MergeOutput(torch.empty(out.shape, dtype=job.compute_dtype))
+        return
     if compute_bytes <= BLOCKED_ABOVE_BYTES or len(out.shape) < 2:
         loaded = [_load(f, s, planned.rows, job.compute_dtype) for f, s in zip(inputs, planned.sources)]
         yield job.method.merge(MergeInputs(out.name, loaded[0] if has_anchor else None,

@@ -278,3 +278,24 @@ def test_huge_tensors_merged_in_row_blocks_give_the_same_result(tmp_path, method
         assert torch.equal(whole[key], blocks[key]), key
     assert m1.get("fractionTaken") == m2.get("fractionTaken")
     assert len(blocks_seen) > 10 and sum(blocks_seen) == 1100  # only the embedding went through blocks
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp",
+                                    "model_stock", "arcee_fusion"])
+def test_an_empty_tensor_is_carried_through(tmp_path, method):
+    """Checkpoints can hold zero-size tensors; no method has anything to compute there."""
+    shapes = {"model.embed_tokens.weight": (6, 4), "model.extra.weight": (0, 4)}
+    base = random_tensors(shapes, 0)
+    write_model(tmp_path / "base", base)
+    for seed in (1, 2):
+        write_model(tmp_path / f"m{seed}", perturbed(base, seed))
+    models = [tmp_path / "m1", tmp_path / "base"] if method in ("slerp", "arcee_fusion") else \
+        [tmp_path / "m1", tmp_path / "m2"]
+    parameters = {"density": 0.5} if method in ("ties", "dare_ties", "dare_linear") else \
+        {"t": 0.5} if method == "slerp" else {}
+    m = merge_manifest("m", method, tmp_path / "out", models, base=None if method == "linear" else tmp_path / "base",
+                       parameters=parameters)
+    code, result = run_stage(tmp_path, m)
+    assert code == 0, result
+    merged = read_model(tmp_path / "out")
+    assert merged["model.extra.weight"].shape == (0, 4) and merged["model.embed_tokens.weight"].shape == (6, 4)
