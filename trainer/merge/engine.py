@@ -38,12 +38,12 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-# Methods see a tensor a block of rows at a time (merge_blocks). Blocks of ~256 KB per input keep the
-# method's dozen elementwise passes in the CPU cache instead of streaming each pass through main memory; it also
-# bounds memory (a 152k x 5120 embedding is 3 GB in float32, and a method holds several copies). Smaller tensors
-# are not worth the per-block overhead.
+# Methods see a tensor a block of rows at a time (merge_blocks). Blocks of ~1 MB per input keep the method's
+# dozen elementwise passes in the CPU caches instead of streaming each pass through main memory (of 256 KB,
+# 1 MB and 4 MB, 1 MB was fastest: bench/merge.py); they also bound memory (a 152k x 5120 embedding is 3 GB in
+# float32, and a method holds several copies). Smaller tensors are merged whole.
 BLOCKED_ABOVE_BYTES = 1 << 20
-BLOCK_BYTES = 256 << 10
+BLOCK_BYTES = 1 << 20
 # Input pages of a blocked tensor are handed back to the kernel this many bytes behind the block being read:
 # methods make several passes, and pages dropped after every block would be faulted in again by the next.
 RELEASE_LAG_BYTES = 64 << 20
