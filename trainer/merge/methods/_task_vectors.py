@@ -104,16 +104,14 @@ def combine_blocks(src: RowBlocks, sparsify: str | None, consensus: bool, normal
     or "random"."""
     p = src.params
     if not p.weights:  # no other model: the base as it is
-        for start, end in src.ranges():
-            base = src.inputs(start, end).base
-            assert base is not None
-            yield MergeOutput(base.clone(), [], 0)
+        for inputs in src.blocks():
+            assert inputs.base is not None
+            yield MergeOutput(inputs.base.clone(), [], 0)
         return
     count = len(p.densities) if sparsify else 0
 
     def deltas() -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-        for start, end in src.ranges():
-            inputs = src.inputs(start, end)
+        for inputs in src.blocks():
             assert inputs.base is not None
             yield inputs.base, [other - inputs.base for other in inputs.others]
 

@@ -78,6 +78,11 @@ class RowBlocks:
         anchor, others = self.load(start, end)
         return MergeInputs(self.name, anchor, others, self.params, self.generator)
 
+    def blocks(self) -> Iterator[MergeInputs]:
+        """One pass: the inputs of every block, in row order."""
+        for start, end in self.ranges():
+            yield self.inputs(start, end)
+
     @classmethod
     def whole(cls, inputs: MergeInputs) -> "RowBlocks":
         """The tensors of ``inputs`` as a single block (a scalar as one row of one entry)."""
@@ -124,7 +129,7 @@ def elementwise_blocks(merge: Callable[[MergeInputs], MergeOutput]):
     """``merge_blocks`` for methods whose every output entry depends only on the same entry of the inputs."""
 
     def merge_blocks(src: RowBlocks) -> Iterator[MergeOutput]:
-        for start, end in src.ranges():
-            yield merge(src.inputs(start, end))
+        for inputs in src.blocks():
+            yield merge(inputs)
 
     return merge_blocks

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-
 import math
 
 import torch
@@ -19,7 +18,8 @@ NORM_FLOOR = 1e-6
 def merge_blocks(src: RowBlocks):
     """Two passes: the offsets' norms and pairwise dot products (summed over blocks), then the mix."""
     row_sums, n = [], 0
-    for _, _, offsets in _blocks(src):
+    for x in src.blocks():
+        offsets = [o - x.base for o in x.others]
         n = len(offsets)
         pairs = list(itertools.combinations_with_replacement(range(n), 2))  # (i, i): squared norms
         row_sums.append(row_dot_sums([(offsets[i], offsets[j]) for i, j in pairs]))
@@ -31,15 +31,8 @@ def merge_blocks(src: RowBlocks):
     cos = max(-1.0, min(1.0, sum(cosines) / len(cosines)))
     denominator = 1 + (n - 1) * cos
     t = n * cos / denominator if abs(denominator) > 1e-12 else 0.0
-    for base, others, _ in _blocks(src):
-        yield MergeOutput(t * torch.stack(others).mean(dim=0) + (1 - t) * base, extra={"t": t})
-
-
-def _blocks(src: RowBlocks):
-    for start, end in src.ranges():
-        inputs = src.inputs(start, end)
-        assert inputs.base is not None
-        yield inputs.base, inputs.others, [o - inputs.base for o in inputs.others]
+    for x in src.blocks():
+        yield MergeOutput(t * torch.stack(x.others).mean(dim=0) + (1 - t) * x.base, extra={"t": t})
 
 
 merge = whole_tensor(merge_blocks)

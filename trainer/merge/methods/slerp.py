@@ -21,27 +21,21 @@ NORM_EPS = 1e-8
 
 def merge_blocks(src: RowBlocks):
     """Two passes: the norms and the dot product (summed over blocks), then the interpolation."""
-    sums = torch.cat([row_dot_sums([(a, a), (b, b), (a, b)]) for a, (b,) in _blocks(src)], dim=1).sum(dim=1)
+    sums = torch.cat([row_dot_sums([(x.base, x.base), (x.others[0], x.others[0]), (x.base, x.others[0])])
+                      for x in src.blocks()], dim=1).sum(dim=1)
     na, nb, dot = (math.sqrt(float(sums[0])), math.sqrt(float(sums[1])), float(sums[2]))
     t = float(src.params.t)
     cos = dot / ((na if na > NORM_EPS else 1.0) * (nb if nb > NORM_EPS else 1.0))
     if abs(cos) > PARALLEL_COS:
-        for a, (b,) in _blocks(src):
-            yield MergeOutput(torch.lerp(a, b, t))
+        for x in src.blocks():
+            yield MergeOutput(torch.lerp(x.base, x.others[0], t))
         return
     theta = math.acos(max(-1.0, min(1.0, cos)))
     sin_theta = math.sin(theta)
     s_a = math.sin((1 - t) * theta) / sin_theta
     s_b = math.sin(t * theta) / sin_theta
-    for a, (b,) in _blocks(src):
-        yield MergeOutput(s_a * a + s_b * b)
-
-
-def _blocks(src: RowBlocks):
-    for start, end in src.ranges():
-        inputs = src.inputs(start, end)
-        assert inputs.base is not None
-        yield inputs.base, inputs.others
+    for x in src.blocks():
+        yield MergeOutput(s_a * x.base + s_b * x.others[0])
 
 
 merge = whole_tensor(merge_blocks)
