@@ -5,8 +5,11 @@ rules declared on the models (evaluated with cel-python, the same expressions th
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -83,8 +86,47 @@ def _schema_errors(err: ValidationError) -> list[FieldError]:
 def _program(expression: str):
     import celpy
 
+    _load_cel_parser()
     env = celpy.Environment()
     return env.program(env.compile(expression))
+
+
+def _load_cel_parser() -> None:
+    """Build cel-python's CEL parser with lark's grammar cache, in a private folder.
+
+    cel-python builds its LALR tables from the grammar in every process (0.6 s, a tenth of a small merge
+    stage); lark can cache them. The cache is a pickle, so it is never kept in a shared temp folder (lark's
+    default), only in the user's own cache folder; without one the parser is built as usual. The arguments
+    are cel-python 0.5's own (pinned), so the parser is the one it would build."""
+    import re
+
+    import lark
+    from celpy import celparser
+
+    if celparser.CELParser.CEL_PARSER is not None:
+        return
+    cache = _private_cache_file(f"cel-parser-lark{lark.__version__}")
+    if cache is None:
+        return
+    grammar = (Path(celparser.__file__).parent / "cel.lark").read_text()
+    celparser.CELParser.CEL_PARSER = lark.Lark(
+        grammar, parser="lalr", start="expr", debug=True, g_regex_flags=re.M,
+        lexer_callbacks={"IDENT": celparser.CELParser.ambiguous_literals}, propagate_positions=True,
+        maybe_placeholders=False, priority="invert", tree_class=lark.Tree, cache=cache)
+
+
+def _private_cache_file(name: str) -> str | None:
+    """A file in $XDG_CACHE_HOME/branchmerge (or ~/.cache/branchmerge), a folder only this user may
+    write; None when there is no such folder (e.g. a read-only home in a pod)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "branchmerge"
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = root.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            return None
+    except (OSError, RuntimeError):  # RuntimeError: no home folder
+        return None
+    return str(root / f"{name}-py{sys.version_info[0]}{sys.version_info[1]}.pickle")
 
 
 def evaluate_rule(rule: Rule, obj: dict) -> bool:

@@ -25,9 +25,15 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def folder_digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): sha256_file(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+def folder_digests(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file under ``folder``; ``known`` gives digests already computed by the writer."""
+    known = known or {}
+    digests = {}
+    for p in sorted(folder.rglob("*")):
+        name = str(p.relative_to(folder))
+        if p.is_file() and p.name != MANIFEST:
+            digests[name] = known[name] if name in known else sha256_file(p)
+    return digests
 
 
 def combined_digest(files: dict[str, str]) -> str:
@@ -54,8 +60,10 @@ def clean_stale_temps(dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(dest: Path) -> Iterator[Path]:
-    """Yield a temp folder; on success write the manifest and swap it into ``dest`` (replacing it)."""
+def atomic_folder(dest: Path, known_digests: dict[str, str] | None = None) -> Iterator[Path]:
+    """Yield a temp folder; on success write the manifest and swap it into ``dest`` (replacing it).
+    ``known_digests`` (file name -> sha256, filled by the caller inside the block) spares reading those files
+    again; the caller vouches that they were not changed after being hashed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(dest)
@@ -63,7 +71,7 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        write_json_atomic(tmp / MANIFEST, {"files": folder_digests(tmp)})
+        write_json_atomic(tmp / MANIFEST, {"files": folder_digests(tmp, known_digests)})
         old = None
         if dest.exists():
             old = dest.parent / f".tmp-{dest.name}-old-{uuid.uuid4().hex[:8]}"

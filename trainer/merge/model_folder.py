@@ -34,7 +34,6 @@ class ModelFolder:
                 self._open_shard(shard.name)
         if not self.where:
             raise InvalidInput(f"{label}: {self.path} holds no tensors")
-        self.bytes_read = 0
 
     def _read_json(self, name: str) -> dict | None:
         path = self.path / name
@@ -89,8 +88,6 @@ class ModelFolder:
         return self.where[name].tensors[name]
 
     def view(self, name: str) -> torch.Tensor:
-        info = self.info(name)
-        self.bytes_read += info.nbytes
         return self.where[name].view(name)
 
     def release(self, name: str, offset: int = 0, length: int | None = None) -> None:

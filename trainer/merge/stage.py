@@ -69,8 +69,7 @@ def build_job(spec: MergeSpec, folders: _Folders) -> tuple[MergeJob, ModelFolder
     plan = build_plan(reference, inputs, out_dtype)
     job = MergeJob(method=method, anchor=anchor, others=others, other_indexes=other_indexes,
                    anchor_indexes=anchor_indexes, plan=plan, resolver=ParamResolver(spec, other_indexes),
-                   compute_dtype=DTYPES[spec.dtype], seed=spec.seed, shard_bytes=parse_size(spec.out_shard_size),
-                   folders=list(folders.by_path.values()))
+                   compute_dtype=DTYPES[spec.dtype], seed=spec.seed, shard_bytes=parse_size(spec.out_shard_size))
     return job, reference
 
 
@@ -99,8 +98,10 @@ def run(ctx) -> dict:
                             if spec.tokenizer_source is not None else reference.path)
         ctx.progress.update(0.0, f"{spec.method}: merging {len(job.plan.tensors)} tensors", force=True,
                             tensorsTotal=len(job.plan.tensors))
-        with atomic_folder(ctx.output_dir) as tmp:
-            metrics = run_merge(job, tmp, ctx.progress)
+        digests: dict[str, str] = {}
+        with atomic_folder(ctx.output_dir, known_digests=digests) as tmp:
+            metrics, written = run_merge(job, tmp, ctx.progress)
+            digests.update(written)  # hashed while merging: the manifest need not read the shards again
             copy_assets(tmp, reference.path, tokenizer_source, vocab_size=job.plan.vocab_size,
                         out_dtype=DTYPES[spec.out_dtype] if spec.out_dtype else None)
             write_provenance(tmp, ctx, metrics)

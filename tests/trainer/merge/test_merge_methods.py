@@ -95,18 +95,34 @@ def test_ties_trim_is_exact_count_with_equal_magnitudes():
     assert int((out.tensor != 0).sum()) == 37 and out.taken == [37]
 
 
+@pytest.mark.parametrize("sample", ["none", "representative", "too-low", "too-high"])
+@pytest.mark.parametrize("values", ["few-distinct", "continuous"])
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.37, 0.5, 0.999, 1.0])
-def test_magnitude_cut_over_blocks_keeps_the_top_k_first_by_position(density):
-    """The radix-select cut, applied block by block, keeps exactly the k largest magnitudes, ties at the
-    threshold broken by position -- what a stable sort of the whole tensor would keep."""
-    from branchmerge.trainer.merge.methods._task_vectors import magnitude_cuts
+def test_magnitude_cut_over_blocks_keeps_the_top_k_first_by_position(density, values, sample, monkeypatch):
+    """The cut, applied block by block, keeps exactly the k largest magnitudes, ties at the threshold broken
+    by position -- what a stable sort of the whole tensor would keep. Whatever the sample: selected from all
+    magnitudes (none), from the bracket around a sample's estimate, or -- when a sample misleads the bracket
+    -- by the radix select."""
+    from branchmerge.trainer.merge.methods import _task_vectors
     g = torch.Generator().manual_seed(3)
-    # few distinct values (many ties), both signs, zeros, and values near float32 bucket edges
-    values = torch.tensor([0.0, 1e-30, 0.25, 0.5, 0.50000006, 1.0, 3.0, 1e30], dtype=torch.float32)
-    delta = values[torch.randint(len(values), (5003,), generator=g)] * (torch.randint(2, (5003,), generator=g) * 2 - 1)
+    if values == "few-distinct":  # many ties, zeros, and values near float32 bucket edges
+        palette = torch.tensor([0.0, 1e-30, 0.25, 0.5, 0.50000006, 1.0, 3.0, 1e30], dtype=torch.float32)
+        delta = palette[torch.randint(len(palette), (5003,), generator=g)]
+    else:
+        delta = torch.randn(5003, generator=g)
+    delta = delta * (torch.randint(2, (5003,), generator=g) * 2 - 1)
     magnitude = delta.abs()
     blocks = [magnitude[i:i + 700] for i in range(0, 5003, 700)]
-    (cut,) = magnitude_cuts(lambda: ([b] for b in blocks), 5003, [density])
+    samples = {"none": None, "representative": [magnitude[::7].numpy().copy()],
+               "too-low": [np.zeros(500, np.float32)], "too-high": [np.full(500, 1e35, np.float32)]}
+    radix = _task_vectors._radix_cuts
+    used_radix = []  # a spy: the real radix select runs
+    monkeypatch.setattr(_task_vectors, "_radix_cuts", lambda *a: used_radix.append(1) or radix(*a))
+    (cut,) = _task_vectors.magnitude_cuts(lambda: ([b] for b in blocks), 5003, [density], samples[sample])
+    if sample == "none" or (sample == "representative" and values == "continuous"):
+        assert not used_radix  # the band held the cut
+    if sample == "too-high" and 0 < density <= 0.5:
+        assert used_radix  # nothing lies above a bracket over 1e35: the k-th largest is below it
     k = int(density * 5003)
     if cut is None:
         assert density == 1.0
@@ -277,7 +293,13 @@ def test_arcee_fusion_samples_large_tensors_with_the_seed():
     assert torch.equal(a, b)
     scores = arcee_fusion.importance(other, base)
     gen = torch.Generator().manual_seed(tensor_seed(5, "big"))
-    sample = scores.reshape(-1)[torch.randint(scores.numel(), (1_000_000,), generator=gen)]
+    # the documented draws: one uniform position inside each of 10^6 equal runs of the flattened tensor
+    runs = scores.numel() / 1_000_000
+    u = torch.rand(1_000_000, generator=gen, dtype=torch.float64).numpy()
+    positions = np.minimum(((np.arange(1_000_000) + u) * runs).astype(np.int64), scores.numel() - 1)
+    i = np.arange(1_000_000)
+    assert (positions >= np.floor(i * runs)).all() and (positions < (i + 1) * runs).all()  # one inside each run
+    sample = scores.reshape(-1)[torch.from_numpy(positions)]
     t_sample = quantile_threshold(sample.numpy())
     np.testing.assert_array_equal(a.numpy(), torch.where(scores >= t_sample, other, base).numpy())
     # the sampled threshold is close to the exact one

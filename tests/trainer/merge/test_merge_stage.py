@@ -299,3 +299,68 @@ def test_an_empty_tensor_is_carried_through(tmp_path, method):
     assert code == 0, result
     merged = read_model(tmp_path / "out")
     assert merged["model.extra.weight"].shape == (0, 4) and merged["model.embed_tokens.weight"].shape == (6, 4)
+
+
+@pytest.mark.parametrize("method", ["ties", "arcee_fusion", "dare_ties"])
+def test_several_workers_write_the_same_bytes_as_one(tmp_path, method, monkeypatch):
+    """Tensors merged by 3 threads at once, some of them in row blocks, land at their places in several
+    shards: the files are byte for byte those of one worker, and the digests taken while writing are the
+    files' own."""
+    from branchmerge.trainer.merge import engine
+    from branchmerge.trainer.publish import sha256_file
+    monkeypatch.setattr(engine, "BLOCKED_ABOVE_BYTES", 2048)  # the embeddings and mlps go in blocks
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 1024)
+    base = random_tensors(layer_shapes(hidden=32, vocab=300, layers=6), 0)
+    for name, tensors in (("base", base), ("a", perturbed(base, 1)), ("b", perturbed(base, 2))):
+        write_model(tmp_path / name, tensors, shards=2)
+    models = [tmp_path / "a", tmp_path / "b"]
+    parameters = {"density": 0.4} if method != "arcee_fusion" else {}
+    anchor = tmp_path / ("b" if method == "arcee_fusion" else "base")  # TinyR1's: the second model is the base
+    manifests = {workers: merge_manifest("m", method, tmp_path / f"out{workers}", models, base=anchor,
+                                         parameters=parameters, outShardSize="20KB", seed=7)
+                 for workers in (1, 3)}
+    previous = torch.get_num_threads()
+    results = {}
+    try:
+        for workers, manifest in manifests.items():
+            torch.set_num_threads(workers)  # OMP_NUM_THREADS in a pod: the engine's worker count
+            code, results[workers] = run_stage(tmp_path, manifest, f"m{workers}")
+            assert code == 0, results[workers]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.get_num_threads() == previous
+    one, three_ = tmp_path / "out1", tmp_path / "out3"
+    assert results[1]["metrics"]["workers"] == 1 and results[3]["metrics"]["workers"] == 3
+    manifest_one, manifest_three = read_manifest(one), read_manifest(three_)
+    shards = [f for f in manifest_one if f.endswith(".safetensors")]
+    assert len(shards) > 3
+    for name, digest in manifest_three.items():
+        assert digest == sha256_file(three_ / name), name  # hashed while writing, yet the file's digest
+        if name != "branchmerge_merge.json":  # provenance records the metrics (elapsed time, workers)
+            assert digest == manifest_one[name], name
+    for key in ("parameters", "bytesRead", "bytesWritten", "fractionTaken"):
+        assert results[1]["metrics"].get(key) == results[3]["metrics"].get(key), key
+
+
+def test_a_worker_failure_publishes_nothing(tmp_path, three, monkeypatch):
+    """One tensor's merge fails while other workers are busy: the stage fails with that error, the other
+    workers stop, and neither the output nor its temp folder is left."""
+    from branchmerge.trainer.errors import InvalidInput
+    from branchmerge.trainer.merge.methods import METHODS
+    (base_dir, a_dir, b_dir), _ = three
+    module = METHODS["task_arithmetic"]
+
+    def failing(src, real=module.merge_blocks):
+        if src.name == "model.layers.1.mlp.up_proj.weight":
+            raise InvalidInput(f"{src.name}: cannot merge this one")
+        yield from real(src)
+    monkeypatch.setattr(module, "merge_blocks", failing)
+    monkeypatch.setattr(module, "merge", lambda inputs: module.whole_tensor(failing)(inputs))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        code, result = run_stage(tmp_path, merge_manifest("m", "task_arithmetic", tmp_path / "out", [a_dir, b_dir],
+                                                          base=base_dir))
+    finally:
+        torch.set_num_threads(previous)
+    _assert_failed_cleanly(tmp_path, code, result, "cannot merge this one")

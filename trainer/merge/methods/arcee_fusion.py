@@ -3,8 +3,11 @@
 With B the base and O the other model: score = |O - B| * KL(softmax(O) + eps || softmax(B) + eps), the
 softmax and KL over the last dimension (one KL per row of a 2-D tensor, broadcast along it; one value for
 a 1-D tensor). Threshold T = median + 1.5 * (Q3 - Q1) of the scores, each quantile read from the sorted
-scores at index floor(q * (n - 1)); above SAMPLE_SIZE entries the quantiles come from a seeded uniform
-sample (with replacement) of SAMPLE_SIZE scores. Result = B + (O - B) * [score >= T].
+scores at index floor(q * (n - 1)); above SAMPLE_SIZE entries the quantiles come from a seeded stratified
+sample of SAMPLE_SIZE scores: the flattened tensor is cut into SAMPLE_SIZE equal runs and one entry is drawn
+uniformly inside each (it follows the tensor's layout, is sorted by construction, so it is gathered block by
+block without sorting the draws). Result = B + (O - B) * [score >= T], i.e. O where the score passes and B
+elsewhere, each exactly.
 """
 from __future__ import annotations
 
@@ -46,10 +49,17 @@ def importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return scores(other, base, row_kl(other, base)).reshape(other.shape)
 
 
+def sample_positions(numel: int, generator: torch.Generator) -> torch.Tensor:
+    """SAMPLE_SIZE flat positions, one drawn uniformly inside each of SAMPLE_SIZE equal runs (ascending)."""
+    runs = torch.arange(SAMPLE_SIZE, dtype=torch.float64)
+    drawn = runs.add_(torch.rand(SAMPLE_SIZE, generator=generator, dtype=torch.float64))
+    return drawn.mul_(numel / SAMPLE_SIZE).long().clamp_(max=numel - 1)
+
+
 def threshold(scores: torch.Tensor, generator: torch.Generator) -> float:
     flat = scores.reshape(-1)
     if flat.numel() > SAMPLE_SIZE:
-        flat = flat[torch.randint(flat.numel(), (SAMPLE_SIZE,), generator=generator)]
+        flat = flat[sample_positions(flat.numel(), generator)]
     return _iqr_threshold(flat)
 
 
@@ -62,9 +72,12 @@ def _iqr_threshold(flat: torch.Tensor) -> float:
     return median + 1.5 * (q3 - q1)
 
 
-def _select(other: torch.Tensor, base: torch.Tensor, take: torch.Tensor) -> MergeOutput:
-    merged = torch.where(take, other, base)  # == B + (O - B) * mask, without rounding of the difference
-    taken = int(take.count_nonzero())
+def _select(other: torch.Tensor, base: torch.Tensor, score: torch.Tensor, cut: float) -> MergeOutput:
+    # a 0/1 float mask (torch's bool-writing kernels are several times slower); lerp is exact at both ends:
+    # B + 0 * (O - B) = B, and at weight 1 it computes O - (O - B) * 0 = O
+    take = torch.ge(score, cut, out=torch.empty(score.shape, dtype=torch.float32)).reshape(other.shape)
+    merged = torch.lerp(base.float(), other.float(), take).to(base.dtype)
+    taken = int(take.sum(dtype=torch.float32 if take.numel() < 1 << 24 else torch.float64))
     return MergeOutput(merged, [taken], take.numel() - taken)
 
 
@@ -72,7 +85,7 @@ def merge(inputs: MergeInputs) -> MergeOutput:
     base, (other,) = inputs.base, inputs.others
     assert base is not None
     score = importance(other, base)
-    return _select(other, base, score >= threshold(score, inputs.generator))
+    return _select(other, base, score, threshold(score, inputs.generator))
 
 
 def merge_blocks(src: RowBlocks):
@@ -85,8 +98,7 @@ def merge_blocks(src: RowBlocks):
         return
     per_row = numel // src.shape[0]
     width = src.shape[-1]
-    # the same draws as ``merge``; quantiles do not depend on the sample's order, so it is gathered sorted
-    drawn_sorted = torch.from_numpy(np.sort(torch.randint(numel, (SAMPLE_SIZE,), generator=src.generator).numpy()))
+    drawn = sample_positions(numel, src.generator)  # the same draws as ``merge``, ascending
     sample = torch.empty(SAMPLE_SIZE, dtype=torch.float32)
     kl = torch.empty(numel // width, dtype=torch.float32)
     for start, end in src.ranges():
@@ -94,14 +106,12 @@ def merge_blocks(src: RowBlocks):
         (other,), base = inputs.others, inputs.base
         lo_row, hi_row = start * per_row // width, end * per_row // width
         kl[lo_row:hi_row] = row_kl(other, base)
-        lo, hi = (int(torch.searchsorted(drawn_sorted, start * per_row)),
-                  int(torch.searchsorted(drawn_sorted, end * per_row)))
-        at = drawn_sorted[lo:hi] - start * per_row
+        lo, hi = (int(torch.searchsorted(drawn, start * per_row)), int(torch.searchsorted(drawn, end * per_row)))
+        at = drawn[lo:hi] - start * per_row
         picked = (other.reshape(-1)[at].float() - base.reshape(-1)[at].float()).abs_()
         sample[lo:hi] = picked.mul_(kl[lo_row + torch.div(at, width, rounding_mode="floor")])
     cut = _iqr_threshold(sample)
     for start, end in src.ranges():
         inputs = src.inputs(start, end)
         (other,), base = inputs.others, inputs.base
-        take = scores(other, base, kl[start * per_row // width:end * per_row // width]) >= cut
-        yield _select(other, base, take.reshape(other.shape))
+        yield _select(other, base, scores(other, base, kl[start * per_row // width:end * per_row // width]), cut)
