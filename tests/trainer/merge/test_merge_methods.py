@@ -77,11 +77,12 @@ def ties_reference(base, others, weights, densities, lam=1.0, normalize=True):
     return (b + lam * mixed).reshape(base.shape), agree.sum(axis=1)
 
 
+@pytest.mark.parametrize("weights", [(1.0, 0.5, 2.0), (1.0, -0.5, 2.0)])  # a negative weight: no clamp shortcut
 @pytest.mark.parametrize("normalize", [True, False])
-def test_ties_matches_reference(normalize):
+def test_ties_matches_reference(normalize, weights):
     base = rand((12, 10), 0)
     others = [base + rand((12, 10), s, 0.1) for s in (1, 2, 3)]
-    weights, densities = (1.0, 0.5, 2.0), (0.3, 0.5, 0.8)
+    densities = (0.3, 0.5, 0.8)
     out = run_method("ties", base, others, weights=weights, densities=densities, lambda_=0.7, normalize=normalize)
     ref, taken = ties_reference(base, others, weights, densities, 0.7, normalize)
     np.testing.assert_allclose(out.tensor.numpy(), ref, rtol=1e-5, atol=1e-6)
