@@ -256,6 +256,17 @@ def test_arcee_threshold_on_known_distribution():
     assert int((scores >= t).sum()) == 3
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 10, 103, 100_001])
+@pytest.mark.parametrize("kind", ["continuous", "three-values"])
+def test_arcee_quantiles_are_those_of_the_sorted_scores(n, kind):
+    """The partial sorts pick exactly sorted[floor(q * (n - 1))], whatever the size and however many ties."""
+    rng = np.random.default_rng(n)
+    x = (rng.random(n) if kind == "continuous" else rng.integers(0, 3, n)).astype(np.float32)
+    ordered = np.sort(x)
+    q1, med, q3 = (float(ordered[int(q * (n - 1))]) for q in (0.25, 0.5, 0.75))
+    assert arcee_fusion._iqr_threshold(torch.from_numpy(x)) == med + 1.5 * (q3 - q1)
+
+
 def test_arcee_fusion_takes_only_outlier_rows_and_entries():
     # Known score distribution: the base is flat; every ordinary row of the other model holds the same
     # 30 offsets (|d| = 0.001..0.030, rotated), so all those rows share one KL value K and their scores are
@@ -296,7 +307,7 @@ def test_arcee_fusion_samples_large_tensors_with_the_seed():
     gen = torch.Generator().manual_seed(tensor_seed(5, "big"))
     # the documented draws: one uniform position inside each of 10^6 equal runs of the flattened tensor
     runs = scores.numel() / 1_000_000
-    u = torch.rand(1_000_000, generator=gen, dtype=torch.float64).numpy()
+    u = torch.rand(1_000_000, generator=gen, dtype=torch.float32).numpy().astype(np.float64)
     positions = np.minimum(((np.arange(1_000_000) + u) * runs).astype(np.int64), scores.numel() - 1)
     i = np.arange(1_000_000)
     assert (positions >= np.floor(i * runs)).all() and (positions < (i + 1) * runs).all()  # one inside each run
