@@ -239,7 +239,8 @@ def main() -> int:
                     help="mergekit-yaml of a separate venv (skipped when missing)")
     ap.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="dtype of the synthetic models (float32: no magnitude ties, outputs comparable exactly)")
-    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the engine and mergekit")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="OMP_NUM_THREADS for the engine (its number of tensors merged at once) and mergekit")
     ap.add_argument("--scale-check", action="store_true", help="also merge a model with half the layers")
     args = ap.parse_args()
     work = args.workdir.resolve()
