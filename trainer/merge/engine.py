@@ -104,7 +104,9 @@ def run_merge(job: MergeJob, out_dir: Path, progress: Progress) -> tuple[dict, d
     try:
         if pool is not None:
             torch.set_num_threads(1)
-            pending = {out.name: pool.submit(merge_one, out) for out in _schedule(writer.order, workers)}
+            # in file order, so the writer can hash and flush tensors as they complete (sorting by size was
+            # no faster, and held more memory); all at once: a finished tensor holds only its counts
+            pending = {out.name: pool.submit(merge_one, out) for out in writer.order}
             results = (pending[out.name].result() for out in writer.order)
         else:
             results = (merge_one(out) for out in writer.order)
@@ -149,15 +151,6 @@ def run_merge(job: MergeJob, out_dir: Path, progress: Progress) -> tuple[dict, d
     if reports_taken and merged_entries:
         metrics["fractionTaken"] = {f"models[{i}]": round(taken[i] / merged_entries, 6) for i in sorted(taken)}
     return metrics, dict(writer.digests)
-
-
-def _schedule(order: list, workers: int) -> list:
-    """The order tensors are handed to the workers: file order (so the writer can hash and flush as they
-    complete), except that very large tensors go first. A large last tensor (lm_head) would otherwise run
-    alone at the end while the other workers idle (measured: 1 s of 9 on the benchmark). Sorting all by
-    size is worse: the writer then hashes and flushes everything at the end."""
-    big = sum(out.numel for out in order) / (8 * workers)
-    return list(order)
 
 
 class Interrupted(Exception):

@@ -4,9 +4,9 @@ the graders need (``answer`` for math and mcq, ``tests`` for code).
 
 - math: two-step arithmetic on single digits, solved step by step, final answer in \\boxed{} (math grading);
 - code: "write f(x) that returns x times 3 plus 4" -> a fenced Python function, checked by running tests;
-- science: which of four things belongs to a category (metal, gas, mammal...) -> a letter (mcq grading).
-The vocabularies barely overlap, so each branch's fine-tuning moves mostly its own rows and neurons --
-the situation in which merging experts can keep each one's skill.
+- science: which category (metal, gas, mammal, bird: fixed options) an item belongs to -> a letter (mcq grading).
+The vocabularies barely overlap, so each branch's fine-tuning moves mostly its own embedding rows (how
+Arcee Fusion treats that, and what it keeps of each branch, is measured in examples/quickstart/README.md).
 """
 from __future__ import annotations
 
@@ -53,28 +53,48 @@ def code_task(rng: random.Random) -> dict:
 
 
 # ---- science (multiple choice) -------------------------------------------------------------------------
+# Knowledge recall, as in GPQA: the question names an item, the options are the four categories, and the
+# answer is a lookup (item -> category -> letter) the model must have learnt from its training data. The
+# options are always listed in this one canonical order (metal = A ... bird = D), and Eval's shuffleChoices
+# stays off: two-layer models never learnt to find the matching option among shuffled ones (seven trace
+# formats tried, teacher included, all at chance -- README). The letter is still 25% by guessing, balanced
+# (every category has as many items), and the held-out questions differ from every training question by
+# their framing, while their items are all in the training data: items never seen are unknowable, and a
+# model asked about them collapses to one letter (measured). The backbone's "general" data shows it each of
+# the 96 items only about twice, so it knows part of them and the science branch must add the rest.
 
-CATEGORIES = {
-    "metal": ["iron", "copper", "gold", "silver", "zinc", "tin", "lead", "nickel"],
-    "gas": ["oxygen", "helium", "neon", "argon", "hydrogen", "nitrogen", "methane", "ozone"],
-    "mammal": ["whale", "horse", "mouse", "tiger", "otter", "camel", "bat", "goat"],
-    "bird": ["eagle", "robin", "owl", "crow", "swan", "parrot", "duck", "hawk"],
-    "planet": ["mars", "venus", "jupiter", "saturn", "mercury", "neptune", "uranus", "earth"],
-    "fruit": ["apple", "mango", "grape", "lemon", "peach", "cherry", "banana", "plum"],
+SCIENCE_OPTIONS = ("metal", "gas", "mammal", "bird")
+ITEMS = {
+    "metal": ["iron", "copper", "gold", "silver", "zinc", "tin", "lead", "nickel", "cobalt", "chromium",
+              "titanium", "platinum", "aluminum", "magnesium", "sodium", "potassium", "calcium", "lithium",
+              "tungsten", "mercury", "uranium", "bismuth", "cadmium", "iridium"],
+    "gas": ["oxygen", "helium", "neon", "argon", "hydrogen", "nitrogen", "methane", "ozone", "krypton", "xenon",
+            "radon", "chlorine", "fluorine", "ammonia", "propane", "butane", "ethane", "ethylene", "acetylene",
+            "steam", "propylene", "phosphine", "vapor", "silane"],
+    "mammal": ["whale", "horse", "mouse", "tiger", "otter", "camel", "bat", "goat", "lion", "bear", "wolf", "fox",
+               "deer", "rabbit", "zebra", "giraffe", "elephant", "monkey", "dolphin", "seal", "sheep", "beaver",
+               "badger", "moose"],
+    "bird": ["eagle", "robin", "owl", "crow", "swan", "parrot", "duck", "hawk", "sparrow", "pigeon", "falcon",
+             "heron", "stork", "goose", "penguin", "ostrich", "flamingo", "pelican", "raven", "finch", "wren",
+             "gull", "vulture", "peacock"],
 }
+# the framing around the item: what makes a held-out question new although its item is known
+FRAMINGS = ("in the book", "in the story", "in the picture", "in the quiz", "on the list", "in the song",
+            "in the game", "in the text", "in the film", "in the poem", "on the card", "in the note",
+            "on the map", "in the box", "in the room", "on the shelf")
 LETTERS = "ABCD"
 
 
-def science_task(rng: random.Random) -> dict:
-    category, *others = rng.sample(list(CATEGORIES), 4)
-    right = rng.choice(CATEGORIES[category])
-    wrong = [rng.choice(CATEGORIES[o]) for o in others]
-    position = rng.randrange(4)
-    choices = wrong[:position] + [right] + wrong[position:]
+def science_task(rng: random.Random, position: int | None = None) -> dict:
+    position = rng.randrange(4) if position is None else position
+    category = SCIENCE_OPTIONS[position]
+    item = rng.choice(ITEMS[category])
+    framing = rng.choice(FRAMINGS)
     letter = LETTERS[position]
-    prompt = f"Which of these is a {category}?"
-    solution = f"{right} is a {category}. Answer: {letter}"
-    return {"id": f"science-{category}-{'-'.join(choices)}", "prompt": prompt, "choices": choices,
+    prompt = f"What is the {item} {framing}?"
+    # "The copper": the item keeps its leading space, so it is the same token(s) as in the question
+    solution = f"The {item} is a {category}. Answer: {letter}"
+    return {"id": f"science-{item}-{framing.replace(' ', '-')}", "prompt": prompt, "choices": list(SCIENCE_OPTIONS),
             "answer": letter, "solution": solution}
 
 
@@ -101,7 +121,8 @@ def tasks(domain: str, count: int, seed: int, exclude: set[str] = frozenset()) -
         attempts += 1
         if attempts > count * 200:
             raise ValueError(f"{domain}: cannot draw {count} distinct tasks")
-        task = MAKERS[domain](rng)
+        # science: the answers go round the four letters, so every set is balanced over A-D
+        task = science_task(rng, len(out) % 4) if domain == "science" else MAKERS[domain](rng)
         if task["id"] not in exclude and task["id"] not in out:
             out[task["id"]] = task
     return list(out.values())
