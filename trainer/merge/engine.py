@@ -66,12 +66,17 @@ class TensorDone:
     taken: dict[int, int] = field(default_factory=dict)  # spec.models index -> entries taken from it
 
 
+# Each worker keeps up to RELEASE_LAG_BYTES of every input mapped: without OMP_NUM_THREADS (a pod without a
+# CPU request) torch would count every core of the node, and 64 workers would map 12 GB of inputs.
+MAX_WORKERS = 8
+
+
 def merge_workers() -> int:
     """Tensors merged at once: torch's thread budget (OMP_NUM_THREADS, which the operator sets from the
-    pod's CPU), spent on whole tensors rather than inside each operation. A block's operations are too
-    short to split well across an OpenMP team, and single-threaded workers also run the numpy and Python
-    parts of a method in parallel."""
-    return max(1, torch.get_num_threads())
+    pod's CPU), spent on whole tensors rather than inside each operation, at most MAX_WORKERS. A block's
+    operations are too short to split well across an OpenMP team, and single-threaded workers also run the
+    numpy and Python parts of a method in parallel."""
+    return max(1, min(MAX_WORKERS, torch.get_num_threads()))
 
 
 def run_merge(job: MergeJob, out_dir: Path, progress: Progress) -> tuple[dict, dict[str, str]]:

@@ -364,3 +364,16 @@ def test_a_worker_failure_publishes_nothing(tmp_path, three, monkeypatch):
     finally:
         torch.set_num_threads(previous)
     _assert_failed_cleanly(tmp_path, code, result, "cannot merge this one")
+
+
+@pytest.mark.parametrize("threads, workers", [(1, 1), (3, 3), (64, 8)])
+def test_workers_follow_the_thread_budget_up_to_a_cap(threads, workers):
+    """OMP_NUM_THREADS (torch's thread count) sets the workers; a node's 64 cores (no CPU request) do not
+    make 64 workers, each of which keeps up to 64 MB of every input mapped."""
+    from branchmerge.trainer.merge import engine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert engine.merge_workers() == workers
+    finally:
+        torch.set_num_threads(previous)
