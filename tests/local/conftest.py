@@ -12,14 +12,14 @@ SHAPES = {"model.embed_tokens.weight": (32, 16), "model.layers.0.mlp.up_proj.wei
           "model.layers.0.input_layernorm.weight": (16,), "lm_head.weight": (32, 16)}
 
 
-def write_model(folder: Path, seed: int, base: dict | None = None) -> dict:
+def write_model(folder: Path, seed: int, base: dict | None = None, shapes: dict | None = None) -> dict:
     """A safetensors model folder: random tensors, or ``base`` plus a small random task vector."""
     import torch
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
     tensors = {n: (base[n] if base else 0) + torch.randn(s, generator=g) * (0.05 if base else 1.0)
-               for n, s in SHAPES.items()}
+               for n, s in (shapes or SHAPES).items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file({n: t.contiguous() for n, t in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps({"model_type": "toy", "vocab_size": 32,

@@ -11,33 +11,45 @@ import pytest
 from branchmerge.operator.local.store import StatusStore
 from branchmerge.operator.local.workdir import Workdir
 
-from .conftest import merge, write_manifests
+from .conftest import merge, write_manifests, write_model
 
 
 def ready(st: dict) -> dict:
     return next(c for c in st["conditions"] if c["type"] == "Ready")
 
 
+# "first" must still be merging when Ctrl-C comes: 64 tensors of 1024 x 1024 take ~2 s of arcee_fusion here
+# (a merge of the tiny models ends within milliseconds of its start-up)
+SLOW_SHAPES = {f"model.layers.{i}.mlp.up_proj.weight": (1024, 1024) for i in range(64)}
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("large")
+    base = write_model(root / "a", 0, shapes=SLOW_SHAPES)
+    write_model(root / "b", 1, base, shapes=SLOW_SHAPES)
+    return {"a": root / "a", "b": root / "b"}
+
+
 @pytest.mark.slow  # ~40 s on 2 busy cores: two runs of real stages
-def test_sigint_marks_running_interrupted_and_rerun_resumes(models, tmp_path):
+def test_sigint_marks_running_interrupted_and_rerun_resumes(large, tmp_path):
     folder = write_manifests(tmp_path / "m", [
-        merge("first", "linear", [models["m1"], models["m2"]]),
-        merge("second", "arcee_fusion", ["first", models["m2"]], base="first"),
+        merge("first", "arcee_fusion", [large["a"], large["b"]], base=large["b"]),
+        merge("second", "linear", ["first", large["b"]]),
     ])
     wd = tmp_path / "wd"
     store = StatusStore(Workdir.at(wd))
     cmd = [sys.executable, "-m", "branchmerge.cli", "run", "-f", str(folder), "--workdir", str(wd), "--plain"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline:  # until the stage reports merging (past its imports, which may swallow ^C)
         rec = store.load("Merge/first")
-        if rec and rec["status"].get("phase") == "Running":
+        if rec and rec["status"].get("phase") == "Running" and rec["status"]["progress"]["message"] != "starting":
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     else:
         proc.kill()
-        raise AssertionError("the first stage never started")
-    time.sleep(0.5)
+        raise AssertionError("the first stage never started merging")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
