@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/merge.py [--workdir /tmp/branchmerge-bench-merge] [--layers 8]
                                     [--mergekit .venv-mergekit/bin/mergekit-yaml] [--scale-check]
+                                    [--threads N] [--repeat N]
 
 Builds (once, cached in --workdir) a Llama-shaped base model in bf16 safetensors shards plus two
 "fine-tuned" variants (base + small random deltas), then times in this run, each as a subprocess with its
@@ -9,7 +10,9 @@ peak RSS sampled (psutil, whole process tree):
   raw      read every input byte once + write one model's bytes (the I/O floor),
   engine   `branchmerge stage merge` for ties and arcee_fusion,
   mergekit `mergekit-yaml` on the same configs when installed (a separate venv: it pins other versions).
-Prints ratios (engine / raw, engine / mergekit) and how far the outputs agree with mergekit's.
+Prints ratios (engine / raw, engine / mergekit), the engine's merge loop alone against raw I/O (its start-up --
+interpreter, torch and numba imports, spec checks -- is a fixed ~2 s that a larger model amortizes), and how far
+the outputs agree with mergekit's.
 --scale-check also merges a model with half the layers: peak RSS should not follow model size.
 """
 from __future__ import annotations
@@ -181,6 +184,12 @@ def run_raw(inputs: list[Path], out: Path, out_bytes: int) -> dict:
     return measure([*python_cmd(), "-c", RAW_IO, *map(str, inputs), str(out), str(out_bytes)])
 
 
+def median_run(repeat: int, run) -> dict:
+    """The run with the median wall time of ``repeat`` (a shared machine's outliers are not the result)."""
+    runs = sorted((run() for _ in range(repeat)), key=lambda m: m["wall"])
+    return runs[len(runs) // 2]
+
+
 def engine_manifest(method: str, base: Path, ft1: Path, ft2: Path, out: Path) -> dict:
     if method == "ties":
         models = [{"uri": ft1.as_uri(), "weight": 1.0, "density": 0.5},
@@ -242,6 +251,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="OMP_NUM_THREADS for the engine (its number of tensors merged at once) and mergekit")
     ap.add_argument("--scale-check", action="store_true", help="also merge a model with half the layers")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of raw and engine each; the median is kept")
     args = ap.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -261,15 +271,21 @@ def main() -> int:
     for method in args.methods.split(","):
         inputs = [base, ft1, ft2] if method == "ties" else [ft1, ft2]
         print(f"[{method}] raw I/O ...", flush=True)
-        raw = run_raw(inputs, work / "raw.bin", size)
+        raw = median_run(args.repeat, lambda: run_raw(inputs, work / "raw.bin", size))
         out = work / f"out-{method}"
-        shutil.rmtree(out, ignore_errors=True)
         spec = work / f"{method}.yaml"
         spec.write_text(yaml.safe_dump(engine_manifest(method, base, ft1, ft2, out)))
         print(f"[{method}] engine ...", flush=True)
-        eng = measure([*python_cmd(), "-m", "branchmerge.cli", "stage", "merge", "--spec", str(spec),
-                       "--result", str(work / f"{method}.result.json")], env)
-        metrics = json.loads((work / f"{method}.result.json").read_text())["metrics"]
+
+        def engine_run() -> dict:
+            shutil.rmtree(out, ignore_errors=True)
+            run = measure([*python_cmd(), "-m", "branchmerge.cli", "stage", "merge", "--spec", str(spec),
+                           "--result", str(work / f"{method}.result.json")], env)
+            run["metrics"] = json.loads((work / f"{method}.result.json").read_text())["metrics"]
+            return run
+
+        eng = median_run(args.repeat, engine_run)
+        metrics = eng["metrics"]
         row = {"method": method, "raw": raw, "engine": eng, "metrics": metrics}
         if have_mergekit:
             mk_out = work / f"mergekit-{method}"
@@ -299,6 +315,9 @@ def main() -> int:
             a = row["agreement"]
             print(f"{'':<13} agreement with mergekit: {100 * a['equal']:.3f}% entries equal, "
                   f"max |diff| {a['maxAbsDiff']:.3g}")
+        loop = row["metrics"]["elapsedSeconds"]
+        print(f"{'':<13} engine merge loop (without start-up: interpreter, imports, spec checks): {loop:.1f} s "
+              f"= {loop / row['raw']['wall']:.2f}x raw")
         if "fractionTaken" in row["metrics"]:
             print(f"{'':<13} fractionTaken: {row['metrics']['fractionTaken']}")
     if args.scale_check:  # the same merges on a model with half the layers: peak RSS should not follow size

@@ -11,6 +11,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    """Runs the stage and, for a stage that declares nothing to tear down (merge), ends the process right
+    away: the command is a process's whole job (pods, the local runner's subprocesses)."""
+    import logging
+    import os
+    import sys
+
     from branchmerge.trainer.stage import run as run_stage
 
-    return run_stage(args.stage, args.spec, args.result)
+    code = run_stage(args.stage, args.spec, args.result)
+    module = sys.modules.get(f"branchmerge.trainer.{args.stage}.stage")  # None if it failed to import
+    if getattr(module, "ENDS_WITHOUT_TEARDOWN", False):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

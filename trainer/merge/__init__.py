@@ -10,6 +10,7 @@ Layout (one job per module):
 - ``params``: per-method parameter checks and per-tensor overrides (regex, first match wins).
 - ``methods/``: one module per merge method (mergekit semantics, TinyR1's Arcee Fusion), each written over
   cache-sized blocks of rows; whole-tensor statistics (magnitude cut, norms, quantiles) come from passes first.
+- ``kernels``: the methods' hot loops fused with numba, bit-identical to their torch code (float32 blocks).
 - ``engine``: the tensor loop (small tensors whole, the rest in row blocks; as many tensors at once as the
   thread budget allows), metrics and progress.
 - ``assets``: config, generation config, tokenizer and chat template; ``stage``: the entry point.

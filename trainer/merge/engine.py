@@ -199,7 +199,8 @@ def _merge_results(job: MergeJob, inputs: list[ModelFolder], planned) -> Iterato
     lag_rows = max(1, RELEASE_LAG_BYTES // max(1, row_bytes))
     released = [0]  # rows before this one have been handed back
 
-    def load(start: int, end: int):
+    def rows(start: int, end: int) -> list[torch.Tensor]:
+        """The inputs' rows as stored; pages far enough behind are handed back first."""
         if start - released[0] >= lag_rows:
             for f, s, v in zip(inputs, planned.sources, views):
                 rb = v[0].numel() * v.element_size()
@@ -207,9 +208,15 @@ def _merge_results(job: MergeJob, inputs: list[ModelFolder], planned) -> Iterato
             released[0] = start
         elif start < released[0]:  # a new pass from the top
             released[0] = 0
-        rows = [v[start:end].to(job.compute_dtype) for v in views]
-        return (rows[0], rows[1:]) if has_anchor else (None, rows)
+        return [v[start:end] for v in views]
+
+    def split(loaded: list[torch.Tensor]):
+        return (loaded[0], loaded[1:]) if has_anchor else (None, loaded)
+
+    def load(start: int, end: int):
+        return split([r.to(job.compute_dtype) for r in rows(start, end)])
 
     per_row = max(1, out.numel // out.shape[0]) * torch.empty((), dtype=job.compute_dtype).element_size()
-    src = RowBlocks(out.name, out.shape, max(1, BLOCK_BYTES // per_row), load, params, generator)
+    src = RowBlocks(out.name, out.shape, max(1, BLOCK_BYTES // per_row), load, params, generator,
+                    compute_dtype=job.compute_dtype, load_stored=lambda start, end: split(rows(start, end)))
     yield from job.method.merge_blocks(src)

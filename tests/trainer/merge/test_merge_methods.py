@@ -2,12 +2,14 @@
 (numpy, float64), on small random tensors."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from branchmerge.trainer.merge import kernels
 from branchmerge.trainer.merge.engine import tensor_seed
 from branchmerge.trainer.merge.methods import METHODS, arcee_fusion
 from branchmerge.trainer.merge.methods.base import MergeInputs, TensorParams
@@ -99,7 +101,9 @@ def test_ties_trim_is_exact_count_with_equal_magnitudes():
 @pytest.mark.parametrize("sample", ["none", "representative", "too-low", "too-high"])
 @pytest.mark.parametrize("values", ["few-distinct", "continuous"])
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.37, 0.5, 0.999, 1.0])
-def test_magnitude_cut_over_blocks_keeps_the_top_k_first_by_position(density, values, sample, monkeypatch):
+@pytest.mark.parametrize("blocks_as", ["tensors", "arrays"])  # the torch code's blocks, or the kernels'
+def test_magnitude_cut_over_blocks_keeps_the_top_k_first_by_position(density, values, sample, blocks_as,
+                                                                    monkeypatch):
     """The cut, applied block by block, keeps exactly the k largest magnitudes, ties at the threshold broken
     by position -- what a stable sort of the whole tensor would keep. Whatever the sample: selected from all
     magnitudes (none), from the bracket around a sample's estimate, or -- when a sample misleads the bracket
@@ -114,12 +118,21 @@ def test_magnitude_cut_over_blocks_keeps_the_top_k_first_by_position(density, va
     delta = delta * (torch.randint(2, (5003,), generator=g) * 2 - 1)
     magnitude = delta.abs()
     blocks = [magnitude[i:i + 700] for i in range(0, 5003, 700)]
+    base = torch.zeros(5003)
+
+    def tensor_blocks():  # (base, [other]) block by block: other - base is the delta
+        return ((base[i:i + 700], [delta[i:i + 700]]) for i in range(0, 5003, 700))
+
+    def inputs():
+        if blocks_as == "arrays":
+            return ((kernels.readable(b), [kernels.readable(o)]) for b, (o,) in tensor_blocks())
+        return tensor_blocks()
     samples = {"none": None, "representative": [magnitude[::7].numpy().copy()],
                "too-low": [np.zeros(500, np.float32)], "too-high": [np.full(500, 1e35, np.float32)]}
     radix = _task_vectors._radix_cuts
     used_radix = []  # a spy: the real radix select runs
     monkeypatch.setattr(_task_vectors, "_radix_cuts", lambda *a: used_radix.append(1) or radix(*a))
-    (cut,) = _task_vectors.magnitude_cuts(lambda: ([b] for b in blocks), 5003, [density], samples[sample])
+    (cut,) = _task_vectors.magnitude_cuts(inputs, 5003, [density], samples[sample])
     if sample == "none" or (sample == "representative" and values == "continuous"):
         assert not used_radix  # the band held the cut
     if sample == "too-high" and 0 < density <= 0.5:
@@ -128,11 +141,16 @@ def test_magnitude_cut_over_blocks_keeps_the_top_k_first_by_position(density, va
     if cut is None:
         assert density == 1.0
         return
+    fused_cut = copy.copy(cut)  # the cut counts the ties it has kept
     kept = torch.cat([cut.keep(b, torch.float32) for b in blocks]).bool()
     order = sorted(range(5003), key=lambda i: (-float(magnitude[i]), i))  # stable: ties by position
     expected = torch.zeros(5003, dtype=torch.bool)
     expected[order[:k]] = True
     assert torch.equal(kept, expected)
+    # the fused kernel keeps the same entries (a kept delta is itself, a dropped one 0)
+    fused = torch.cat([torch.from_numpy(_task_vectors._fused_weighted_delta(
+        kernels.readable(b), kernels.readable(o), 1.0, fused_cut)) for b, (o,) in tensor_blocks()])
+    assert torch.equal(fused != 0, expected & (delta != 0)) and torch.equal(fused[expected], delta[expected])
 
 
 # ------------------------------------------------------------------ DARE

@@ -377,3 +377,31 @@ def test_workers_follow_the_thread_budget_up_to_a_cap(threads, workers):
         assert engine.merge_workers() == workers
     finally:
         torch.set_num_threads(previous)
+
+
+def test_the_stage_command_ends_its_process_with_the_stage_outcome(tmp_path, three):
+    """`branchmerge stage merge` ends its process right after the result (no interpreter teardown): the
+    exit code, the result file, the published output and the error message are those of the stage."""
+    import subprocess
+    import sys
+    (base_dir, a_dir, b_dir), _ = three
+
+    def command(manifest, name):
+        spec = write_manifest(tmp_path / f"{name}.yaml", manifest)
+        out = subprocess.run([sys.executable, "-m", "branchmerge", "stage", "merge", "--spec", str(spec),
+                              "--result", str(tmp_path / f"{name}.json")], capture_output=True, text=True,
+                             timeout=300)
+        return out, json.loads((tmp_path / f"{name}.json").read_text())
+
+    out, result = command(merge_manifest("m", "ties", tmp_path / "out", [a_dir, b_dir], base=base_dir,
+                                         parameters={"density": 0.5}), "ok")
+    assert out.returncode == 0 and result["phase"] == "Succeeded", out.stderr
+    assert read_manifest(tmp_path / "out") == result["files"]
+    shard = b_dir / "model-00002-of-00003.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[:8] = struct.pack("<Q", len(raw) * 10)  # found once the merge module runs: the fast exit's path
+    shard.write_bytes(bytes(raw))
+    out, result = command(merge_manifest("m2", "ties", tmp_path / "out2", [a_dir, b_dir], base=base_dir,
+                                         parameters={"density": 0.5}), "bad")
+    assert out.returncode == 2 and result["exitCode"] == 2 and not (tmp_path / "out2").exists()
+    assert "corrupt safetensors header" in out.stderr.strip().splitlines()[-1]

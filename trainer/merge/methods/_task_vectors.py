@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .. import kernels
 from .base import MergeOutput, RowBlocks
 
 RESCALE_EPS = 1e-7
@@ -60,11 +61,16 @@ BRACKET_SIGMAS = 5.0  # half-width of the bracket in standard errors of the samp
 BRACKET_SLACK = 0.005  # ...plus this much, because rows of real deltas differ (the sample is not iid)
 
 
-def magnitude_cuts(magnitudes: Callable[[], Iterator[list[torch.Tensor]]], numel: int,
-                   densities: list[float], sample: list[np.ndarray] | None = None) -> list[MagnitudeCut | None]:
+# One pass over a tensor: per block, (base, [each other model]) as numpy arrays the kernels read
+# (kernels.block_arrays) or as tensors in the compute dtype for the torch code.
+Inputs = Callable[[], Iterator[tuple]]
+
+
+def magnitude_cuts(inputs: Inputs, numel: int, densities: list[float],
+                   sample: list[np.ndarray] | None = None) -> list[MagnitudeCut | None]:
     """Per model, the cut keeping ``int(density * numel)`` entries (None: keep everything).
 
-    ``magnitudes()`` yields, block by block in row order, one float32 |delta| per model. Without a ``sample``
+    ``inputs()`` yields, block by block in row order, (base, [each other model]). Without a ``sample``
     every magnitude is kept and the cut is selected from all of them (for a tensor served as one block).
     With a sample (per model, |delta| of a spread of rows), one pass keeps only the magnitudes inside a
     bracket around the sample's estimate of the cut; when the cut is not inside it (a sample very unlike
@@ -78,15 +84,20 @@ def magnitude_cuts(magnitudes: Callable[[], Iterator[list[torch.Tensor]]], numel
     bounds = {i: _bracket(sample[i], ks[i], numel) if sample is not None else (-np.inf, np.inf) for i in active}
     above = {i: 0 for i in active}
     bands: dict[int, list[np.ndarray]] = {i: [] for i in active}
-    for block in magnitudes():
+    for base, others in inputs():
         for i in active:
-            values = block[i].reshape(-1).numpy()
             lo, hi = bounds[i]
             if hi == np.inf and lo == -np.inf:
-                bands[i].append(values)
-                continue
-            above[i] += int(np.count_nonzero(values > hi))
-            bands[i].append(values[(values >= lo) & (values <= hi)])
+                bands[i].append(_magnitude(base, others[i]).reshape(-1).numpy())
+            elif isinstance(base, np.ndarray):
+                band = np.empty(base.size + 1, np.float32)
+                count, kept = kernels.magnitude_band(base, others[i], kernels.f32(lo), kernels.f32(hi), band)
+                above[i] += count
+                bands[i].append(band[:kept].copy())
+            else:
+                values = _magnitude(base, others[i]).reshape(-1).numpy()
+                above[i] += int(np.count_nonzero(values > hi))
+                bands[i].append(values[(values >= lo) & (values <= hi)])
     missed = []
     for i in active:
         cut = _cut_in_band(ks[i], above[i], np.concatenate(bands[i]) if bands[i] else np.empty(0, np.float32))
@@ -96,9 +107,21 @@ def magnitude_cuts(magnitudes: Callable[[], Iterator[list[torch.Tensor]]], numel
         else:
             cuts[i] = cut
     if missed:
+        def magnitudes() -> Iterator[list[torch.Tensor]]:
+            return ([_magnitude(base, other) for other in others] for base, others in inputs())
+
         for i, cut in zip(missed, _radix_cuts(magnitudes, [ks[i] for i in missed], missed)):
             cuts[i] = cut
     return cuts
+
+
+def _magnitude(base, other) -> torch.Tensor:
+    """|other - base| in float32 (the delta taken in the compute dtype), of tensors or kernel arrays."""
+    if isinstance(base, np.ndarray):
+        out = np.empty(base.size, np.float32)
+        kernels.abs_delta(base, other, out)
+        return torch.from_numpy(out)
+    return (other - base).abs().float()
 
 
 def _bracket(sample: np.ndarray, k: int, numel: int) -> tuple[float, float]:
@@ -194,10 +217,16 @@ def combine_blocks(src: RowBlocks, sparsify: str | None, consensus: bool, normal
             assert inputs.base is not None
             yield inputs.base, [other - inputs.base for other in inputs.others]
 
-    def magnitudes() -> Iterator[list[torch.Tensor]]:
-        return ([d.abs().float() for d in ds] for _, ds in deltas())
+    def inputs() -> Iterator[tuple]:
+        for start, end in src.ranges():
+            arrays = kernels.block_arrays(src, start, end)
+            if arrays is None:
+                block = src.inputs(start, end)
+                arrays = block.base, block.others
+            assert arrays[0] is not None
+            yield arrays
 
-    cuts = (magnitude_cuts(magnitudes, src.numel, list(p.densities), magnitude_sample(src))
+    cuts = (magnitude_cuts(inputs, src.numel, list(p.densities), magnitude_sample(src))
             if sparsify == "magnitude" else [])
     scales = list(p.weights)
     if sparsify == "random" and rescale_l1:  # a first pass over the same draws: L1 norms before and after
@@ -221,14 +250,55 @@ def combine_blocks(src: RowBlocks, sparsify: str | None, consensus: bool, normal
             return cuts[k].keep(d.abs().float(), d.dtype) if cuts[k] else None
         return draws[k](d) if draws else None
 
-    for base, ds in deltas():
-        weighted = []
-        for k, d in enumerate(ds):
-            keep = keep_mask(k, d)
-            if keep is not None:
-                d.mul_(keep)
-            weighted.append(d.mul_(scales[k]) if scales[k] != 1 else d)
-        yield _mix(base, weighted, p, consensus, normalize, counts_taken=sparsify is not None)
+    for (start, end), (base, others) in zip(src.ranges(), inputs()):
+        if isinstance(base, np.ndarray):  # the fused kernels
+            shape = (end - start, *src.shape[1:])
+            if draws:  # the random draws stay torch's (the same stream as the torch code's)
+                weighted = [kernels.flat(_weighted(torch.from_numpy(_fused_weighted_delta(base, other, 1.0, None))
+                                                   .reshape(shape), keep_mask, k, scales[k]))
+                            for k, other in enumerate(others)]
+            else:
+                weighted = [_fused_weighted_delta(base, other, scales[k], cuts[k] if cuts else None)
+                            for k, other in enumerate(others)]
+            yield _fused_mix(base, shape, weighted, p, consensus, normalize, counts_taken=sparsify is not None)
+        else:
+            weighted = [_weighted(other - base, keep_mask, k, scales[k]) for k, other in enumerate(others)]
+            yield _mix(base, weighted, p, consensus, normalize, counts_taken=sparsify is not None)
+
+
+def _weighted(d: torch.Tensor, keep_mask, k: int, scale: float) -> torch.Tensor:
+    """Delta ``d`` of model k times its keep mask and its scale, in place."""
+    keep = keep_mask(k, d)
+    if keep is not None:
+        d.mul_(keep)
+    return d.mul_(scale) if scale != 1 else d
+
+
+def _fused_weighted_delta(base: np.ndarray, other: np.ndarray, scale: float, cut: MagnitudeCut | None) -> np.ndarray:
+    """``_weighted`` of other - base with a magnitude cut (or none), in one kernel pass."""
+    out = np.empty(base.size, np.float32)
+    if cut is None:
+        kernels.weighted_delta(base, other, kernels.f32(scale), kernels.f32(-np.inf), True, 0, out)
+    else:
+        cut.ties = kernels.weighted_delta(base, other, kernels.f32(scale), kernels.f32(cut.threshold),
+                                          cut.all_ties, cut.ties, out)
+    return out
+
+
+def _fused_mix(base: np.ndarray, shape: tuple[int, ...], weighted: list[np.ndarray], p, consensus: bool,
+               normalize: bool, counts_taken: bool) -> MergeOutput:
+    """``_mix`` in one kernel."""
+    out = np.empty(base.size, np.float32)
+    taken = np.zeros(len(weighted), np.int64)
+    lam = kernels.f32(p.lambda_)
+    if consensus:
+        kernels.consensus_mix(base, tuple(weighted), np.asarray(p.weights, np.float32), normalize, lam, out, taken)
+    else:
+        total = float(sum(p.weights))
+        kernels.sum_mix(base, tuple(weighted), kernels.f32(total), normalize and abs(total) >= 1e-8, lam,
+                        counts_taken, out, taken)
+    counted = consensus or counts_taken
+    return MergeOutput(torch.from_numpy(out).reshape(shape), [int(t) for t in taken] if counted else None)
 
 
 def _random_draws(src: RowBlocks, count: int) -> list[Callable[[torch.Tensor], torch.Tensor | None]]:

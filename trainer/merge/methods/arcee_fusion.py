@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import kernels
 from .base import MergeInputs, MergeOutput, RowBlocks
 
 NAME = "arcee_fusion"
@@ -32,9 +33,10 @@ def row_kl(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     kl = torch.empty(rows_o.shape[0], dtype=torch.float32)
     block = max(1, KL_BLOCK_BYTES // max(1, rows_o.shape[1] * 4))
     for start in range(0, rows_o.shape[0], block):
-        p = torch.softmax(rows_o[start:start + block], dim=-1).add_(EPS)
-        q = torch.softmax(rows_b[start:start + block], dim=-1).add_(EPS)
-        kl[start:start + block] = torch.div(p, q, out=q).log_().mul_(p).sum(dim=-1)
+        p = torch.softmax(rows_o[start:start + block], dim=-1)
+        q = torch.softmax(rows_b[start:start + block], dim=-1)
+        kernels.kl_terms(kernels.flat(p), kernels.flat(q), kernels.f32(EPS))  # p + eps, (p + eps) / (q + eps)
+        kl[start:start + block] = q.log_().mul_(p).sum(dim=-1)
     return kl
 
 
@@ -51,10 +53,11 @@ def importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 def sample_positions(numel: int, generator: torch.Generator) -> torch.Tensor:
     """SAMPLE_SIZE flat positions, one drawn uniformly inside each of SAMPLE_SIZE equal runs (ascending)."""
-    runs = torch.arange(SAMPLE_SIZE, dtype=torch.float64)
     # float32 draws (2.8x faster than float64), placed in float64
-    drawn = runs.add_(torch.rand(SAMPLE_SIZE, generator=generator, dtype=torch.float32))
-    return drawn.mul_(numel / SAMPLE_SIZE).long().clamp_(max=numel - 1)
+    draws = torch.rand(SAMPLE_SIZE, generator=generator, dtype=torch.float32)
+    positions = torch.empty(SAMPLE_SIZE, dtype=torch.int64)
+    kernels.stratified_positions(draws.numpy(), numel, positions.numpy())
+    return positions
 
 
 def threshold(scores: torch.Tensor, generator: torch.Generator) -> float:
@@ -75,20 +78,25 @@ def _iqr_threshold(flat: torch.Tensor) -> float:
     return float(values[i2]) + 1.5 * (float(q3) - float(q1))
 
 
-def _select(other: torch.Tensor, base: torch.Tensor, score: torch.Tensor, cut: float) -> MergeOutput:
-    # a 0/1 float mask (torch's bool-writing kernels are several times slower); lerp is exact at both ends:
-    # B + 0 * (O - B) = B, and at weight 1 it computes O - (O - B) * 0 = O
-    take = torch.ge(score, cut, out=torch.empty(score.shape, dtype=torch.float32)).reshape(other.shape)
-    merged = torch.lerp(base.float(), other.float(), take).to(base.dtype)
-    taken = int(take.sum(dtype=torch.float32 if take.numel() < 1 << 24 else torch.float64))
-    return MergeOutput(merged, [taken], take.numel() - taken)
+def _select(base: np.ndarray, other: np.ndarray, shape: tuple[int, ...], kl: torch.Tensor, cut: float,
+            dtype: torch.dtype) -> MergeOutput:
+    """O where the score (|O - B| * the row's KL) is >= cut, B elsewhere (kernel arrays), in one pass."""
+    merged = torch.empty(shape, dtype=torch.float32)
+    taken = int(kernels.fusion_select(base, other, kernels.flat(kl.contiguous()), shape[-1] if shape else 1,
+                                      kernels.f32(cut), kernels.flat(merged)))
+    return MergeOutput(merged.to(dtype), [taken], merged.numel() - taken)
+
+
+def _as_float32(tensor: torch.Tensor) -> np.ndarray:
+    return kernels.flat(tensor.float().contiguous())
 
 
 def merge(inputs: MergeInputs) -> MergeOutput:
     base, (other,) = inputs.base, inputs.others
     assert base is not None
-    score = importance(other, base)
-    return _select(other, base, score, threshold(score, inputs.generator))
+    kl = row_kl(other, base)
+    return _select(_as_float32(base), _as_float32(other), tuple(other.shape), kl,
+                   threshold(scores(other, base, kl), inputs.generator), base.dtype)
 
 
 def merge_blocks(src: RowBlocks):
@@ -110,11 +118,16 @@ def merge_blocks(src: RowBlocks):
         lo_row, hi_row = start * per_row // width, end * per_row // width
         kl[lo_row:hi_row] = row_kl(other, base)
         lo, hi = (int(torch.searchsorted(drawn, start * per_row)), int(torch.searchsorted(drawn, end * per_row)))
-        at = drawn[lo:hi] - start * per_row
-        picked = (other.reshape(-1)[at].float() - base.reshape(-1)[at].float()).abs_()
-        sample[lo:hi] = picked.mul_(kl[lo_row + torch.div(at, width, rounding_mode="floor")])
+        kernels.fusion_scores_at(_as_float32(base), _as_float32(other), kernels.flat(kl[lo_row:hi_row]), width,
+                                 (drawn[lo:hi] - start * per_row).numpy(), sample[lo:hi].numpy())
     cut = _iqr_threshold(sample)
-    for start, end in src.ranges():
-        inputs = src.inputs(start, end)
-        (other,), base = inputs.others, inputs.base
-        yield _select(other, base, scores(other, base, kl[start * per_row // width:end * per_row // width]), cut)
+    for start, end in src.ranges():  # the choice reads the inputs as stored when it can (no float32 copy)
+        kl_rows = kl[start * per_row // width:end * per_row // width]
+        arrays = kernels.block_arrays(src, start, end)
+        if arrays is not None:
+            base_rows, (other_rows,) = arrays
+            yield _select(base_rows, other_rows, (end - start, *src.shape[1:]), kl_rows, cut, torch.float32)
+        else:
+            inputs = src.inputs(start, end)
+            (other,), base = inputs.others, inputs.base
+            yield _select(_as_float32(base), _as_float32(other), tuple(other.shape), kl_rows, cut, base.dtype)

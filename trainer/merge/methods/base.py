@@ -50,9 +50,10 @@ class RowBlocks:
     """One tensor of every input, served a block of rows at a time: small blocks keep a method's elementwise
     passes inside the CPU cache, and memory stays bounded however large the tensor is.
 
-    ``load(start, end)`` returns (anchor rows or None, [rows of each other model]) in the compute dtype.
-    Every method defines ``merge_blocks(RowBlocks)`` yielding a ``MergeOutput`` per block,
-    in row order; the result must equal ``merge`` on the whole tensor.
+    ``load(start, end)`` returns (anchor rows or None, [rows of each other model]) in the compute dtype;
+    ``load_stored``, when given, the same rows as stored in the files (methods with fused kernels read
+    bfloat16 directly instead of a float32 copy). Every method defines ``merge_blocks(RowBlocks)`` yielding a
+    ``MergeOutput`` per block, in row order; the result must equal ``merge`` on the whole tensor.
     """
 
     name: str
@@ -62,6 +63,8 @@ class RowBlocks:
     params: TensorParams
     generator: torch.Generator
     original_shape: tuple[int, ...] | None = None  # a scalar served as one row
+    compute_dtype: torch.dtype | None = None  # None: whatever ``load`` returns
+    load_stored: Callable[[int, int], tuple[torch.Tensor | None, list[torch.Tensor]]] | None = None
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         for start in range(0, self.shape[0], self.rows_per_block):
@@ -73,6 +76,13 @@ class RowBlocks:
         for d in self.shape:
             count *= d
         return count
+
+    def stored(self, start: int, end: int) -> tuple[torch.Tensor | None, list[torch.Tensor]] | None:
+        """The rows as stored in the files when the computation is in float32 (None otherwise): float32 and
+        bfloat16 widen exactly, so reading them as stored computes the same numbers."""
+        if self.compute_dtype != torch.float32:
+            return None
+        return (self.load_stored or self.load)(start, end)
 
     def inputs(self, start: int, end: int) -> MergeInputs:
         anchor, others = self.load(start, end)
@@ -91,7 +101,7 @@ class RowBlocks:
         first = inputs.base if inputs.base is not None else inputs.others[0]
         shape = tuple(first.shape) or (1,)
         return cls(inputs.name, shape, shape[0], lambda start, end: (rows(inputs.base), [rows(o) for o in inputs.others]),
-                   inputs.params, inputs.generator, original_shape=tuple(first.shape))
+                   inputs.params, inputs.generator, original_shape=tuple(first.shape), compute_dtype=first.dtype)
 
     def join(self, outputs: Iterator[MergeOutput]) -> MergeOutput:
         """One output for the whole tensor from the outputs of its blocks."""
