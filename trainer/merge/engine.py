@@ -218,5 +218,6 @@ def _merge_results(job: MergeJob, inputs: list[ModelFolder], planned) -> Iterato
 
     per_row = max(1, out.numel // out.shape[0]) * torch.empty((), dtype=job.compute_dtype).element_size()
     src = RowBlocks(out.name, out.shape, max(1, BLOCK_BYTES // per_row), load, params, generator,
-                    compute_dtype=job.compute_dtype, load_stored=lambda start, end: split(rows(start, end)))
+                    compute_dtype=job.compute_dtype, load_stored=lambda start, end: split(rows(start, end)),
+                    out_dtype=out.dtype)
     yield from job.method.merge_blocks(src)

@@ -49,6 +49,37 @@ def _value(x):
     return None
 
 
+# Outputs are written as the engine stores them: a bfloat16 result is rounded here, not in another pass.
+def store(out, i, x):
+    """out[i] = float32 ``x`` (bfloat16 bits in a uint16: rounded to nearest even as torch's cast does)."""
+    raise NotImplementedError("only inside numba-compiled code")
+
+
+@intrinsic
+def _float32_bits(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(x), codegen
+
+
+@overload(store)
+def _store(out, i, x):
+    if out.dtype == types.uint16:
+        def impl(out, i, x):
+            if x != x:  # NaN: what torch's vectorized cast writes
+                out[i] = np.uint16(0xFFFF)
+            else:
+                bits = np.uint32(_float32_bits(x))
+                out[i] = np.uint16((bits + ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF))
+                                   >> np.uint32(16))
+        return impl
+    if out.dtype == types.float32:
+        def impl(out, i, x):
+            out[i] = x
+        return impl
+    return None
+
+
 @njit(**JIT)
 def magnitude_band(base, other, lo, hi, band):
     """Of |other - base|: how many lie above ``hi``, and those in [lo, hi] copied into ``band`` (in order);
@@ -137,20 +168,22 @@ def consensus_mix(base, deltas, weights, normalize, lam, out, taken):
         _add(sign, deltas[k], sign)
     for i in range(n):
         sign[i] = one if sign[i] >= zero else -one
+    mixed = np.empty(n, np.float32)
     divisor = np.empty(n, np.float32)
     for k in range(last + 1):
-        taken[k] += _agree(deltas[k], sign, weights[k], k == 0, out, divisor)
+        taken[k] += _agree(deltas[k], sign, weights[k], k == 0, mixed, divisor)
     if normalize:
         smallest = weights.min()
         if smallest > zero:
             for i in range(n):
-                out[i] = out[i] / max(divisor[i], smallest) * lam + value(base[i])
+                store(out, i, mixed[i] / max(divisor[i], smallest) * lam + value(base[i]))
         else:
             for i in range(n):
-                out[i] = out[i] / (divisor[i] + (one if divisor[i] == zero else zero)) * lam + value(base[i])
+                store(out, i, mixed[i] / (divisor[i] + (one if divisor[i] == zero else zero)) * lam
+                      + value(base[i]))
     else:
         for i in range(n):
-            out[i] = out[i] * lam + value(base[i])
+            store(out, i, mixed[i] * lam + value(base[i]))
 
 
 @njit(**JIT)
@@ -181,9 +214,10 @@ def sum_mix(base, deltas, total, normalize, lam, count_taken, out, taken):
     ``lam``, plus base. With ``count_taken``, ``taken[k]`` counts the nonzero entries of delta k."""
     n = base.size
     zero = np.float32(0)
-    _copy(deltas[0], out)
+    mixed = np.empty(n, np.float32)
+    _copy(deltas[0], mixed)
     for k in range(1, len(deltas)):
-        _add(out, deltas[k], out)
+        _add(mixed, deltas[k], mixed)
     if count_taken:
         for k in range(len(deltas)):
             d = deltas[k]
@@ -193,10 +227,10 @@ def sum_mix(base, deltas, total, normalize, lam, count_taken, out, taken):
             taken[k] += count
     if normalize:
         for i in range(n):
-            out[i] = out[i] / total * lam + value(base[i])
+            store(out, i, mixed[i] / total * lam + value(base[i]))
     else:
         for i in range(n):
-            out[i] = out[i] * lam + value(base[i])
+            store(out, i, mixed[i] * lam + value(base[i]))
 
 
 @njit(**JIT)
@@ -229,7 +263,7 @@ def _select_row(base, other, kl, cut, out):
         o = value(other[i])
         b = value(base[i])
         take = abs(o - b) * kl >= cut
-        out[i] = o if take else b
+        store(out, i, o if take else b)
         taken += take
     return taken
 
@@ -289,6 +323,13 @@ def block_arrays(src, start: int, end: int) -> tuple[np.ndarray | None, list[np.
     if any(a is None for a in arrays) or (anchor is not None and readable(anchor) is None):
         return None
     return readable(anchor), arrays
+
+
+def output(shape: tuple[int, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, np.ndarray]:
+    """A block's result tensor and the array the kernels write it through: in ``dtype`` when they can write
+    it (bfloat16, float32; rounding there is what casting afterwards would do), else float32."""
+    tensor = torch.empty(shape, dtype=dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32)
+    return tensor, readable(tensor)
 
 
 def flat(tensor: torch.Tensor) -> np.ndarray:

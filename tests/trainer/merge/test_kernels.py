@@ -26,9 +26,9 @@ def inputs(count, shape=(300, 130), seed=0):
 
 
 def run_blocked(method, base, others, params, rows_per_block=37, fused=True, monkeypatch=None,
-                compute=torch.float32):
+                compute=torch.float32, out=None):
     """The method over blocks of rows, its inputs stored as given and computed in ``compute`` (as the engine
-    serves them); ``fused=False`` keeps the torch code."""
+    serves them), the result cast to ``out`` as the engine does; ``fused=False`` keeps the torch code."""
     if not fused:
         monkeypatch.setattr(kernels, "block_arrays", lambda src, start, end: None)
 
@@ -39,10 +39,14 @@ def run_blocked(method, base, others, params, rows_per_block=37, fused=True, mon
         return base[s:e].to(compute), [o[s:e].to(compute) for o in others]
 
     src = RowBlocks("w", tuple(base.shape), rows_per_block, load, params,
-                    torch.Generator().manual_seed(tensor_seed(0, "w")), compute_dtype=compute, load_stored=stored)
+                    torch.Generator().manual_seed(tensor_seed(0, "w")), compute_dtype=compute, load_stored=stored,
+                    out_dtype=out)
     outs = list(METHODS[method].merge_blocks(src))
     monkeypatch.undo()
-    return src.join(iter(outs))
+    joined = src.join(iter(outs))
+    if out is not None:
+        joined.tensor = joined.tensor.to(out)
+    return joined
 
 
 CASES = [
@@ -60,13 +64,15 @@ CASES = [
 
 @pytest.mark.parametrize("method,count,params", CASES)
 @pytest.mark.parametrize("rows_per_block", [300, 37])
-@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
-def test_task_vector_kernels_equal_the_torch_code(method, count, params, rows_per_block, stored, monkeypatch):
+@pytest.mark.parametrize("stored,out", [(torch.float32, None), (torch.bfloat16, None),
+                                        (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)])
+def test_task_vector_kernels_equal_the_torch_code(method, count, params, rows_per_block, stored, out,
+                                                  monkeypatch):
     base, others = inputs(count)
     base, others = base.to(stored), [o.to(stored) for o in others]
     tp = TensorParams(**params)
-    fused = run_blocked(method, base, others, tp, rows_per_block, True, monkeypatch)
-    reference = run_blocked(method, base, others, tp, rows_per_block, False, monkeypatch)
+    fused = run_blocked(method, base, others, tp, rows_per_block, True, monkeypatch, out=out)
+    reference = run_blocked(method, base, others, tp, rows_per_block, False, monkeypatch, out=out)
     assert torch.equal(fused.tensor, reference.tensor)  # bit for bit (NaN-free inputs)
     assert fused.taken == reference.taken
 
@@ -115,15 +121,15 @@ def test_other_dtypes_keep_the_torch_code(compute, stored, monkeypatch):
     assert out.tensor.dtype == compute and not calls
 
 
-@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
-def test_arcee_fusion_over_blocks_equals_the_torch_code(stored, monkeypatch):
+@pytest.mark.parametrize("stored,out", [(torch.float32, None), (torch.bfloat16, torch.bfloat16)])
+def test_arcee_fusion_over_blocks_equals_the_torch_code(stored, out, monkeypatch):
     """A tensor above the sample size (blocked, sampled quantiles), read as stored or cast first."""
     g = torch.Generator().manual_seed(2)
     base = (torch.randn(1100, 1000, generator=g) * 0.02).to(stored)
     spikes = (torch.rand(1100, 1000, generator=g) < 0.02) * 0.05  # heavy tails: outlier scores exist
     other = (base.float() + torch.randn(1100, 1000, generator=g) * 1e-3 + spikes).to(stored)
-    fused = run_blocked("arcee_fusion", base, [other], TensorParams(), 150, True, monkeypatch)
-    reference = run_blocked("arcee_fusion", base, [other], TensorParams(), 150, False, monkeypatch)
+    fused = run_blocked("arcee_fusion", base, [other], TensorParams(), 150, True, monkeypatch, out=out)
+    reference = run_blocked("arcee_fusion", base, [other], TensorParams(), 150, False, monkeypatch, out=out)
     assert torch.equal(fused.tensor, reference.tensor) and fused.taken == reference.taken
     assert 0 < fused.taken[0] < base.numel()
 
@@ -142,3 +148,15 @@ def test_arcee_row_kl_and_sample_positions_equal_the_torch_formulas():
                     .mul_(numel / arcee_fusion.SAMPLE_SIZE).long().clamp_(max=numel - 1))
         positions = arcee_fusion.sample_positions(numel, torch.Generator().manual_seed(numel))
         assert torch.equal(positions, expected)
+
+
+def test_bfloat16_results_are_rounded_as_torch_casts():
+    """Results written as bfloat16 by the kernels: round to nearest even, ties, overflow to inf, NaN."""
+    specials = torch.tensor([0.0, -0.0, 1.0, 1.00390625, 1.005859375, 1.0029296875, 3.3895314e38, 3.4e38,
+                             -3.4e38, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-45])
+    values = torch.cat([specials, torch.randn(10_000, generator=torch.Generator().manual_seed(4)) * 1e3])
+    zero = torch.zeros_like(values)
+    result, out = kernels.output(tuple(values.shape), torch.bfloat16)
+    kernels.sum_mix(kernels.flat(zero), (kernels.flat(values),), kernels.f32(1.0), False, kernels.f32(1.0), False,
+                    out, np.zeros(1, np.int64))
+    assert torch.equal(result.view(torch.int16), (values + zero).to(torch.bfloat16).view(torch.int16))

@@ -260,7 +260,8 @@ def combine_blocks(src: RowBlocks, sparsify: str | None, consensus: bool, normal
             else:
                 weighted = [_fused_weighted_delta(base, other, scales[k], cuts[k] if cuts else None)
                             for k, other in enumerate(others)]
-            yield _fused_mix(base, shape, weighted, p, consensus, normalize, counts_taken=sparsify is not None)
+            yield _fused_mix(base, kernels.output(shape, src.out_dtype), weighted, p, consensus, normalize,
+                             counts_taken=sparsify is not None)
         else:
             weighted = [_weighted(other - base, keep_mask, k, scales[k]) for k, other in enumerate(others)]
             yield _mix(base, weighted, p, consensus, normalize, counts_taken=sparsify is not None)
@@ -285,10 +286,10 @@ def _fused_weighted_delta(base: np.ndarray, other: np.ndarray, scale: float, cut
     return out
 
 
-def _fused_mix(base: np.ndarray, shape: tuple[int, ...], weighted: list[np.ndarray], p, consensus: bool,
-               normalize: bool, counts_taken: bool) -> MergeOutput:
-    """``_mix`` in one kernel."""
-    out = np.empty(base.size, np.float32)
+def _fused_mix(base: np.ndarray, output: tuple[torch.Tensor, np.ndarray], weighted: list[np.ndarray], p,
+               consensus: bool, normalize: bool, counts_taken: bool) -> MergeOutput:
+    """``_mix`` in one kernel, into ``output`` (kernels.output)."""
+    result, out = output
     taken = np.zeros(len(weighted), np.int64)
     lam = kernels.f32(p.lambda_)
     if consensus:
@@ -298,7 +299,7 @@ def _fused_mix(base: np.ndarray, shape: tuple[int, ...], weighted: list[np.ndarr
         kernels.sum_mix(base, tuple(weighted), kernels.f32(total), normalize and abs(total) >= 1e-8, lam,
                         counts_taken, out, taken)
     counted = consensus or counts_taken
-    return MergeOutput(torch.from_numpy(out).reshape(shape), [int(t) for t in taken] if counted else None)
+    return MergeOutput(result, [int(t) for t in taken] if counted else None)
 
 
 def _random_draws(src: RowBlocks, count: int) -> list[Callable[[torch.Tensor], torch.Tensor | None]]:

@@ -79,12 +79,13 @@ def _iqr_threshold(flat: torch.Tensor) -> float:
 
 
 def _select(base: np.ndarray, other: np.ndarray, shape: tuple[int, ...], kl: torch.Tensor, cut: float,
-            dtype: torch.dtype) -> MergeOutput:
-    """O where the score (|O - B| * the row's KL) is >= cut, B elsewhere (kernel arrays), in one pass."""
-    merged = torch.empty(shape, dtype=torch.float32)
+            dtype: torch.dtype | None) -> MergeOutput:
+    """O where the score (|O - B| * the row's KL) is >= cut, B elsewhere (kernel arrays), in one pass,
+    written in ``dtype`` when the kernel can (kernels.output)."""
+    merged, out = kernels.output(shape, dtype)
     taken = int(kernels.fusion_select(base, other, kernels.flat(kl.contiguous()), shape[-1] if shape else 1,
-                                      kernels.f32(cut), kernels.flat(merged)))
-    return MergeOutput(merged.to(dtype), [taken], merged.numel() - taken)
+                                      kernels.f32(cut), out))
+    return MergeOutput(merged if dtype is None else merged.to(dtype), [taken], merged.numel() - taken)
 
 
 def _as_float32(tensor: torch.Tensor) -> np.ndarray:
@@ -126,7 +127,7 @@ def merge_blocks(src: RowBlocks):
         arrays = kernels.block_arrays(src, start, end)
         if arrays is not None:
             base_rows, (other_rows,) = arrays
-            yield _select(base_rows, other_rows, (end - start, *src.shape[1:]), kl_rows, cut, torch.float32)
+            yield _select(base_rows, other_rows, (end - start, *src.shape[1:]), kl_rows, cut, src.out_dtype)
         else:
             inputs = src.inputs(start, end)
             (other,), base = inputs.others, inputs.base

@@ -64,6 +64,7 @@ class RowBlocks:
     generator: torch.Generator
     original_shape: tuple[int, ...] | None = None  # a scalar served as one row
     compute_dtype: torch.dtype | None = None  # None: whatever ``load`` returns
+    out_dtype: torch.dtype | None = None  # what the engine stores: kernels may write results in it directly
     load_stored: Callable[[int, int], tuple[torch.Tensor | None, list[torch.Tensor]]] | None = None
 
     def ranges(self) -> Iterator[tuple[int, int]]:
