@@ -7,7 +7,9 @@ that agree with the sign of the weighted sum; the mix is divided by the summed w
 Everything runs over blocks of rows small enough to stay in the CPU cache: a merge is a dozen elementwise
 passes, and done on whole tensors each pass would stream the tensor through main memory again. What needs
 the whole tensor (the magnitude cut, DARE's L1 rescale) is gathered in counting passes first, so memory
-does not grow with the tensor either.
+does not grow with the tensor either. In float32 over float32 or bfloat16 inputs (the usual case) a block's
+passes are fused kernels (``kernels``) with the same arithmetic; the torch code below serves other dtypes
+and is what the kernels are tested against.
 """
 from __future__ import annotations
 
