@@ -27,8 +27,9 @@ _SAME_AS_BASE = ("((has(m.uri) && has(self.base.uri) && m.uri == self.base.uri) 
 class MergeInput(ModelRef):
     """One model to merge, with its per-model parameters."""
 
-    weight: Weight = 1.0
-    """Relative weight (linear, task_arithmetic, ties, dare_*)."""
+    weight: Weight | None = None
+    """Relative weight (linear, task_arithmetic, ties, dare_*); 1.0 when unset. Not a CRD default: methods
+    without weights (slerp, arcee_fusion, model_stock) reject it, and the API server stores CRD defaults."""
     density: Density | None = None
     """Fraction of the task vector kept (ties: by magnitude; dare_*: random); defaults to parameters.density."""
 
@@ -46,12 +47,15 @@ class TensorOverride(ApiModel):
 
 
 class MergeParameters(ApiModel):
-    normalize: bool = True
-    """Divide by the sum of the weights (linear, ties, dare_ties, dare_linear)."""
-    lambda_: Annotated[float, Field(ge=0, le=100)] = Field(default=1.0, alias="lambda")
-    """Scale of the merged task vector (task_arithmetic, ties, dare_*)."""
-    rescale: bool = True
-    """dare_*: rescale the kept entries so the task vector's L1 norm is preserved."""
+    """Each parameter applies to some methods only, so none has a CRD default (the API server would store
+    it in every Merge, and methods that do not use it reject it); the stage fills in the documented value."""
+
+    normalize: bool | None = None
+    """Divide by the sum of the weights (linear, ties, dare_ties, dare_linear); true when unset."""
+    lambda_: Annotated[float, Field(ge=0, le=100)] | None = Field(default=None, alias="lambda")
+    """Scale of the merged task vector (task_arithmetic, ties, dare_*); 1.0 when unset."""
+    rescale: bool | None = None
+    """dare_*: rescale the kept entries so the task vector's L1 norm is preserved; true when unset."""
     density: Density | None = None
     """Default density for models that set none."""
     t: Annotated[float, Field(ge=0, le=1)] | None = None

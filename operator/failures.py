@@ -7,9 +7,9 @@ too; the Job's activeDeadlineSeconds running out is permanent (the next attempt 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+from ..api import finite as finite_json
 from ..trainer.errors import EXIT_INVALID, EXIT_RETRYABLE
 from . import conditions as C
 from .builders import COMPLETION_INDEX_ANNOTATION, MAIN_CONTAINER
@@ -82,7 +82,7 @@ def parse_message(text: str | None) -> dict | None:
     if not text:
         return None
     try:
-        value = json.loads(text)
+        value = finite_json.loads(text)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None

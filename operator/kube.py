@@ -68,7 +68,8 @@ class KubeClient:
                       params: dict | None = None, ok404: bool = False) -> dict | None:
         if self._session is None:
             await self._open()
-        data = json.dumps(body) if body is not None else None
+        # allow_nan=False: kube-apiserver rejects NaN/Infinity; fail here, naming the request, not with a 400
+        data = json.dumps(body, allow_nan=False) if body is not None else None
         relogged = False
         for attempt in range(4):
             assert self._session is not None

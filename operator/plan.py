@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 
 from pydantic import ValidationError
 
+from ..api import finite as finite_json
 from ..api.graph import references
 from ..api.resources import KIND_INFO, CustomResource
 from ..api.validation import InvalidManifest, _schema_errors
@@ -214,7 +215,7 @@ def recorded_result(configmap: dict | None) -> dict | None:
         return None
     text = (configmap.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_RESULT)
     try:
-        return json.loads(text) if text else None
+        return finite_json.loads(text) if text else None
     except ValueError:
         return None
 

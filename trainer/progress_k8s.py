@@ -20,6 +20,8 @@ import threading
 import time
 import urllib.request
 
+from ..api.finite import finite
+
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
@@ -110,7 +112,7 @@ class StatusSink:
                     headers["Authorization"] = "Bearer " + f.read().strip()
             except OSError:
                 pass
-        body = json.dumps(self.patch_for(event)).encode()
+        body = json.dumps(finite(self.patch_for(event)), allow_nan=False).encode()
         request = urllib.request.Request(self.url, data=body, method="PATCH", headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as resp:

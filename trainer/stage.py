@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..api.common import DatasetRef, ModelRef
+from ..api.finite import finite
 from ..api.graph import references
 from ..api.resources import KIND_INFO, CustomResource
 from ..api.validation import InvalidManifest, parse_resource
@@ -101,7 +102,7 @@ def _write_termination_log(result: dict) -> None:
         return
     compact = {k: result[k] for k in ("phase", "outputUri", "digest", "error") if k in result}
     compact["metrics"] = _flat_metrics(result.get("metrics", {}))
-    text = json.dumps(compact, separators=(",", ":"))
+    text = json.dumps(compact, separators=(",", ":"), allow_nan=False)
     if len(text.encode()) > TERMINATION_LOG_LIMIT:  # keep the essentials; full metrics are in the result file
         compact["metrics"] = {}
         text = json.dumps(compact, separators=(",", ":"))[:TERMINATION_LOG_LIMIT]
@@ -143,7 +144,8 @@ def run(stage: str, spec_file: str | Path, result_file: str | Path | None = None
             files = read_manifest(output_dir)
             if files is None:
                 raise StageError(f"stage {stage} finished without publishing {output_dir}")
-            result.update(phase="Succeeded", files=files, digest=combined_digest(files), metrics=metrics)
+            # finite(): a NaN loss is reported as null; the API server rejects NaN in the CR's status
+            result.update(phase="Succeeded", files=files, digest=combined_digest(files), metrics=finite(metrics))
     except StageError as err:
         code = err.exit_code
         result.update(phase="Failed", error=str(err), exitCode=code)

@@ -76,6 +76,20 @@ def test_success_reads_termination_message_and_records_result():
     assert status_changed(doc["status"], again.status) == {}
 
 
+def test_a_non_finite_metric_from_an_older_stage_never_reaches_the_status_as_nan():
+    """kube-apiserver answers 400 to a body holding NaN, so a NaN copied into status would fail every later
+    status write of the CR. A stage image of an older release can still write one: it is read as null."""
+    doc = cr("Merge", "m", MERGE_SPEC)
+    job = step(doc).create[-1]
+    name = job["metadata"]["name"]
+    message = '{"phase":"Succeeded","outputUri":"pvc://models/merged","digest":"sha256:abc",' \
+              '"metrics":{"finalLoss":NaN,"tokens":-Infinity,"tensorsMerged":5}}'
+    p = step(doc, Observed(jobs=[finish_job(job, True)], pods={name: [pod(name, message=message)]}))
+    assert p.status["phase"] == "Succeeded" and p.status["metrics"]["tensorsMerged"] == 5
+    json.dumps(p.status, allow_nan=False)  # strict JSON, as the API server parses it
+    json.dumps(p.patch, allow_nan=False)
+
+
 def test_retryable_failure_backs_off_then_new_attempt_until_limit():
     spec = {**MERGE_SPEC, "runPolicy": {"backoffLimit": 1, "backoffSeconds": 10}}
     doc = cr("Merge", "m", spec)

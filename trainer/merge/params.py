@@ -16,6 +16,16 @@ _MODEL_FIELDS = {"weight": "weight", "density": "density"}
 _OVERRIDE_FIELDS = {"t": "t", "density": "density", "weight_scale": "weight_scale", "lambda_": "lambda"}
 
 
+# What an unset parameter means. A spec stored by an older CRD that defaulted these (or written out in
+# full by a tool) carries them for every method: the neutral value is accepted where a method ignores it.
+NEUTRAL = {"normalize": True, "lambda_": 1.0, "rescale": True, "weight": 1.0}
+
+
+def _effective(value, field: str) -> bool:
+    """Whether a parameter set to ``value`` would change anything (None and the neutral value do not)."""
+    return value is not None and not (field in NEUTRAL and value == NEUTRAL[field])
+
+
 def _wire(name: str) -> str:
     return {"lambda_": "lambda", "weight_scale": "weightScale"}.get(name, name)
 
@@ -25,11 +35,11 @@ def check_parameters(spec: MergeSpec, method: ModuleType) -> None:
     accepts = method.ACCEPTS
     hint = f"(method {method.NAME} uses: {', '.join(sorted(accepts)) or 'no parameters'})"
     for field in spec.parameters.model_fields_set & _GLOBAL_FIELDS.keys():
-        if _GLOBAL_FIELDS[field] not in accepts and getattr(spec.parameters, field) is not None:
+        if _GLOBAL_FIELDS[field] not in accepts and _effective(getattr(spec.parameters, field), field):
             raise InvalidInput(f"spec.parameters.{_wire(field)}: unknown parameter for {method.NAME} {hint}")
     for i, model in enumerate(spec.models):
         for field in model.model_fields_set & _MODEL_FIELDS.keys():
-            if _MODEL_FIELDS[field] not in accepts and getattr(model, field) is not None:
+            if _MODEL_FIELDS[field] not in accepts and _effective(getattr(model, field), field):
                 raise InvalidInput(f"spec.models[{i}].{field}: unknown parameter for {method.NAME} {hint}")
     for i, override in enumerate(spec.parameters.overrides):
         for field in override.model_fields_set & _OVERRIDE_FIELDS.keys():
@@ -40,6 +50,11 @@ def check_parameters(spec: MergeSpec, method: ModuleType) -> None:
             re.compile(override.tensors)
         except re.error as err:
             raise InvalidInput(f"spec.parameters.overrides[{i}].tensors: bad regular expression: {err}") from None
+
+
+def _or(value, default):
+    """The documented default of a parameter left unset (they are not CRD defaults: see MergeParameters)."""
+    return default if value is None else value
 
 
 @dataclass
@@ -65,13 +80,13 @@ class ParamResolver:
         scale = override.weight_scale if override is not None and override.weight_scale is not None else 1.0
         density_override = override.density if override is not None else None
         return TensorParams(
-            weights=tuple(m.weight * scale for m in models),
+            weights=tuple(_or(m.weight, NEUTRAL['weight']) * scale for m in models),
             densities=tuple(density_override if density_override is not None else
                             (m.density if m.density is not None else p.density) for m in models),
             t=override.t if override is not None and override.t is not None else p.t,
-            lambda_=override.lambda_ if override is not None and override.lambda_ is not None else p.lambda_,
-            normalize=p.normalize,
-            rescale=p.rescale,
+            lambda_=override.lambda_ if override is not None and override.lambda_ is not None else _or(p.lambda_, NEUTRAL['lambda_']),
+            normalize=_or(p.normalize, NEUTRAL['normalize']),
+            rescale=_or(p.rescale, NEUTRAL['rescale']),
         )
 
 

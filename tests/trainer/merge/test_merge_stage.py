@@ -405,3 +405,41 @@ def test_the_stage_command_ends_its_process_with_the_stage_outcome(tmp_path, thr
                                          parameters={"density": 0.5}), "bad")
     assert out.returncode == 2 and result["exitCode"] == 2 and not (tmp_path / "out2").exists()
     assert "corrupt safetensors header" in out.stderr.strip().splitlines()[-1]
+
+
+def test_parameters_an_older_crd_stored_are_accepted_by_every_method(tmp_path, three):
+    """The API server stores CRD defaults in the spec. Releases up to 0.1.0 defaulted normalize, lambda,
+    rescale and models[].weight for every method, so Merges stored by them carry those values even where
+    the method ignores them (arcee_fusion, slerp): they must still run. A value that would change
+    something is still rejected."""
+    (base_dir, a_dir, b_dir), _ = three
+    stored = {"normalize": True, "lambda": 1.0, "rescale": True, "overrides": []}
+    for method, models, params in (("arcee_fusion", [a_dir, base_dir], {}), ("slerp", [a_dir, base_dir], {"t": 0.5}),
+                                   ("ties", [a_dir, b_dir], {"density": 0.5})):
+        doc = merge_manifest("m", method, tmp_path / f"out-{method}", [(m, {"weight": 1.0}) for m in models],
+                             base=base_dir, parameters={**stored, **params})
+        code, result = run_stage(tmp_path, doc, name=method)
+        assert code == 0, result
+    doc = merge_manifest("m", "arcee_fusion", tmp_path / "out-bad", [a_dir, base_dir], base=base_dir,
+                         parameters={"rescale": False})
+    code, result = run_stage(tmp_path, doc, name="bad")
+    _assert_failed_cleanly(tmp_path, code, result, "spec.parameters.rescale")
+
+
+def test_non_finite_metrics_are_reported_as_null(tmp_path, three, monkeypatch):
+    """kube-apiserver rejects NaN/Infinity in a request body, so a diverged loss must not reach the CR's
+    status as NaN: the result file holds null, the termination message leaves it out, both strict JSON."""
+    import branchmerge.trainer.merge.stage as merge_stage
+
+    (base_dir, a_dir, b_dir), _ = three
+    real = merge_stage.run
+    monkeypatch.setattr(merge_stage, "run", lambda ctx: {**(real(ctx) or {}), "loss": float("nan"),
+                                                         "nested": {"x": float("inf")}})
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("BRANCHMERGE_TERMINATION_LOG", str(log))
+    code, result = run_stage(tmp_path, merge_manifest("m", "linear", tmp_path / "out", [a_dir, b_dir]))
+    assert code == 0, result
+    assert result["metrics"]["loss"] is None and result["metrics"]["nested"]["x"] is None
+    strict = json.loads(log.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the termination message"))
+    # the compact message keeps scalars only: an unknown metric is left out
+    assert "loss" not in strict["metrics"] and "nested.x" not in strict["metrics"] and strict["phase"] == "Succeeded"
