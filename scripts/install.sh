@@ -25,4 +25,7 @@ if command -v npm >/dev/null && [ ! -d .cache/node/node_modules/@prometheus-io/l
   npm install --silent --no-audit --no-fund --prefix .cache/node @prometheus-io/lezer-promql@0.315.0 \
     @lezer/lr@1.4.12 @lezer/highlight@1.2.5 >/dev/null 2>&1 || echo "note: lezer-promql not installed: PromQL tests will skip"
 fi
+# The test cluster's image environments (.cache/images/<image>/venv): exactly what images/*/Dockerfile
+# install, replayed from the Dockerfiles (testcluster/images.py); a stamp skips them when unchanged
+.venv/bin/python -m testcluster.images build
 .venv/bin/python -c "import torch, vllm, deepspeed, kopf; print('installed: torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| kopf', kopf.__version__)" 2>&1 | tail -1

@@ -54,3 +54,17 @@ def tiny_vllm(tiny_model):
     engine = open_engine(Engine(name="vllm", dtype="float32", enforce_eager=True, max_model_len=1024), tiny_model)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def reduced_quickstart(tmp_path_factory) -> tuple[Path, object]:
+    """``branchmerge quickstart --size reduced`` run once per session (about 2.5 min): (its folder, the
+    finished process). tests/local checks the run itself; tests/cluster runs the same manifests through
+    the operator on the stand-in cluster and compares the outputs' digests with this run's."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("quickstart") / "qs"
+    proc = subprocess.run([sys.executable, "-m", "branchmerge.cli", "quickstart", str(root), "--size", "reduced",
+                           "--plain"], capture_output=True, text=True, timeout=900)
+    return root, proc

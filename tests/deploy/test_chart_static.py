@@ -231,7 +231,7 @@ def test_versions_and_uids_agree_across_chart_images_and_operator():
 
     from branchmerge.operator.options import OperatorOptions
 
-    from . import dockerfiles as D
+    from testcluster import dockerfiles as D
     from .helpers import IMAGES
 
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from . import dockerfiles as D
+from testcluster import dockerfiles as D
 from .helpers import IMAGES, REPO
 
 IMAGE_EXTRAS = {"operator": {"operator"}, "trainer": {"trainer", "gpu"}, "trainer-cpu": {"trainer", "cpu"}}

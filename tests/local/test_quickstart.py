@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,10 +30,8 @@ def test_committed_example_manifests_match_the_generator():
 
 
 @pytest.mark.slow
-def test_reduced_quickstart_end_to_end(tmp_path):
-    root = tmp_path / "qs"
-    proc = subprocess.run([sys.executable, "-m", "branchmerge.cli", "quickstart", str(root), "--size", "reduced",
-                           "--plain"], capture_output=True, text=True, timeout=900)
+def test_reduced_quickstart_end_to_end(reduced_quickstart):
+    root, proc = reduced_quickstart
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     statuses = {p.parent.name + "/" + p.stem: json.loads(p.read_text()) for p in (root / "status").glob("*/*.json")}
     assert len(statuses) == len(pipeline(root / "inputs", "reduced"))

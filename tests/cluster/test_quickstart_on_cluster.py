@@ -1,0 +1,96 @@
+"""The quickstart pipeline through the real operator on the stand-in cluster, against `branchmerge run`.
+
+The reduced quickstart's manifests are applied as CRs to the API-server stand-in (CRD defaulting,
+pruning, schema + CEL validation), reconciled by `branchmerge operator` running in the operator image's
+environment, and every stage runs as a pod: the Job controller creates it, the node runs its real
+command (`branchmerge stage ...`) in the trainer-cpu image's environment, with the ConfigMap, the PVC
+and /tmp mounted at the paths the operator chose, as uid 1000. Every CR must succeed, and every model,
+dataset and generation record it publishes must have the same sha256 as the same stage's output in the
+`branchmerge run` of those manifests (the reduced_quickstart fixture); eval scores must be equal.
+The stages' own run records (branchmerge_*.json, teachergen.json, results.*) name their input URIs and
+times, so they are compared by their scores, not by bytes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+import yaml
+
+from branchmerge.trainer.publish import combined_digest, read_manifest
+from testcluster import images
+from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
+
+from .helpers import diagnose, on_claim, phases
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not all((images.venv_dir(n) / "bin" / "python").exists()
+                                         for n in ("operator", "trainer-cpu")),
+                                 reason="image environments not built (scripts/install.sh builds them)")]
+
+NS = "qs"
+CLAIM = "qs"
+# The run's record of itself: input URIs and timings differ between any two runs by design.
+RUN_RECORDS = {"branchmerge_sft.json", "branchmerge_merge.json", "teachergen.json", "results.json", "results.md"}
+
+
+def _content(files: dict[str, str]) -> dict[str, str]:
+    return {path: digest for path, digest in files.items() if path.split("/")[-1] not in RUN_RECORDS}
+
+
+def _scores(folder) -> dict:
+    results = json.loads((folder / "results.json").read_text())
+    return {name: (b["pass1"], b["n"]) for name, b in results["benchmarks"].items()}
+
+
+def test_quickstart_through_the_operator_matches_branchmerge_run(reduced_quickstart, tmp_path):
+    root, proc = reduced_quickstart
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    local = [d for f in sorted((root / "manifests").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    docs = on_claim(local, root, CLAIM)
+
+    started = time.time()
+    with Cluster(tmp_path / "cluster") as cluster:
+        cluster.namespace(NS)
+        claim = cluster.pvc(NS, CLAIM)
+        shutil.copytree(root / "inputs", claim / "inputs")
+        cluster.operator(NS, "--image", TRAINER_CPU_IMAGE, "--default-output-root", f"pvc://{CLAIM}/outputs")
+        for doc in docs:
+            cluster.api.create(doc, NS)
+        # Done when all succeeded; a Failed CR ends the wait at once (its downstreams would wait for it,
+        # Waiting/UpstreamFailed, until a user fixes it).
+        try:
+            final = cluster.wait(lambda: (lambda p: p if all(v == "Succeeded" for v in p.values()) or
+                                          "Failed" in p.values() else None)(phases(cluster, NS, docs)),
+                                 1500, "every CR to succeed", 2.0)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{diagnose(cluster, NS, docs)}") from None
+        failed = {k: v for k, v in final.items() if v != "Succeeded"}
+        assert not failed, f"{failed}\n{diagnose(cluster, NS, docs)}"
+        wall = time.time() - started
+        statuses = {f"{d['kind']}/{d['metadata']['name']}":
+                    cluster.api.get(d["kind"], NS, d["metadata"]["name"])["status"] for d in docs}
+        pods = cluster.api.list("Pod", NS)
+
+    compared = 0
+    for key, status in statuses.items():
+        kind, name = key.split("/")
+        out_uri = status["output"]["uri"]
+        assert out_uri == f"pvc://{CLAIM}/outputs/{NS}/{kind.lower()}/{name}"
+        published = claim / "outputs" / NS / kind.lower() / name
+        files = read_manifest(published)
+        assert files is not None, f"{key}: nothing published at {published}"
+        ref_folder = root / "outputs" / kind.lower() / name
+        ref_files = read_manifest(ref_folder)
+        assert _content(files) == _content(ref_files), f"{key}: outputs differ from branchmerge run's"
+        compared += len(_content(files))
+        if kind == "Eval":
+            assert _scores(published) == _scores(ref_folder), key
+        assert status["output"]["digest"] == combined_digest(files), f"{key}: status does not match what is published"
+    # Each stage ran once, as a pod of the trainer-cpu image, non-root, and every pod succeeded.
+    assert len(pods) == len(docs) and all(p["status"]["phase"] == "Succeeded" for p in pods)
+    assert {p["spec"]["containers"][0]["image"] for p in pods} == {TRAINER_CPU_IMAGE}
+    print(f"\n{len(docs)} CRs succeeded through the operator in {wall:.0f} s; {compared} published files "
+          f"identical to branchmerge run's")
