@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from branchmerge.operator.emulator import Api
@@ -32,6 +31,7 @@ from . import images
 from .apiserver import ApiServer
 from .jobcontroller import JobController
 from .ttl import TTLController
+from .wait import wait_for
 from .kubelet import Node
 from .podnet import PodNetwork
 
@@ -169,11 +169,4 @@ class Cluster:
 
     def wait(self, predicate, timeout: float, what: str, interval: float = 0.5):
         """Poll ``predicate`` until it returns something truthy; AssertionError naming ``what`` on timeout."""
-        deadline = time.time() + timeout
-        last = None
-        while time.time() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+        return wait_for(predicate, timeout, interval, what)

@@ -9,17 +9,7 @@ import urllib.request
 from branchmerge.operator.emulator import Api
 
 from opfixtures import NS, pod
-
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+from testcluster.wait import wait_for  # noqa: F401 -- the tests import it from here
 
 
 def manifest(doc: dict) -> dict:

@@ -40,6 +40,9 @@ def load_tokenizer(path: Path, spec):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    # transformers records how it was loaded (HF_HUB_OFFLINE -> local_files_only) and saves it with the
+    # tokenizer: the published tokenizer_config.json would then differ between a pod and a laptop
+    tokenizer.init_kwargs.pop("local_files_only", None)
     if spec.chat_template:
         tokenizer.chat_template = spec.chat_template
     if not tokenizer.chat_template:

@@ -1,0 +1,96 @@
+"""A 2-pod BranchSFT through the operator on the stand-in cluster: an Indexed Job of two pods, each in
+its own network namespace, torchrun in each (PET_* from the operator, node rank from the completion
+index), the rendezvous at ``<job>-0.<service>:29500`` resolved through the headless Service the
+operator creates, after the wait-for-peers init container has seen that name resolve. The trained
+model must be byte-identical to `branchmerge run`'s of the same manifest (2 ranks under torchrun on
+this machine, gloo both times).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from branchmerge.trainer.publish import read_manifest
+from branchmerge.trainer.tiny import build_tiny_model
+from testcluster import images
+from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
+
+from .helpers import diagnose, on_claim, phases
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not all((images.venv_dir(n) / "bin" / "python").exists()
+                                         for n in ("operator", "trainer-cpu")),
+                                 reason="image environments not built (scripts/install.sh builds them)")]
+
+NS = "multi"
+
+
+def _inputs(root):
+    build_tiny_model(root / "models" / "base")
+    records = [{"prompt": f"what is {a} + {b}?", "response": f"<think>{a} + {b} = {a + b}.</think> "
+                f"The answer is \\boxed{{{a + b}}}."} for a in range(4) for b in range(4)]
+    data = root / "data" / "train.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _manifest(root) -> dict:
+    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "BranchSFT", "metadata": {"name": "two-ranks"},
+            "spec": {"base": {"uri": (root / "models" / "base").resolve().as_uri()},
+                     "data": [{"uri": (root / "data" / "train.jsonl").resolve().as_uri()}],
+                     "training": {"epochs": 1, "learningRate": 2e-3, "globalBatchSize": 4, "microBatchSize": 1,
+                                  "maxSeqLen": 256, "packing": "neat", "seed": 7, "precision": "fp32"},
+                     "deepspeed": {"zeroStage": 2},
+                     "resources": {"nodes": 2},
+                     "runPolicy": {"backoffLimit": 0}}}
+
+
+def _content(files: dict) -> dict:
+    return {k: v for k, v in files.items() if not k.startswith("branchmerge_")}
+
+
+def test_two_pod_branchsft_rendezvous_and_matches_branchmerge_run(tmp_path):
+    local = tmp_path / "local"
+    _inputs(local)
+    doc = _manifest(local)
+    (local / "manifests").mkdir()
+    (local / "manifests" / "sft.yaml").write_text(yaml.safe_dump(doc))
+    ran = subprocess.run([sys.executable, "-m", "branchmerge.cli", "run", "-f", str(local / "manifests"),
+                          "--workdir", str(local / "work"), "--plain"], capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    reference = read_manifest(local / "work" / "outputs" / "branchsft" / "two-ranks")
+
+    [cluster_doc] = on_claim([doc], local, "data", cpu="1")
+    started = time.time()
+    with Cluster(tmp_path / "cluster") as cluster:
+        cluster.namespace(NS)
+        claim = cluster.pvc(NS, "data")
+        for sub in ("models", "data"):
+            shutil.copytree(local / sub, claim / sub)
+        cluster.operator(NS, "--image", TRAINER_CPU_IMAGE, "--default-output-root", "pvc://data/outputs")
+        cluster.api.create(cluster_doc, NS)
+        try:
+            cluster.wait(lambda: phases(cluster, NS, [cluster_doc])["BranchSFT/two-ranks"] in ("Succeeded", "Failed"),
+                         600, "the 2-pod BranchSFT to finish", 1.0)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{diagnose(cluster, NS, [cluster_doc])}") from None
+        assert phases(cluster, NS, [cluster_doc])["BranchSFT/two-ranks"] == "Succeeded", \
+            diagnose(cluster, NS, [cluster_doc])
+        pods = sorted(cluster.api.list("Pod", NS), key=lambda p: p["metadata"]["name"])
+        services = cluster.api.list("Service", NS)
+        wall = time.time() - started
+    # two pods of one Indexed Job, each with its own IP, both through the peer wait and torchrun
+    assert len(pods) == 2 and {p["status"]["phase"] for p in pods} == {"Succeeded"}
+    assert len({p["status"]["podIP"] for p in pods}) == 2
+    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
+    assert all(p["spec"]["containers"][0]["command"][0] == "torchrun" for p in pods)
+    assert [s["spec"]["clusterIP"] for s in services] == ["None"]
+    published = read_manifest(claim / "outputs" / NS / "branchsft" / "two-ranks")
+    assert _content(published) == _content(reference), "the 2-pod model differs from branchmerge run's"
+    print(f"\n2-pod BranchSFT through the operator in {wall:.0f} s; {len(_content(published))} files identical")
