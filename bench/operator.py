@@ -2,8 +2,8 @@
 
 Measures the time from each CR's creation (its POST returning) to its child Job appearing on a watch
 stream, and the operator's resident memory. The operator runs as it does in production, as the
-``branchmerge operator`` process (logging in through a kubeconfig), so its RSS is its own; the emulator
-runs in this process.
+``branchmerge operator`` process of the operator image's environment (built by scripts/install.sh; this
+venv otherwise), logging in through a kubeconfig, so its RSS is its own; the server runs in this process.
 
 Baseline, measured in the same run: a client that creates the Job itself right after the CR (no
 operator), i.e. the floor the server and the watch impose. Goals: p50 <= 0.5 s, p99 <= 2 s, RSS <= 150 MB.
@@ -97,6 +97,18 @@ def latencies(created: dict[str, float], seen: dict[str, float]) -> list[float]:
     return [seen[n] - t for n, t in created.items() if n in seen]
 
 
+def operator_python() -> str:
+    """The operator image's interpreter (what the operator pod runs) when scripts/install.sh built it."""
+    from testcluster import images
+
+    python = images.venv_dir("operator") / "bin" / "python"
+    if python.exists():
+        images.refresh("operator")
+        return str(python)
+    print("note: the operator image env is not built; the operator runs from this venv")
+    return sys.executable
+
+
 @contextlib.contextmanager
 def serve(which: str):
     """The URL of a fresh API server of the given kind, with the namespaces the benchmark uses."""
@@ -158,7 +170,7 @@ def measure(which: str, args) -> int:
                        "users": [{"name": "u", "user": {"token": "bench"}}],
                        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u", "namespace": NS}}]}, f)
         operator = subprocess.Popen(
-            [sys.executable] + (["-m", "cProfile", "-o", args.profile] if args.profile else []) +
+            [operator_python(), "-P"] + (["-m", "cProfile", "-o", args.profile] if args.profile else []) +
             ["-m", "branchmerge.cli", "operator", "-n", NS, "--kubeconfig", kubeconfig,
              "--metrics-port", "0", "--liveness", "", "--workers", str(args.workers)],
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "operator.log"), "w"))
