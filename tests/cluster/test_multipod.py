@@ -1,9 +1,12 @@
-"""A 2-pod BranchSFT through the operator on the stand-in cluster: an Indexed Job of two pods, each in
-its own network namespace, torchrun in each (PET_* from the operator, node rank from the completion
-index), the rendezvous at ``<job>-0.<service>:29500`` resolved through the headless Service the
-operator creates, after the wait-for-peers init container has seen that name resolve. The trained
-model must be byte-identical to `branchmerge run`'s of the same manifest (2 ranks under torchrun on
-this machine, gloo both times).
+"""Multi-pod stages through the operator on the stand-in cluster.
+
+- A 2-pod BranchSFT: an Indexed Job of two pods, each in its own network namespace, torchrun in each
+  (PET_* from the operator, node rank from the completion index), the rendezvous at
+  ``<job>-0.<service>:29500`` resolved through the headless Service the operator creates, after the
+  wait-for-peers init container has seen that name resolve. The trained model must be byte-identical to
+  `branchmerge run`'s of the same manifest (2 ranks under torchrun on this machine, gloo both times).
+- A 2-worker TeacherGen: an Indexed Job whose workers take the shards of their completion index; the
+  published dataset must be byte-identical to the one a single local process writes.
 """
 from __future__ import annotations
 
@@ -94,3 +97,53 @@ def test_two_pod_branchsft_rendezvous_and_matches_branchmerge_run(tmp_path):
     published = read_manifest(claim / "outputs" / NS / "branchsft" / "two-ranks")
     assert _content(published) == _content(reference), "the 2-pod model differs from branchmerge run's"
     print(f"\n2-pod BranchSFT through the operator in {wall:.0f} s; {len(_content(published))} files identical")
+
+
+def _teachergen(root) -> dict:
+    prompts = root / "data" / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "question": f"what is {i} + {i}?"}) + "\n" for i in range(8)))
+    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "TeacherGen", "metadata": {"name": "two-workers"},
+            "spec": {"teacher": {"model": {"uri": (root / "models" / "base").resolve().as_uri()},
+                                 "engine": {"name": "transformers", "dtype": "float32"}},
+                     "prompts": {"dataset": {"uri": prompts.resolve().as_uri()}, "idField": "id"},
+                     "template": "{{question}}",
+                     "sampling": {"samplesPerPrompt": 1, "temperature": 0.0, "maxTokens": 12, "seed": 1},
+                     "shards": 2,
+                     "resources": {"nodes": 2},
+                     "runPolicy": {"backoffLimit": 0}}}
+
+
+def test_two_worker_teachergen_covers_every_shard_and_matches_branchmerge_run(tmp_path):
+    """An Indexed Job of 2 workers, one shard each (shards = workers: with more shards than workers the
+    workers cover only some of them, issue 18), publishing the dataset one process publishes locally."""
+    local = tmp_path / "local"
+    _inputs(local)
+    doc = _teachergen(local)
+    (local / "manifests").mkdir()
+    (local / "manifests" / "gen.yaml").write_text(yaml.safe_dump(doc))
+    ran = subprocess.run([sys.executable, "-m", "branchmerge.cli", "run", "-f", str(local / "manifests"),
+                          "--workdir", str(local / "work"), "--plain"], capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    reference = read_manifest(local / "work" / "outputs" / "teachergen" / "two-workers")
+
+    [cluster_doc] = on_claim([doc], local, "data", cpu="1")
+    with Cluster(tmp_path / "cluster") as cluster:
+        cluster.namespace(NS)
+        claim = cluster.pvc(NS, "data")
+        for sub in ("models", "data"):
+            shutil.copytree(local / sub, claim / sub)
+        cluster.operator(NS, "--image", TRAINER_CPU_IMAGE, "--default-output-root", "pvc://data/outputs")
+        cluster.api.create(cluster_doc, NS)
+        key = "TeacherGen/two-workers"
+        try:
+            cluster.wait(lambda: phases(cluster, NS, [cluster_doc])[key] in ("Succeeded", "Failed"), 600,
+                         "the 2-worker TeacherGen to finish", 1.0)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{diagnose(cluster, NS, [cluster_doc])}") from None
+        assert phases(cluster, NS, [cluster_doc])[key] == "Succeeded", diagnose(cluster, NS, [cluster_doc])
+        pods = cluster.api.list("Pod", NS)
+        status = cluster.api.get("TeacherGen", NS, "two-workers")["status"]
+    assert len(pods) == 2 and {p["status"]["phase"] for p in pods} == {"Succeeded"}
+    published = read_manifest(claim / "outputs" / NS / "teachergen" / "two-workers")
+    assert published["data.jsonl"] == reference["data.jsonl"], "the 2-worker dataset differs from branchmerge run's"
+    assert status["metrics"]["promptsDone"] == 8, status["metrics"]
