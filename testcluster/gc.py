@@ -29,10 +29,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from .statuses import StatusError
 from .store import jcopy
 
 if TYPE_CHECKING:
-    from .apiserver import Core
+    from .core import Core
     from .resources import ResourceType
     from .store import Stored
 
@@ -129,7 +130,6 @@ class GarbageCollector:
         return stored
 
     def _update(self, rt: "ResourceType", obj: dict, mutate) -> None:
-        from .apiserver import StatusError
 
         stored = self._live(rt, obj)
         if stored is None:
@@ -142,7 +142,6 @@ class GarbageCollector:
             log.warning("gc could not update %s %s: %s", rt.plural, obj["metadata"]["name"], err.message)
 
     def _delete(self, rt: "ResourceType", obj: dict, propagation: str) -> None:
-        from .apiserver import StatusError
 
         meta = obj["metadata"]
         if self._live(rt, obj) is None:
@@ -237,7 +236,6 @@ class GarbageCollector:
                     self._delete(t, obj, "Background")
         if remaining:
             return
-        from .apiserver import StatusError
 
         stored = self._live(rt, ns_obj)
         if stored is None:
