@@ -25,6 +25,8 @@ log = logging.getLogger("testcluster.client")
 PATCH_TYPES = {"merge": "application/merge-patch+json", "json": "application/json-patch+json",
                "strategic": "application/strategic-merge-patch+json"}
 RETRYABLE = (429, 500, 502, 503, 504)
+# What a request can fail with besides ApiError: the connection lost or refused, or the client's timeout.
+TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 
 class ApiError(Exception):

@@ -8,7 +8,8 @@ decided the first time a pod is looked at for that fate's phase (scheduling or r
 - ``Unschedulable`` (scheduling): PodScheduled=False, reason Unschedulable, ``message`` (default: the
   scheduler's text for a missing GPU); ``after`` seconds later (None: never) the pod is scheduled normally.
 - ``NeverScheduled`` (scheduling): ignored by the scheduler; stays Pending without conditions.
-- ``ImagePullBackOff`` (kubelet): its containers wait with ErrImagePull, then ImagePullBackOff.
+- ``ImagePullBackOff`` (kubelet): its containers wait with ErrImagePull, then ImagePullBackOff; ``after``
+  seconds past the first failed pull (None, the default: never) the image pulls at the next retry.
 - ``OOMKilled`` (kubelet): runs, then SIGKILL after ``after`` seconds; exitCode 137, reason OOMKilled.
 - ``Evicted`` (kubelet): runs, then killed after ``after`` seconds; phase Failed, reason Evicted, the
   kubelet's message, condition DisruptionTarget reason TerminationByKubelet.
@@ -28,7 +29,7 @@ from .selectors import labels_match, parse_labels
 
 SCHEDULING = {"Unschedulable", "NeverScheduled"}
 KUBELET = {"ImagePullBackOff", "OOMKilled", "Evicted", "Preempted", "NodeLost"}
-DEFAULT_AFTER = {"OOMKilled": 0.5, "Evicted": 0.5, "Preempted": 0.5, "NodeLost": 0.5, "Unschedulable": None}
+DEFAULT_AFTER = {"ImagePullBackOff": None, "OOMKilled": 0.5, "Evicted": 0.5, "Preempted": 0.5, "NodeLost": 0.5, "Unschedulable": None}
 
 
 @dataclass

@@ -44,7 +44,12 @@ InternalIP and every pod's ``hostIP`` is the gateway. For each pod, the kubelet:
   [.svc[.cluster.local]]]``), rewritten in place (same inode: running pods see new names at their next
   lookup) as pods and Services change; /etc/resolv.conf has the cluster search path and a nameserver
   nothing answers on (there is no DNS server), so unknown names fail fast;
-- scripted fates (testcluster.fates): ``node.fates.add(...)``.
+- scripted fates (testcluster.fates): ``node.fates.add(...)``;
+- API failures: no failed call wedges a pod. Each call is bounded by ``api_timeout`` (a delayed answer is a
+  timeout) and every step is retried with back-off, as the kubelet's next sync would: reading a
+  configMap/secret for a volume (the pod stays ContainerCreating) or for env (CreateContainerConfigError),
+  status writes (made again in the background until the server has them, as the status manager does; the
+  final DELETE waits for the terminal status), the final DELETE, NodeLost's and ``recover()``'s writes.
 
 Not emulated: CPU/memory limits and the OOM killer (only the OOMKilled fate), eviction under real
 pressure, kube-proxy (no Service ClusterIPs or port -> targetPort translation: a Service name resolves
@@ -70,7 +75,7 @@ from urllib.parse import urlparse
 
 from . import clusterdns
 from . import images as imagelib
-from .client import ApiError, Client, Informer
+from .client import TRANSPORT_ERRORS, ApiError, Client, Informer
 from .fates import SCHEDULING, Fates
 from .podspec import condition, hosts_file, now
 from .podnet import PodNetwork
@@ -97,7 +102,7 @@ class Node:
                  capacity: dict | None = None, labels: dict | None = None, taints: list[dict] | None = None,
                  scheduler: bool = True, restart_backoff: tuple[float, float] = (10.0, 300.0),
                  pull_backoff: tuple[float, float] = (10.0, 300.0), retry_seconds: float = 1.0,
-                 network: PodNetwork | None = None, pod_cidr: str | None = None):
+                 network: PodNetwork | None = None, pod_cidr: str | None = None, api_timeout: float = 30.0):
         self.url = url
         self.root = Path(root)
         self.name = name
@@ -110,6 +115,7 @@ class Node:
         self.restart_backoff = restart_backoff
         self.pull_backoff = pull_backoff
         self.retry_seconds = retry_seconds
+        self.api_timeout = api_timeout  # bounds each API call (a delayed answer is a timeout, then retried)
         self.fates = Fates()
         self.network = network
         self.pod_cidr = pod_cidr
@@ -130,6 +136,9 @@ class Node:
         self._pods: Informer | None = None
         self._first_hold: dict[str, float] = {}
         self._held_recorded: set[str] = set()
+        self._background: set[asyncio.Task] = set()   # API calls being retried (status, deletes), NodeLost
+        self._deleting: dict[str, asyncio.Task] = {}  # uid -> the final DELETE of a pod no worker runs
+        self._node_lock = asyncio.Lock()              # NodeLost and recover() write the Node one at a time
 
     # ---- thread -----------------------------------------------------------------------------------------------
 
@@ -181,9 +190,49 @@ class Node:
     async def blocking(self, fn, *args):
         return await self.loop.run_in_executor(self._executor, fn, *args)
 
+    def spawn(self, coro) -> asyncio.Task:
+        """A task of the node's own (cancelled when the node stops), outliving the pod worker that started it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def persist(self, what: str, call, *, gone: tuple[int, ...] = (404,)):
+        """``await call()`` until it succeeds: the kubelet never gives up on an API call, it makes it again at
+        its next sync (here: after ``retry_seconds``, doubling up to 10 s). An ApiError with a status in ``gone``
+        ends it (None). Each try is bounded by the client's timeout."""
+        delay = self.retry_seconds
+        while True:
+            try:
+                return await call()
+            except ApiError as err:
+                if err.status in gone:
+                    return None
+                log.debug("%s failed: %s; retrying in %.1fs", what, err, delay)
+            except TRANSPORT_ERRORS as err:
+                log.debug("%s failed: %r; retrying in %.1fs", what, err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max(10.0, self.retry_seconds))
+
+    async def final_delete(self, namespace: str, name: str, uid: str) -> None:
+        """DELETE with gracePeriodSeconds=0 and the pod's uid as precondition, retried until the pod is gone."""
+        async def once():
+            try:
+                return await self.client.delete("v1", "pods", namespace, name, grace_seconds=0,
+                                                preconditions={"uid": uid})
+            except ApiError as err:
+                if err.status != 409:
+                    raise
+                current = await self.client.get("v1", "pods", namespace, name)
+                if current is not None and (current.get("metadata") or {}).get("uid") == uid:
+                    raise  # a conflict on our pod: try again
+                return None  # the precondition failed: that pod is gone (another one may have its name)
+        await self.persist(f"final delete of pod {namespace}/{name}", once)
+
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        self.client = Client(self.url, user_agent=f"kubelet/v1.33.0 ({self.name}) testcluster")
+        self.client = Client(self.url, user_agent=f"kubelet/v1.33.0 ({self.name}) testcluster",
+                             timeout=self.api_timeout)
         tasks: list[asyncio.Task] = []
         try:
             await self._register()
@@ -202,6 +251,7 @@ class Node:
             for w in list(self.workers.values()):
                 w.kill_all()
             pending = tasks + [t for w in self.workers.values() for t in (w.task, w._terminating, *w._helpers) if t]
+            pending += list(self._background)
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -254,38 +304,45 @@ class Node:
 
     async def lose(self) -> None:
         """NodeLost: NotReady with the unreachable taints; the taint manager's DisruptionTarget and force
-        deletion of every pod on it; their processes killed."""
+        deletion of every pod on it; their processes killed. Every API call is retried until it is done
+        (run it with ``spawn``: a pod worker's own tasks end with its pod, which this kills)."""
         self.lost = True
-        t = now()
-        taints = [*self.taints, {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule", "timeAdded": t},
-                  {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "timeAdded": t}]
-        await self.client.patch("v1", "nodes", None, self.name, {"status": {"conditions": self._conditions(False)}},
-                                sub="status")
-        await self.client.patch("v1", "nodes", None, self.name, {"spec": {"taints": taints}})
-        for w in list(self.workers.values()):
+        workers = list(self.workers.values())
+        for w in workers:
             w.kill_all()
             w.disruption = {"reason": "DeletionByTaintManager",
                             "message": "Taint manager: deleting due to NoExecute taint"}
-            status = w.pod.get("status") or {}
-            conds = [c for c in status.get("conditions") or [] if c.get("type") != "DisruptionTarget"]
-            conds.append(condition("DisruptionTarget", True, w.disruption["reason"], w.disruption["message"]))
-            try:
-                await self.client.patch("v1", "pods", w.namespace, w.name, {"status": {"conditions": conds}},
-                                        sub="status")
-                await self.client.delete("v1", "pods", w.namespace, w.name, grace_seconds=0)
-            except ApiError as err:
-                log.debug("NodeLost: %s", err)
+        t = now()
+        taints = [*self.taints, {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule", "timeAdded": t},
+                  {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "timeAdded": t}]
+        async with self._node_lock:
+            await self.persist("NodeLost: node status", lambda: self.client.patch(
+                "v1", "nodes", None, self.name, {"status": {"conditions": self._conditions(False)}}, sub="status"))
+            await self.persist("NodeLost: node taints", lambda: self.client.patch(
+                "v1", "nodes", None, self.name, {"spec": {"taints": taints}}))
+        await asyncio.gather(*(self._evict(w) for w in workers))
 
-    def recover(self) -> None:
+    async def _evict(self, w: PodWorker) -> None:
+        """The taint manager's part: DisruptionTarget on the pod, then its force deletion."""
+        status = w.pod.get("status") or {}
+        conds = [c for c in status.get("conditions") or [] if c.get("type") != "DisruptionTarget"]
+        conds.append(condition("DisruptionTarget", True, w.disruption["reason"], w.disruption["message"]))
+        await self.persist(f"NodeLost: DisruptionTarget on {w.namespace}/{w.name}", lambda: self.client.patch(
+            "v1", "pods", w.namespace, w.name, {"status": {"conditions": conds}}, sub="status"))
+        await self.final_delete(w.namespace, w.name, w.uid)
+
+    def recover(self, timeout: float = 300) -> None:
         """Bring a lost node back: Ready again, its own taints only; pods bound to it run again."""
         async def go():
-            self.lost = False
-            await self.client.patch("v1", "nodes", None, self.name, {"spec": {"taints": self.taints or None}})
-            await self.client.patch("v1", "nodes", None, self.name,
-                                    {"status": {"conditions": self._conditions(True)}}, sub="status")
+            async with self._node_lock:
+                self.lost = False
+                await self.persist("recover: node taints", lambda: self.client.patch(
+                    "v1", "nodes", None, self.name, {"spec": {"taints": self.taints or None}}))
+                await self.persist("recover: node status", lambda: self.client.patch(
+                    "v1", "nodes", None, self.name, {"status": {"conditions": self._conditions(True)}}, sub="status"))
             for pod in list(self._pods.cache.values()):
                 await self._pod_event("MODIFIED", pod)
-        self.call(go())
+        self.call(go(), timeout)
 
     # ---- pods --------------------------------------------------------------------------------------------------
 
@@ -326,12 +383,11 @@ class Node:
             return
         terminal = (pod.get("status") or {}).get("phase") in TERMINAL
         if uid in self.done or terminal or meta.get("deletionTimestamp"):
-            if meta.get("deletionTimestamp"):  # nothing runs for it here: finish the deletion
-                try:
-                    await self.client.delete("v1", "pods", meta["namespace"], meta["name"], grace_seconds=0,
-                                             preconditions={"uid": uid})
-                except ApiError:
-                    pass
+            # nothing runs for it here: finish the deletion (in the background: the informer goes on)
+            if meta.get("deletionTimestamp") and uid not in self._deleting:
+                task = self.spawn(self.final_delete(meta["namespace"], meta["name"], uid))
+                self._deleting[uid] = task
+                task.add_done_callback(lambda _t, key=uid: self._deleting.pop(key, None))
             return
         worker = PodWorker(self, pod)
         self.workers[uid] = worker
@@ -395,7 +451,7 @@ class Node:
     async def register_log(self, worker: PodWorker, c: Container) -> None:
         try:
             await self.client.register_log(worker.namespace, worker.name, c.name, c.log_path)
-        except (ApiError, OSError) as err:
+        except (ApiError, *TRANSPORT_ERRORS) as err:
             log.debug("log endpoint not told about %s: %s", c.log_path, err)
 
     def logs(self, namespace: str, pod: str, container: str | None = None, *, previous: bool = False) -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from . import images as imagelib
 from . import probes
-from .client import ApiError
+from .client import TRANSPORT_ERRORS, ApiError
 from .fates import KUBELET
 from .podnet import NetworkError
 from . import clusterdns
@@ -33,6 +33,11 @@ log = logging.getLogger("testcluster.kubelet")
 TERMINAL = ("Succeeded", "Failed")
 EPOCH = "1970-01-01T00:00:00Z"
 EVICTION_MESSAGE = "The node was low on resource: memory."
+
+
+class FetchError(Exception):
+    """A configMap or secret the pod refers to could not be read (not a 404: the API server failed or timed
+    out): the step that needed it fails and is retried, as the kubelet's next sync would."""
 
 
 def _container_id() -> str:
@@ -106,10 +111,12 @@ class PodWorker:
         self.deadline_exceeded = False
         self.disruption: dict | None = None
         self.fate = None
+        self._pull_failing_since: float | None = None  # the ImagePullBackOff fate's first failed pull
         self.task: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._written: dict | None = None
+        self._resync: asyncio.Task | None = None  # retries a status write that failed (the status manager)
         self._running = asyncio.Event()  # a main container has started
         self._helpers: list[asyncio.Task] = []   # fate and deadline timers: cancelled when the pod ends
         self._terminating: asyncio.Task | None = None
@@ -175,28 +182,55 @@ class PodWorker:
             out["message"] = "Pod was active on the node longer than the specified deadline"
         return out
 
-    async def write(self) -> None:
-        """PATCH the pod's /status when what the kubelet would report changed."""
+    async def write(self) -> bool:
+        """PATCH the pod's /status when what the kubelet would report changed; True when the server has it
+        (or the pod is gone). A failed write never stops the worker: like the kubelet's status manager,
+        it is made again in the background (``_resync_status``) until the server takes it."""
         async with self._write_lock:
             status = self.status()
             comparable = {**status, "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"}
                                                    for c in status["conditions"]]}
             if comparable == self._written:
-                return
+                return True
             try:
                 updated = await self.node.client.patch("v1", "pods", self.namespace, self.name, {"status": status},
                                                        sub="status")
             except ApiError as err:
-                if err.status in (404, 409, 422):
-                    log.debug("status of %s/%s not written: %s", self.namespace, self.name, err)
-                    return
-                raise
-            except OSError as err:
+                if err.status == 422:  # the server refuses this status: sending it again cannot help
+                    log.warning("status of %s/%s refused: %s", self.namespace, self.name, err)
+                    return True
                 log.debug("status of %s/%s not written: %s", self.namespace, self.name, err)
-                return
+                self._retry_status()
+                return False
+            except TRANSPORT_ERRORS as err:
+                log.debug("status of %s/%s not written: %r", self.namespace, self.name, err)
+                self._retry_status()
+                return False
             if updated:
                 self.pod = {**self.pod, "status": updated.get("status") or status}
-            self._written = comparable
+            self._written = comparable  # None (404): the pod is gone, nothing more to write
+            return True
+
+    def _retry_status(self) -> None:
+        if self._resync is None or self._resync.done():
+            self._resync = self.node.spawn(self._resync_status())
+
+    async def _resync_status(self) -> None:
+        """Write the current status again after a back-off until the server has it (outlives the worker:
+        the final status of a finished pod must reach the server too)."""
+        delay = self.node.retry_seconds
+        while True:
+            await asyncio.sleep(delay)
+            if await self.write():
+                return
+            delay = min(delay * 2, max(10.0, self.node.retry_seconds))
+
+    async def flush(self) -> None:
+        """Until the server has the current status."""
+        delay = self.node.retry_seconds
+        while not await self.write():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max(10.0, self.node.retry_seconds))
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -244,8 +278,8 @@ class PodWorker:
                 lookup = await self._lookup()
                 await self.node.blocking(self.volumes.setup, lookup)
                 break
-            except MountError as err:
-                log.debug("pod %s/%s: %s", self.namespace, self.name, err)
+            except (MountError, FetchError) as err:  # retried: the pod stays ContainerCreating
+                log.debug("pod %s/%s: MountVolume.SetUp failed: %s", self.namespace, self.name, err)
                 if await self._sleep(self.node.retry_seconds):
                     return await self._finish()
         while True:  # the sandbox's network (FailedCreatePodSandBox: retried, the pod stays ContainerCreating)
@@ -323,10 +357,16 @@ class PodWorker:
     # ---- one container ------------------------------------------------------------------------------------------
 
     async def _lookup(self):
-        """Fetch the configMaps and secrets the pod refers to; returns the lookup the pure code uses."""
+        """Fetch the configMaps and secrets the pod refers to; returns the lookup the pure code uses (None:
+        not found). Any other failure (5xx, 429, a timeout, a lost connection) raises FetchError: the caller
+        retries its step; each GET is bounded by the client's timeout."""
         found: dict[tuple[str, str], dict | None] = {}
         for plural, name in referenced(self.pod):
-            found[(plural, name)] = await self.node.client.get("v1", plural, self.namespace, name)
+            try:
+                found[(plural, name)] = await self.node.client.get("v1", plural, self.namespace, name)
+            except (ApiError, *TRANSPORT_ERRORS) as err:
+                kind = plural.removesuffix("s")
+                raise FetchError(f"couldn't get {kind} {self.namespace}/{name}: {str(err) or repr(err)}") from err
         return lambda plural, name: found.get((plural, name))
 
     async def _pull(self, c: Container):
@@ -336,7 +376,7 @@ class PodWorker:
             message = (f'rpc error: code = NotFound desc = failed to pull and unpack image "{image}": failed to '
                        f'resolve reference "{image}": {image}: not found')
             cfg = None
-            if self.fate is not None and self.fate.name == "ImagePullBackOff":
+            if self._pull_fails():
                 if attempt == 0:
                     self.node.fates.record("ImagePullBackOff", self.pod)
             else:
@@ -360,6 +400,17 @@ class PodWorker:
                 return None
             attempt += 1
         return None
+
+    def _pull_fails(self) -> bool:
+        """The ImagePullBackOff fate: pulls fail, until ``after`` seconds past the first failure (None: forever),
+        as when a registry comes back or the tag is pushed; the next pull after that (back-off) succeeds."""
+        if self.fate is None or self.fate.name != "ImagePullBackOff":
+            return False
+        now_ = asyncio.get_running_loop().time()
+        if self._pull_failing_since is None:
+            self._pull_failing_since = now_
+            return True
+        return self.fate.after is None or now_ - self._pull_failing_since < self.fate.after
 
     def _sandbox(self, c: Container, cfg: imagelib.ImageConfig, env: dict[str, str], instance: str) -> Spec:
         spec = c.spec
@@ -413,7 +464,7 @@ class PodWorker:
                 instance = f"{c.restart_count}-{os.urandom(3).hex()}"
                 spec = self._sandbox(c, cfg, env, instance)
                 break
-            except ConfigError as err:
+            except (ConfigError, FetchError) as err:
                 c.waiting("CreateContainerConfigError", str(err))
                 await self.write()
                 if await self._sleep(self.node.retry_seconds):
@@ -549,12 +600,9 @@ class PodWorker:
                     await asyncio.shield(self.task)
             except TimeoutError:
                 pass
-        try:
-            await self.node.client.delete("v1", "pods", self.namespace, self.name, grace_seconds=0,
-                                          preconditions={"uid": self.uid})
-        except ApiError as err:
-            if err.status not in (404, 409):
-                log.warning("pod %s/%s: final delete failed: %s", self.namespace, self.name, err)
+        # as the status manager: the terminal status reaches the server first, then the pod can go
+        await self.flush()
+        await self.node.final_delete(self.namespace, self.name, self.uid)
 
     def _begin_stop(self) -> None:
         self.stopping = True
@@ -594,9 +642,10 @@ class PodWorker:
             self.disruption = {"reason": "PreemptionByScheduler",
                                "message": "default-scheduler: preempting to accommodate a higher priority pod"}
             await self.write()
-            await self.node.client.delete("v1", "pods", self.namespace, self.name)
-        elif fate.name == "NodeLost":
-            await self.node.lose()
+            await self.node.persist(f"preempting {self.namespace}/{self.name}", lambda: self.node.client.delete(
+                "v1", "pods", self.namespace, self.name))
+        elif fate.name == "NodeLost":  # the node's task: this worker's tasks end with its pod, which it kills
+            self.node.spawn(self.node.lose())
 
     # ---- files the containers see -------------------------------------------------------------------------------
 

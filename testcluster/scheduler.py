@@ -25,7 +25,7 @@ from collections import Counter
 from fractions import Fraction
 from typing import Callable
 
-from .client import ApiError, Client, Informer
+from .client import TRANSPORT_ERRORS, ApiError, Client, Informer
 from .podspec import condition, quantity
 
 log = logging.getLogger("testcluster.scheduler")
@@ -213,7 +213,7 @@ class Scheduler:
                 self._wake.clear()
                 try:
                     await self.schedule_pending()
-                except (ApiError, OSError, asyncio.TimeoutError) as err:
+                except (ApiError, *TRANSPORT_ERRORS) as err:
                     log.debug("scheduling pass failed: %s", err)
                 try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation (gh-86296)
                     async with asyncio.timeout(self.retry_seconds):
@@ -228,7 +228,7 @@ class Scheduler:
     async def _served(self, gv: str, plural: str) -> bool:
         try:
             doc = await self.client.request("GET", f"/apis/{gv}")
-        except (ApiError, OSError):
+        except (ApiError, *TRANSPORT_ERRORS):
             return False
         return any(r.get("name") == plural for r in (doc or {}).get("resources") or [])
 
