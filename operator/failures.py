@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..api import finite as finite_json
-from ..trainer.errors import EXIT_INVALID, EXIT_RETRYABLE
+from ..trainer.errors import EXIT_INVALID, EXIT_RETRYABLE, stage_exit_code
 from . import conditions as C
 from .builders import COMPLETION_INDEX_ANNOTATION, MAIN_CONTAINER
 
@@ -114,8 +114,8 @@ def classify_failure(job: dict, pods: list[dict]) -> Failure:
         name = pod.get("metadata", {}).get("name", "?")
         term = _main_terminated(pod)
         if term is not None:
-            code = int(term.get("exitCode", 0))
             result = parse_message(term.get("message")) or {}
+            code = stage_exit_code(int(term.get("exitCode", 0)), result)
             detail = result.get("error") or _tail(term.get("message")) or term.get("reason") or ""
             if code == EXIT_INVALID:
                 return Failure(False, C.INVALID_SPEC, f"pod {name}: invalid spec or input: {detail}", code)

@@ -100,7 +100,9 @@ def _write_termination_log(result: dict) -> None:
     path = os.environ.get("BRANCHMERGE_TERMINATION_LOG")
     if not path:
         return
-    compact = {k: result[k] for k in ("phase", "outputUri", "digest", "error") if k in result}
+    # exitCode: the stage's own class (2 permanent, 3 retryable) reaches the operator even when a launcher
+    # (torchrun re-raises ChildFailedError: exit 1) replaces the process's exit code with its own
+    compact = {k: result[k] for k in ("phase", "outputUri", "digest", "error", "exitCode") if k in result}
     compact["metrics"] = _flat_metrics(result.get("metrics", {}))
     text = json.dumps(compact, separators=(",", ":"), allow_nan=False)
     if len(text.encode()) > TERMINATION_LOG_LIMIT:  # keep the essentials; full metrics are in the result file
@@ -161,4 +163,10 @@ def run(stage: str, spec_file: str | Path, result_file: str | Path | None = None
         if result_file:
             write_json_atomic(Path(result_file), result)
         _write_termination_log(result)
+    elif code != EXIT_OK:
+        # A failing rank other than 0 reports too: under torchrun its failure makes the launcher stop every
+        # rank (rank 0 is killed before it can write) and exit 1, so this is the only record of the class.
+        if result_file and not Path(result_file).exists():
+            write_json_atomic(Path(result_file), {**result, "rank": rank})
+        _write_termination_log({**result, "error": f"rank {rank}: {result['error']}"})
     return code

@@ -21,7 +21,7 @@ import yaml
 
 from ...api.manifests import ManifestSet
 from ...api.resources import CustomResource
-from ...trainer.errors import EXIT_INVALID
+from ...trainer.errors import EXIT_INVALID, stage_exit_code
 from ...trainer.progress import read_events
 from .. import conditions as cond
 from ..resolve import blockers, resolve, spec_hash
@@ -429,7 +429,7 @@ class Runner:
             return
         policy = self.resources[key].spec.run_policy  # type: ignore[attr-defined]
         retries_used = self.tries.get(key, 1) - 1
-        permanent = code == EXIT_INVALID
+        permanent = stage_exit_code(code, result) == EXIT_INVALID
         if not permanent and retries_used < policy.backoff_limit:
             delay = policy.backoff_seconds * (2 ** retries_used)
             self.retry_at[key] = time.time() + delay

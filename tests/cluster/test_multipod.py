@@ -147,3 +147,45 @@ def test_two_worker_teachergen_covers_every_shard_and_matches_branchmerge_run(tm
     published = read_manifest(claim / "outputs" / NS / "teachergen" / "two-workers")
     assert published["data.jsonl"] == reference["data.jsonl"], "the 2-worker dataset differs from branchmerge run's"
     assert status["metrics"]["promptsDone"] == 8, status["metrics"]
+
+
+def test_invalid_input_under_torchrun_fails_at_once_in_both_control_planes(tmp_path):
+    """Exit 2 (invalid input) is permanent whatever launcher wraps the stage. Under torchrun every rank's exit
+    becomes the launcher's 1 (ChildFailedError), which both control planes used to retry up to backoffLimit;
+    now the stage's report (result file, termination message) carries its class and one attempt is enough."""
+    local = tmp_path / "local"
+    _inputs(local)
+    (local / "data" / "train.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(8)))
+    doc = _manifest(local)
+    doc["metadata"]["name"] = "bad-data"
+    doc["spec"]["runPolicy"] = {"backoffLimit": 2, "backoffSeconds": 1}
+    (local / "manifests").mkdir()
+    (local / "manifests" / "sft.yaml").write_text(yaml.safe_dump(doc))
+    ran = subprocess.run([sys.executable, "-m", "branchmerge.cli", "run", "-f", str(local / "manifests"),
+                          "--workdir", str(local / "work"), "--plain"], capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 1, ran.stdout[-3000:] + ran.stderr[-3000:]
+    record = json.loads((local / "work" / "status" / "branchsft" / "bad-data.json").read_text())
+    status = record["status"]
+    assert status["phase"] == "Failed" and status["attempts"] == 1, status
+    assert "missing string field 'response'" in json.dumps(status), status
+
+    [cluster_doc] = on_claim([doc], local, "data", cpu="1")
+    with Cluster(tmp_path / "cluster") as cluster:
+        cluster.namespace(NS)
+        claim = cluster.pvc(NS, "data")
+        for sub in ("models", "data"):
+            shutil.copytree(local / sub, claim / sub)
+        cluster.operator(NS, "--image", TRAINER_CPU_IMAGE, "--default-output-root", "pvc://data/outputs")
+        cluster.api.create(cluster_doc, NS)
+        cluster.wait(lambda: phases(cluster, NS, [cluster_doc])["BranchSFT/bad-data"] == "Failed", 300,
+                     "the 2-pod BranchSFT with invalid data to fail", 1.0)
+        status = cluster.api.get("BranchSFT", NS, "bad-data")["status"]
+        jobs = cluster.api.list("Job", NS)
+        pods = cluster.api.list("Pod", NS)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec" and status["attempts"] == 1, status
+    assert "missing string field 'response'" in ready["message"], ready
+    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
+    # the container itself exited 1 (torchrun's code): the class came from the termination message
+    codes = {p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] for p in pods}
+    assert codes == {1}, codes

@@ -443,3 +443,18 @@ def test_non_finite_metrics_are_reported_as_null(tmp_path, three, monkeypatch):
     strict = json.loads(log.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the termination message"))
     # the compact message keeps scalars only: an unknown metric is left out
     assert "loss" not in strict["metrics"] and "nested.x" not in strict["metrics"] and strict["phase"] == "Succeeded"
+
+
+def test_a_failing_rank_other_than_0_reports_its_class(tmp_path, monkeypatch, three):
+    """Under torchrun a failing rank makes the launcher kill rank 0 and exit 1: the failing rank's own report
+    (termination message, and the result file if rank 0 wrote none) is then the only record of exit 2."""
+    (base_dir, a_dir, b_dir), _ = three
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("BRANCHMERGE_TERMINATION_LOG", str(log))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    manifest = merge_manifest("m", "linear", tmp_path / "out", [a_dir, tmp_path / "no-such-model"])
+    code, result = run_stage(tmp_path, manifest)
+    assert code == 2 and result["exitCode"] == 2 and result["rank"] == 1, result
+    message = json.loads(log.read_text())
+    assert message["exitCode"] == 2 and message["phase"] == "Failed" and message["error"].startswith("rank 1: ")
