@@ -59,6 +59,8 @@ class Operator:
         for kind, info in KIND_INFO.items():
             kopf.index(GROUP, VERSION, info.plural, id=f"barrier_{info.plural}", registry=r)(_no_index)
             kopf.on.event(GROUP, VERSION, info.plural, id=f"watch_{info.plural}", registry=r)(self._on_cr)
+        # ``labels=`` is only kopf's client-side filter; the API server filters the Jobs' list/watch through
+        # settings().watching.label_selectors. Both are kept: the filter costs nothing.
         kopf.index("batch", "v1", "jobs", id="barrier_jobs", labels=OWNED, registry=r)(_no_index)
         kopf.on.event("batch", "v1", "jobs", id="watch_jobs", labels=OWNED, registry=r)(self._on_job)
         kopf.on.startup(id="start_workers", registry=r)(self._startup)
@@ -271,6 +273,10 @@ def settings(peering: str | None, clusterwide: bool, priority: int = 0) -> kopf.
     s.persistence.progress_storage = _NoProgress()
     s.posting.level = logging.WARNING  # our own Events tell the story; kopf posts only its problems
     s.scanning.disabled = True  # CRDs are installed before the operator: no CRD/namespace watching (RBAC)
+    # Server-side selection of the Jobs: a cluster-wide operator would otherwise list and watch every Job of
+    # the cluster (kopf's ``labels=`` filter drops them only after they crossed the wire and were parsed).
+    # kopf (1.45) sends these as ``labelSelector`` on the list and watch requests of the matching resource.
+    s.watching.label_selectors["batch", "v1", "jobs"] = f"{MANAGED_BY}={MANAGED_BY_VALUE}"
     s.watching.server_timeout = 300
     s.watching.client_timeout = 330
     s.networking.request_timeout = 60

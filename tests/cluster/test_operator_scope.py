@@ -1,0 +1,90 @@
+"""What the operator asks of a real API server: the Jobs it lists and watches are selected by the server
+(a cluster-wide operator must not stream every Job of the cluster), ``--namespace`` globs are refused at
+start-up instead of silently serving nothing, and the stage Jobs it builds are accepted by the API-server
+stand-in as written (pod securityContext, default requests, /dev/shm)."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from branchmerge.operator.controller import settings
+from branchmerge.operator.emulator import Api, OperatorThread
+from branchmerge.operator.naming import MANAGED_BY, MANAGED_BY_VALUE, owner_labels
+from branchmerge.operator.options import OperatorOptions
+from testcluster.apiserver import ApiServer
+
+REPO = Path(__file__).resolve().parents[2]
+SELECTOR = f"{MANAGED_BY}={MANAGED_BY_VALUE}"
+# A list or watch of Jobs (cluster-wide or in a namespace) whose query lacks the owned-Jobs label selector,
+# in the encoded form kopf sends or plain.
+UNSELECTED_JOBS = (r"^/apis/batch/v1/(namespaces/[^/?]+/)?jobs(?![^?]*/)"
+                   r"(?![^#]*labelSelector=app\.kubernetes\.io(%2F|/)managed-by(%3D|=)branchmerge-operator)")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _wait(fn, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _namespace(api: Api, name: str) -> None:
+    api.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+
+def _job(name: str, labels: dict) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "labels": labels},
+            "spec": {"suspend": True, "template": {"spec": {
+                "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox", "command": ["true"]}]}}}}
+
+
+def test_settings_select_owned_jobs_on_the_server():
+    s = settings(None, clusterwide=True)
+    from kopf._cogs.structs.references import Resource  # kopf's own matching of a selector to a resource
+
+    jobs = Resource("batch", "v1", "jobs", namespaced=True)
+    pods = Resource("", "v1", "pods", namespaced=True)
+    assert s.watching.label_selectors.collect(jobs) == [SELECTOR]
+    assert s.watching.label_selectors.collect(pods) == []  # the CRs and the peering stay unfiltered
+
+
+def test_cluster_wide_operator_lists_and_watches_only_its_own_jobs():
+    with ApiServer(REPO / "crds") as server:
+        api = Api(server.url)
+        for ns in ("team-a", "other"):
+            _namespace(api, ns)
+        for i in range(40):  # the cluster's other Jobs: none of them may reach the operator
+            api.create(_job(f"foreign-{i}", {"app": "etl"}), "other")
+        ours = owner_labels("Merge", "m") | {"branchmerge.dev/run": "0123456789abcdef"}
+        api.create(_job("m-listed", ours), "team-a")
+        # Every Jobs list/watch request without the selector is counted (a zero delay: served unchanged).
+        server.faults.add_delay(0.0, method="GET", path_regex=UNSELECTED_JOBS, count=10**9)
+        with OperatorThread(server.url, OperatorOptions(), clusterwide=True, metrics_port=None) as op:
+            store = op.operator.store
+            key = ("team-a", "Merge", "m")
+            # the initial listing and the watch still deliver the operator's own Jobs
+            _wait(lambda: [j for j in store.jobs_of(key) if j["metadata"]["name"] == "m-listed"], what="listed Job")
+            api.create(_job("m-watched", ours), "team-a")
+            api.create(_job("foreign-late", {"app": "etl"}), "team-a")
+            _wait(lambda: [j for j in store.jobs_of(key) if j["metadata"]["name"] == "m-watched"], what="watched Job")
+        audit = {(verb, group, resource) for _, verb, group, resource in server.audit}
+        assert {("list", "batch", "jobs"), ("watch", "batch", "jobs")} <= audit
+        assert server.faults.injected["delay"] == 0, "a list/watch of Jobs without the owned-Jobs label selector"
+
+
+def test_unselected_jobs_pattern_matches_what_it_must():
+    """The pattern above is what makes the previous test meaningful: check it on kopf-style URLs."""
+    pattern = re.compile(UNSELECTED_JOBS)
+    assert pattern.search("/apis/batch/v1/jobs?watch=true&allowWatchBookmarks=true")
+    assert pattern.search("/apis/batch/v1/namespaces/a/jobs?limit=500")
+    assert not pattern.search("/apis/batch/v1/jobs?labelSelector=app.kubernetes.io%2Fmanaged-by%3Dbranchmerge-operator")
+    assert not pattern.search("/apis/batch/v1/jobs?watch=true&labelSelector=app.kubernetes.io/managed-by=branchmerge-operator")
+    assert not pattern.search("/apis/batch/v1/namespaces/a/jobs/some-job")  # a get, not a list
