@@ -29,8 +29,9 @@ operator, the Job controller and the kubelet stand-ins:
   characters (the job-name label), immutable selector/completionMode/completions (NonIndexed)/template
   (except scheduling directives of a suspended Job that never started), orphaning as the default deletion
   propagation of batch/v1, field selector ``status.successful``.
-- Lease (coordination.k8s.io/v1), ServiceAccount, and CustomResourceDefinition (apiextensions.k8s.io/v1,
-  written through ``ApiServer.install_crd``-equivalent logic).
+- Lease (coordination.k8s.io/v1), ServiceAccount (with the ``token`` subresource, TokenRequest), TokenReview
+  (authentication.k8s.io/v1, create-only; both answered by testcluster/tokens.py), and
+  CustomResourceDefinition (apiextensions.k8s.io/v1, written through ``ApiServer.install_crd``-equivalent logic).
 
 Built-ins are NOT schema-validated beyond the rules listed: unknown fields are kept, types are not
 checked, most cross-field validation (probes, volumes, resources, affinity...) is absent, and no
@@ -572,7 +573,10 @@ def builtin_types() -> list[ResourceType]:
                      categories=["all"], subresources=("status",)),
         ResourceType("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", True, PVCStrategy(),
                      short_names=["pvc"], subresources=("status",)),
-        ResourceType("", "v1", "serviceaccounts", "ServiceAccount", True, Strategy(), short_names=["sa"]),
+        ResourceType("", "v1", "serviceaccounts", "ServiceAccount", True, Strategy(), short_names=["sa"],
+                     subresources=("token",)),
+        # create-only, never stored (testcluster/tokens.py answers it)
+        ResourceType("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False, Strategy()),
         ResourceType("", "v1", "events", "Event", True, EventStrategy(), short_names=["ev"]),
         events_v1,
         ResourceType("batch", "v1", "jobs", "Job", True, JobStrategy(), categories=["all"], subresources=("status",)),

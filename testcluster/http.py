@@ -14,6 +14,7 @@ import aiohttp.web
 from .faults import Faults
 from .resources import ResourceType
 from .store import Watcher, dumps
+from .tokens import Tokens
 from .core import Core
 from .statuses import StatusError, bad_request, decode_json
 
@@ -37,6 +38,7 @@ class Http:
 
     def __init__(self, core: Core, faults: Faults, version: dict):
         self.core, self.faults, self.version = core, faults, version
+        self.tokens = Tokens(core)
 
     async def handle(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
         rule = self.faults.take(request.method, request.path_qs)
@@ -124,8 +126,14 @@ class Http:
             if sub == "log":
                 return await self.pod_log(request, ns, name, params)
             return _json_response(core.present_json(rt, core.get(rt, ns, name)))
+        if rt.plural == "tokenreviews" and rt.group == "authentication.k8s.io":
+            if method != "POST" or name is not None:
+                raise StatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+            return _json_response(self.tokens.review(decode_json(await request.read())), 201)
         if method == "POST":
             body = decode_json(await request.read())
+            if sub == "token" and rt.plural == "serviceaccounts":
+                return _json_response(self.tokens.request(ns, name, body), 201)
             if name is None:
                 obj = core.create(rt, ns, body, params, warnings)
                 return _json_response(obj, 201, self._warn(warnings))

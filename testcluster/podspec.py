@@ -194,6 +194,17 @@ def container_env(pod: dict, container: dict, lookup: Lookup, *, service_env: di
     return env
 
 
+def token_key(source: dict) -> str:
+    """How a projected ``serviceAccountToken`` source's token is found in the lookup (audience, lifetime)."""
+    return f"{source.get('audience') or ''}|{int(source.get('expirationSeconds', 3600))}"
+
+
+def token_sources(pod: dict) -> list[dict]:
+    """The projected ``serviceAccountToken`` sources of a pod (each one a TokenRequest by the kubelet)."""
+    return [source["serviceAccountToken"] for vol in (pod.get("spec") or {}).get("volumes") or []
+            for source in (vol.get("projected") or {}).get("sources") or [] if "serviceAccountToken" in source]
+
+
 def referenced(pod: dict) -> set[tuple[str, str]]:
     """Every (plural, name) the pod's env and volumes refer to: fetched before the pure resolution."""
     refs: set[tuple[str, str]] = set()

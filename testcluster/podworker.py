@@ -21,7 +21,7 @@ from .fates import KUBELET
 from .podnet import NetworkError
 from . import clusterdns
 from .podspec import (ConfigError, condition, container_env, expand, hostname, now, pod_phase, referenced, run_as,
-                      tail_bytes, termination_message)
+                      tail_bytes, termination_message, token_key, token_sources)
 from .sandbox import Mount, Spec, StartError
 from .sandbox import start as sandbox_start
 from .volumes import MountError, PodVolumes
@@ -367,6 +367,19 @@ class PodWorker:
             except (ApiError, *TRANSPORT_ERRORS) as err:
                 kind = plural.removesuffix("s")
                 raise FetchError(f"couldn't get {kind} {self.namespace}/{name}: {str(err) or repr(err)}") from err
+        sa = (self.pod.get("spec") or {}).get("serviceAccountName") or "default"
+        for source in token_sources(self.pod):  # TokenRequest, bound to this pod, as the kubelet's token manager
+            body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                    "spec": {"audiences": [source["audience"]] if source.get("audience") else None,
+                             "expirationSeconds": int(source.get("expirationSeconds", 3600)),
+                             "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.name,
+                                                "uid": self.uid}}}
+            try:
+                found[("serviceaccounttokens", token_key(source))] = await self.node.client.request(
+                    "POST", f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{sa}/token", body)
+            except (ApiError, *TRANSPORT_ERRORS) as err:
+                raise FetchError(f"failed to fetch token for serviceaccount {self.namespace}/{sa}: "
+                                 f"{str(err) or repr(err)}") from err
         return lambda plural, name: found.get((plural, name))
 
     async def _pull(self, c: Container):

@@ -3,7 +3,8 @@ the sandbox bind-mounts at the containers' ``mountPath``s.
 
 - ``emptyDir`` (also ``medium: Memory``): a fresh folder per pod under ``<root>/pods/<uid>/volumes``, 0777;
 - ``configMap`` / ``secret`` / ``downwardAPI`` / ``projected`` (configMap, secret, downwardAPI and
-  serviceAccountToken sources): keys (or ``items``) written as files with ``defaultMode``/``mode``, mounted
+  serviceAccountToken sources; a token is the API server's answer to the kubelet's TokenRequest, bound to
+  the pod, verifiable by TokenReview: testcluster/tokens.py): keys (or ``items``) written as files with ``defaultMode``/``mode``, mounted
   read-only; a missing object or key that is not ``optional`` fails the mount (``MountError``: the pod waits
   in ContainerCreating, as on a real node);
 - ``persistentVolumeClaim``: the persistent folder ``<root>/pvcs/<namespace>/<claimName>`` (created when
@@ -16,7 +17,7 @@ the sandbox bind-mounts at the containers' ``mountPath``s.
 - the service account token: when ``automountServiceAccountToken`` is not false and no volume is mounted
   at /var/run/secrets/kubernetes.io/serviceaccount, a stand-in for the ServiceAccount admission plugin's
   projected volume: ``token`` (an unsigned JWT, ``alg: none``, with the pod-bound claims a real token
-  carries: NOT a verifiable token), ``namespace``, ``ca.crt`` (a placeholder: the API server is plain HTTP).
+  carries: NOT a verifiable token; a projected ``serviceAccountToken`` source gets a real one), ``namespace``, ``ca.crt`` (a placeholder: the API server is plain HTTP).
 
 Not emulated: live updates of configMap/secret volumes (files are written once per pod), the ..data
 symlink layout, sizeLimit and memory accounting of emptyDir (Memory is a folder on disk), CSI, ephemeral
@@ -32,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .podspec import ConfigError, Lookup, expand, field_value, resource_value
+from .podspec import ConfigError, Lookup, expand, field_value, resource_value, token_key
 
 SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -248,13 +249,12 @@ class PodVolumes:
                                   lookup, self._namespace, mode, fs_group, name)
                 elif "downwardAPI" in source:
                     _downward(folder, source["downwardAPI"].get("items"), self.pod, mode, fs_group)
-                elif "serviceAccountToken" in source:
+                elif "serviceAccountToken" in source:  # the server's answer to the kubelet's TokenRequest
                     tok = source["serviceAccountToken"]
-                    kwargs = {"expiration": int(tok.get("expirationSeconds", 3607))}
-                    if tok.get("audience"):
-                        kwargs["audience"] = tok["audience"]
-                    _write(folder, tok.get("path", "token"), service_account_token(self.pod, **kwargs).encode(),
-                           mode, fs_group)
+                    answer = lookup("serviceaccounttokens", token_key(tok))
+                    if answer is None:
+                        raise MountError(f'MountVolume.SetUp failed for volume "{name}" : failed to fetch token')
+                    _write(folder, tok.get("path", "token"), answer["status"]["token"].encode(), mode, fs_group)
             return Volume(name, folder, True)
         raise MountError(f'MountVolume.SetUp failed for volume "{name}" : volume type not supported by the test '
                          f'cluster: {sorted(k for k in vol if k != "name")}')
