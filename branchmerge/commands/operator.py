@@ -3,13 +3,22 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import sys
+
+# A namespace name (DNS-1123 label). kopf would take "team-*", "!x" or "a,b" as patterns, but with scanning
+# disabled (no cluster-wide list/watch of namespaces, see controller.settings) it silently serves only
+# exact names, so a pattern would serve nothing. Patterns are refused instead of watching namespaces: a
+# namespaced install grants a Role per served namespace, which a namespace created later would not have.
+NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 def register(sub) -> None:
     p = sub.add_parser("operator", help="run the Kubernetes operator (reconciles the CRs into Jobs)")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
-                       help="serve this namespace (repeatable; globs like team-* allowed)")
+                       help="serve this namespace (repeatable; exact names: for a changing set of namespaces "
+                            "use --all-namespaces)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="serve the whole cluster")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
     p.add_argument("--metrics-addr", default="0.0.0.0")
@@ -32,6 +41,21 @@ def register(sub) -> None:
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account, then $KUBECONFIG)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run)
+
+
+def namespace_errors(namespaces: list[str]) -> list[str]:
+    """Why each ``--namespace`` value cannot be served (empty: all are plain namespace names)."""
+    errors = []
+    for ns in namespaces:
+        if NAMESPACE.fullmatch(ns) and len(ns) <= 63:
+            continue
+        if any(ch in ns for ch in "*?[!,"):
+            errors.append(f"--namespace {ns!r}: namespace patterns are not supported; list each namespace "
+                          "(--namespace a --namespace b), or serve all of them with --all-namespaces")
+        else:
+            errors.append(f"--namespace {ns!r}: not a namespace name (lowercase letters, digits and '-', "
+                          "at most 63 characters)")
+    return errors
 
 
 def _connector(kubeconfig: str | None):
@@ -63,6 +87,13 @@ def _connector(kubeconfig: str | None):
 
 
 def run(args) -> int:
+    if not args.all_namespaces and not args.namespace:
+        print("branchmerge operator: give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
+        return 2
+    bad = namespace_errors(args.namespace)
+    if bad:
+        print("\n".join(f"branchmerge operator: {line}" for line in bad), file=sys.stderr)
+        return 2
     import asyncio
     import logging
 
@@ -77,9 +108,6 @@ def run(args) -> int:
         image=args.image or defaults.image, default_output_root=args.default_output_root,
         hf_token_secret=args.hf_token_secret, staging_claim=args.staging_claim,
         progress_service_account=args.progress_service_account)
-    if not args.all_namespaces and not args.namespace:
-        print("branchmerge operator: give --namespace NS (repeatable) or --all-namespaces")
-        return 2
     operator = Operator(opts, _connector(args.kubeconfig), workers=args.workers)
     if args.metrics_port:
         serve_metrics(operator.metrics.registry, args.metrics_port, args.metrics_addr)

@@ -5,6 +5,8 @@ stand-in as written (pod securityContext, default requests, /dev/shm)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,3 +90,30 @@ def test_unselected_jobs_pattern_matches_what_it_must():
     assert not pattern.search("/apis/batch/v1/jobs?labelSelector=app.kubernetes.io%2Fmanaged-by%3Dbranchmerge-operator")
     assert not pattern.search("/apis/batch/v1/jobs?watch=true&labelSelector=app.kubernetes.io/managed-by=branchmerge-operator")
     assert not pattern.search("/apis/batch/v1/namespaces/a/jobs/some-job")  # a get, not a list
+
+
+@pytest.mark.parametrize("namespace", ["team-*", "team-?", "!kube-system", "team-a,team-b"])
+def test_namespace_patterns_are_refused_at_start_up(tmp_path, namespace):
+    """kopf with scanning disabled keeps only exact names: ``-n team-*`` used to start an operator that
+    served nothing, silently. It must stop at once, saying why and what to use instead."""
+    with ApiServer(REPO / "crds") as server:
+        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "branchmerge.cli", "operator", "-n", "team-a", "-n", namespace,
+             "--kubeconfig", str(kubeconfig), "--metrics-port", "0", "--liveness", ""],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"the operator started with --namespace {namespace!r} instead of refusing it")
+    assert proc.returncode == 2
+    assert f"--namespace {namespace!r}: namespace patterns are not supported" in err
+    assert "--all-namespaces" in err and "team-a'" not in err  # only the pattern is named
+
+
+def test_a_malformed_namespace_name_is_refused_too():
+    from branchmerge.cli import main
+
+    assert main(["operator", "-n", "Team_A"]) == 2  # returns before any login
