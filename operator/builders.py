@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from urllib.parse import urlparse
 
 from ..api.common import API_VERSION
@@ -180,12 +182,36 @@ def _volume_name(prefix: str, text: str) -> str:
     return name
 
 
+_SUFFIX = {"": 1, "m": Fraction(1, 1000), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+           "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(text: str) -> Fraction:
+    """A Kubernetes quantity in the API's syntax (``api.common.Quantity``: 8, 500m, 1.5Gi) as a number."""
+    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", str(text).strip())
+    if not found or found.group(2) not in _SUFFIX:
+        raise ValueError(f"not a quantity: {text!r}")
+    return Fraction(found.group(1)) * _SUFFIX[found.group(2)]
+
+
+def _mebibytes(amount: Fraction) -> str:
+    """A memory amount, rounded down to whole Mi (written in Gi when exact)."""
+    mib = max(1, int(amount // 2**20))
+    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+
+
 def shm_size(resources: dict) -> str:
-    """/dev/shm for NCCL and dataloaders: explicit, else 8Gi per GPU (1Gi on CPU)."""
+    """/dev/shm for NCCL and dataloaders: explicit, else 8Gi per GPU (1Gi on CPU), at most half the memory
+    limit. It is a memory-backed emptyDir: what is written there is charged to the pod's memory (and so
+    counts against resources.memory, which is the limit); a default as large as the limit would leave the
+    stage itself nothing before the OOM killer comes."""
     if resources.get("shmSize"):
         return resources["shmSize"]
     gpus = int(resources.get("gpusPerNode", 0))
-    return f"{max(1, 8 * gpus)}Gi"
+    size = Fraction(max(1, 8 * gpus) * 2**30)
+    if resources.get("memory"):
+        size = min(size, quantity(resources["memory"]) / 2)
+    return _mebibytes(size)
 
 
 # ---- children -----------------------------------------------------------------------------------------
@@ -311,15 +337,32 @@ def _container_security() -> dict:
             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _resources(resources: dict) -> dict:
-    amounts: dict[str, str] = {}
+def container_resources(resources: dict, opts: OperatorOptions, gpus: bool = True) -> dict:
+    """Requests and limits of a stage container. spec.resources.cpu/memory are request and limit; where
+    absent, the operator's default requests apply (no limit), so no stage pod is BestEffort: a GPU pod
+    without requests would be the first evicted under memory pressure and could be packed onto a node with
+    no CPU left. The default memory request includes /dev/shm, which is charged to the pod's memory.
+    ``gpus=False``: the same amounts for init containers (which never hold a GPU), which keeps the pod
+    Guaranteed when cpu and memory are both set and does not change what the pod requests (init containers
+    run before the stage, so the pod requests the larger of the two, not the sum)."""
+    limits: dict[str, str] = {}
     if resources.get("cpu"):
-        amounts["cpu"] = resources["cpu"]
+        limits["cpu"] = resources["cpu"]
     if resources.get("memory"):
-        amounts["memory"] = resources["memory"]
-    if int(resources.get("gpusPerNode", 0)) > 0:
-        amounts["nvidia.com/gpu"] = str(resources["gpusPerNode"])
-    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+        limits["memory"] = resources["memory"]
+    requests = dict(limits)
+    if "cpu" not in requests and opts.default_cpu_request:
+        requests["cpu"] = opts.default_cpu_request
+    if "memory" not in requests and opts.default_memory_request:
+        requests["memory"] = _mebibytes(quantity(opts.default_memory_request) + quantity(shm_size(resources)))
+    if gpus and int(resources.get("gpusPerNode", 0)) > 0:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(resources["gpusPerNode"])
+    out = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
 
 
 def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
@@ -341,6 +384,8 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
         mounts.append({"name": vol, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writable})
     init: list[dict] = []
+    init_resources = container_resources(run.resources, opts, gpus=False)
+
     def base_container() -> dict:
         return {"image": image, "imagePullPolicy": opts.image_pull_policy, "securityContext": _container_security()}
 
@@ -364,12 +409,14 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
                 "env": token_env + [{"name": "HOME", "value": "/tmp"},
                                     {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}],
                 "volumeMounts": [staging_mount, {"name": "tmp", "mountPath": "/tmp"}],
+                **({"resources": init_resources} if init_resources else {}),
             })
     if multi:
         init.append({
             **base_container(),
             "name": "wait-for-peers",
             "command": ["python", "-c", DNS_WAIT, f"{run.job_name(attempt)}-0.{service_name(run, attempt)}", "600"],
+            **({"resources": init_resources} if init_resources else {}),
         })
     container = {
         **base_container(),
@@ -381,14 +428,19 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
         # The stage writes a JSON result there; if it dies first, the log tail explains why.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if _resources(run.resources):
-        container["resources"] = _resources(run.resources)
+    resources = container_resources(run.resources, opts)
+    if resources:
+        container["resources"] = resources
     pod: dict = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
         "automountServiceAccountToken": bool(opts.progress_service_account),
         "securityContext": {"runAsNonRoot": True, "runAsUser": opts.run_as_user, "runAsGroup": opts.run_as_user,
-                            "fsGroup": opts.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
+                            "fsGroup": opts.run_as_user,
+                            # Without it the kubelet chowns every file of every volume at each pod start:
+                            # minutes on a PVC holding large models. Only a root of another group is fixed.
+                            "fsGroupChangePolicy": "OnRootMismatch",
+                            "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": volumes,
     }

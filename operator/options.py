@@ -20,5 +20,11 @@ class OperatorOptions:
     """ServiceAccount (per namespace) allowed to patch the CRs' /status; when set, pods report live
     progress through it, and only then get a service account token mounted."""
     progress_interval_seconds: float = 10.0
+    default_cpu_request: str | None = "500m"
+    """CPU request of stage containers whose spec has no resources.cpu (a request, no limit: the pod is
+    Burstable instead of BestEffort, the first evicted under node pressure). None: no default."""
+    default_memory_request: str | None = "2Gi"
+    """Memory request of stage containers whose spec has no resources.memory, to which the /dev/shm size is
+    added (its pages are charged to the pod's memory). None: no default."""
     run_as_user: int = 1000
     max_backoff_seconds: float = 3600.0

@@ -37,6 +37,12 @@ def register(sub) -> None:
     p.add_argument("--staging-claim", metavar="PVC", help="PVC caching staged hf:// inputs (default: emptyDir)")
     p.add_argument("--progress-service-account", metavar="SA",
                    help="ServiceAccount pods use to patch their CR's /status with live progress")
+    p.add_argument("--default-cpu-request", metavar="QUANTITY",
+                   help="CPU request of stage containers whose CR sets no spec.resources.cpu (default: 500m; "
+                        "'none': no request)")
+    p.add_argument("--default-memory-request", metavar="QUANTITY",
+                   help="memory request of stage containers whose CR sets no spec.resources.memory, to which "
+                        "the /dev/shm size is added (default: 2Gi; 'none': no request)")
     p.add_argument("--workers", type=int, default=8, help="concurrent reconciles")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account, then $KUBECONFIG)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -56,6 +62,32 @@ def namespace_errors(namespaces: list[str]) -> list[str]:
             errors.append(f"--namespace {ns!r}: not a namespace name (lowercase letters, digits and '-', "
                           "at most 63 characters)")
     return errors
+
+
+def options_from_args(args):
+    """The OperatorOptions the flags ask for (ValueError: a flag's value is malformed)."""
+    from branchmerge.operator.builders import quantity
+    from branchmerge.operator.options import OperatorOptions
+
+    defaults = OperatorOptions()
+    requests = {}
+    for field in ("default_cpu_request", "default_memory_request"):
+        value = getattr(args, field, None)
+        if value is None:
+            continue
+        if value.lower() in ("none", ""):
+            requests[field] = None
+            continue
+        try:
+            quantity(value)
+        except ValueError:
+            raise ValueError(f"--{field.replace('_', '-')} {value!r}: not a Kubernetes quantity "
+                             "(e.g. 500m, 4Gi)") from None
+        requests[field] = value
+    return OperatorOptions(
+        image=args.image or defaults.image, default_output_root=args.default_output_root,
+        hf_token_secret=args.hf_token_secret, staging_claim=args.staging_claim,
+        progress_service_account=args.progress_service_account, **requests)
 
 
 def _connector(kubeconfig: str | None):
@@ -99,15 +131,14 @@ def run(args) -> int:
 
     from branchmerge.operator.controller import Operator, run_operator
     from branchmerge.operator.metrics import serve_metrics
-    from branchmerge.operator.options import OperatorOptions
 
+    try:
+        opts = options_from_args(args)
+    except ValueError as err:
+        print(f"branchmerge operator: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    defaults = OperatorOptions()
-    opts = OperatorOptions(
-        image=args.image or defaults.image, default_output_root=args.default_output_root,
-        hf_token_secret=args.hf_token_secret, staging_claim=args.staging_claim,
-        progress_service_account=args.progress_service_account)
     operator = Operator(opts, _connector(args.kubeconfig), workers=args.workers)
     if args.metrics_port:
         serve_metrics(operator.metrics.registry, args.metrics_port, args.metrics_addr)

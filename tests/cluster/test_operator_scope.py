@@ -10,12 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 
+from branchmerge.operator.builders import build_job
 from branchmerge.operator.controller import settings
 from branchmerge.operator.emulator import Api, OperatorThread
 from branchmerge.operator.naming import MANAGED_BY, MANAGED_BY_VALUE, owner_labels
 from branchmerge.operator.options import OperatorOptions
+from branchmerge.operator.plan import target
 from testcluster.apiserver import ApiServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,3 +120,78 @@ def test_a_malformed_namespace_name_is_refused_too():
     from branchmerge.cli import main
 
     assert main(["operator", "-n", "Team_A"]) == 2  # returns before any login
+
+
+def _stage_job(kind: str, spec: dict) -> dict:
+    cr = {"apiVersion": "branchmerge.dev/v1alpha1", "kind": kind,
+          "metadata": {"name": "x", "namespace": "team-a", "uid": "uid-x", "generation": 1}, "spec": spec}
+    run = target(cr, {}, OperatorOptions(hf_token_secret="hf"))
+    assert not hasattr(run, "reason"), run
+    job = build_job(run, 1, OperatorOptions(hf_token_secret="hf"))
+    job["metadata"].pop("ownerReferences")  # no owner CR in this API server
+    return job
+
+
+MERGE = {"method": "linear", "models": [{"uri": "pvc://models/a"}, {"uri": "pvc://models/b"}],
+         "output": {"uri": "pvc://models/merged"}}
+SFT = {"base": {"uri": "hf://org/base@main"}, "data": [{"uri": "pvc://data/train.jsonl"}],
+       "training": {"globalBatchSize": 8, "microBatchSize": 1}, "output": {"uri": "pvc://models/sft"}}
+
+
+@pytest.mark.parametrize("kind, spec, qos", [
+    ("Merge", MERGE, "Burstable"),  # no spec.resources: default requests, no longer BestEffort
+    ("BranchSFT", {**SFT, "resources": {"nodes": 2, "gpusPerNode": 4}}, "Burstable"),
+    ("BranchSFT", {**SFT, "resources": {"nodes": 2, "gpusPerNode": 4, "cpu": "16", "memory": "64Gi"}}, "Guaranteed"),
+])
+def test_stage_jobs_are_accepted_by_the_api_server_with_their_pod_details(kind, spec, qos):
+    """The Job as built is valid for Kubernetes' own schema, goes through the stand-in's create pipeline (defaulting, validation) unchanged in
+    what matters, and a pod of its template gets the QoS class the API server computes."""
+    with ApiServer(REPO / "crds") as server:
+        api = Api(server.url)
+        _namespace(api, "team-a")
+        job = _stage_job(kind, spec)
+        for version in ("1.30.0", "1.37.0"):  # the supported range's OpenAPI schema, strict (unknown fields fail)
+            kubernetes_validate.validate(job, version, strict=True)
+        created = api.create(job, "team-a")
+        template = created["spec"]["template"]["spec"]
+        assert template["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+        for c in template["containers"] + template.get("initContainers", []):
+            assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+        dshm = next(v for v in template["volumes"] if v["name"] == "dshm")["emptyDir"]
+        assert dshm["medium"] == "Memory" and dshm["sizeLimit"]
+        pod = api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                          "spec": job["spec"]["template"]["spec"]}, "team-a")
+        assert pod["status"]["qosClass"] == qos
+
+
+def test_default_requests_are_operator_flags():
+    from branchmerge.cli import build_parser, main
+    from branchmerge.commands.operator import options_from_args
+
+    def opts(*flags):
+        return options_from_args(build_parser().parse_args(["operator", "-A", *flags]))
+
+    assert (opts().default_cpu_request, opts().default_memory_request) == ("500m", "2Gi")
+    given = opts("--default-cpu-request", "2", "--default-memory-request", "8Gi")
+    assert (given.default_cpu_request, given.default_memory_request) == ("2", "8Gi")
+    assert opts("--default-cpu-request", "none").default_cpu_request is None
+    assert main(["operator", "-A", "--default-memory-request", "lots"]) == 2  # refused before any login
+
+
+def test_chart_passes_default_requests_to_the_operator():
+    from tests.deploy import chart as C
+
+    if C.renderer() is None:
+        pytest.skip(C.SKIP_REASON)
+    from branchmerge.cli import build_parser
+    from branchmerge.commands.operator import options_from_args
+
+    def operator_args(values):
+        (deployment,) = C.by_kind(C.render(values), "Deployment")
+        return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert not [a for a in operator_args({}) if a.startswith("--default-")]  # the operator's own defaults
+    args = operator_args({"trainer": {"defaultRequests": {"cpu": "2", "memory": "none"}}})
+    assert "--default-cpu-request=2" in args and "--default-memory-request=none" in args
+    opts = options_from_args(build_parser().parse_args(args))
+    assert (opts.default_cpu_request, opts.default_memory_request) == ("2", None)

@@ -21,6 +21,12 @@
 {{- with .Values.trainer.stagingClaim }}
 - {{ printf "--staging-claim=%s" . | quote }}
 {{- end }}
+{{- with .Values.trainer.defaultRequests.cpu }}
+- {{ printf "--default-cpu-request=%s" . | quote }}
+{{- end }}
+{{- with .Values.trainer.defaultRequests.memory }}
+- {{ printf "--default-memory-request=%s" . | quote }}
+{{- end }}
 {{- if include "branchmerge.progressOn" . }}
 - {{ printf "--progress-service-account=%s" .Values.trainer.progress.serviceAccountName | quote }}
 {{- end }}
