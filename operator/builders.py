@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from ..api.common import API_VERSION
 from ..api.resources import KIND_INFO
+from ..api import progress_channel as progress
 from ..trainer.uris import staged_name
 from .naming import (ANNOTATION_HF_SECRET, KUEUE_QUEUE, LABEL_ATTEMPT, LABEL_JOB, LABEL_RUN, child_name,
                      owner_labels)
@@ -279,13 +280,9 @@ def _env(run: Run, attempt: int, opts: OperatorOptions) -> list[dict]:
             {"name": "WORLD_SIZE", "value": str(pods)},
             {"name": "LOCAL_RANK", "value": "0"},
         ]
-    if opts.progress_service_account:
-        plural = KIND_INFO[run.kind].plural
-        env += [
-            {"name": "BRANCHMERGE_K8S_STATUS",
-             "value": f"/apis/{API_VERSION}/namespaces/{run.namespace}/{plural}/{run.name}/status"},
-            {"name": "BRANCHMERGE_K8S_STATUS_INTERVAL", "value": str(opts.progress_interval_seconds)},
-        ]
+    if opts.progress_url:
+        env += [{"name": progress.URL_ENV, "value": opts.progress_url},
+                {"name": progress.INTERVAL_ENV, "value": str(opts.progress_interval_seconds)}]
     for engine_path in (("teacher", "engine"), ("engine",)):
         node = run.spec
         for key in engine_path:
@@ -379,6 +376,10 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
+    if opts.progress_url:  # the pod's only credential: good for the progress endpoint, bound to the pod
+        volumes.append({"name": "progress-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": progress.AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}})
+        mounts.append({"name": "progress-token", "mountPath": progress.TOKEN_DIR, "readOnly": True})
     for claim, writable in sorted(claims.items()):
         vol = _volume_name("pvc", claim)
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
@@ -434,7 +435,7 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
     pod: dict = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
-        "automountServiceAccountToken": bool(opts.progress_service_account),
+        "automountServiceAccountToken": False,  # no stage talks to the API server (progress: see above)
         "securityContext": {"runAsNonRoot": True, "runAsUser": opts.run_as_user, "runAsGroup": opts.run_as_user,
                             "fsGroup": opts.run_as_user,
                             # Without it the kubelet chowns every file of every volume at each pod start:
@@ -446,8 +447,6 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
     }
     if init:
         pod["initContainers"] = init
-    if opts.progress_service_account:
-        pod["serviceAccountName"] = opts.progress_service_account
     if multi:
         pod["subdomain"] = service_name(run, attempt)
     if run.resources.get("nodeSelector"):

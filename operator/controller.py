@@ -29,6 +29,7 @@ from .naming import LABEL_JOB, LABEL_RUN, MANAGED_BY, MANAGED_BY_VALUE
 from .options import OperatorOptions
 from .plan import (Observed, job_needing_pods, parse_time, plan, recorded_result, status_changed, target,
                    upstream_view)
+from .progress_api import ProgressReceiver, running_job
 from .store import Key, Store
 from .workqueue import WorkQueue
 
@@ -38,7 +39,7 @@ OWNED = {MANAGED_BY: MANAGED_BY_VALUE}
 
 class Operator:
     def __init__(self, opts: OperatorOptions, connect: Callable[[], Awaitable[Any]], workers: int = 8,
-                 error_backoff: float = 5.0):
+                 error_backoff: float = 5.0, progress_listen: tuple[str, int] | None = None):
         self.opts = opts
         self.connect = connect
         self.workers = workers
@@ -47,6 +48,9 @@ class Operator:
         self.metrics = OperatorMetrics(lambda: list(self.store.crs.values()))
         self.registry = kopf.OperatorRegistry()
         self.client = KubeClient(connect)
+        # pods report progress here (address, port), never to the API server: only the operator writes status
+        self.progress = ProgressReceiver(self.client, self.store, self._enqueue)
+        self.progress_listen = progress_listen
         self.queue: WorkQueue | None = None
         self._targets: dict[Key, tuple[tuple, Any]] = {}
         self._tasks: list[asyncio.Task] = []
@@ -77,11 +81,14 @@ class Operator:
     async def _startup(self, **_: Any) -> None:
         self.queue = WorkQueue()
         self._tasks = [asyncio.create_task(self._work(), name=f"reconcile-{i}") for i in range(self.workers)]
+        if self.progress_listen:
+            await self.progress.start(*self.progress_listen)
 
     async def _cleanup(self, **_: Any) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.progress.stop()
         if self.queue is not None:
             self.queue.close()
         await self.client.close()
@@ -95,6 +102,7 @@ class Operator:
         if event.get("type") == "DELETED":
             self.store.drop_cr(*key)
             self._targets.pop(key, None)
+            self.progress.forget(key)
             self.metrics.forget_cr(key[0], key[2])
             self._wake_downstreams(key)
             return
@@ -186,6 +194,8 @@ class Operator:
         want = self._target(key, cr, upstreams)
         observed = await self.observe(cr, key, want)
         decided = plan(cr, upstreams, observed, self.opts, time.time(), want=want)
+        if isinstance(want, Run):  # the running attempt's last progress report, as the pod sent it
+            self.progress.apply(key, decided.status, running_job(want.run_hash, observed.jobs))
 
         for child_kind, child in decided.delete:
             await self.client.delete(child_kind, namespace, child)

@@ -16,9 +16,10 @@ class OperatorOptions:
     staging; a CR can name another with the annotation branchmerge.dev/hf-token-secret."""
     staging_claim: str | None = None
     """PVC to stage hf:// inputs into (a cache shared by runs); default: an emptyDir per pod."""
-    progress_service_account: str | None = None
-    """ServiceAccount (per namespace) allowed to patch the CRs' /status; when set, pods report live
-    progress through it, and only then get a service account token mounted."""
+    progress_url: str | None = None
+    """The operator's progress endpoint as pods reach it (http://<service>.<namespace>.svc:<port>/progress);
+    when set, pods report live progress there with a projected token of the audience branchmerge.dev/progress
+    (operator/progress_api.py). Pods never get an API token: only the operator writes CR status."""
     progress_interval_seconds: float = 10.0
     default_cpu_request: str | None = "500m"
     """CPU request of stage containers whose spec has no resources.cpu (a request, no limit: the pod is

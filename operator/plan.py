@@ -225,7 +225,9 @@ def _finish(plan: Plan, old: dict, run: Run, result: dict, generation: int | Non
     if result["phase"] == "Succeeded":
         status = transition(old, "Succeeded", C.SUCCEEDED, f"attempt {result.get('attempt', 1)} succeeded",
                             generation)
-        status["output"] = {k: v for k, v in {"uri": result.get("outputUri") or run.spec["output"]["uri"],
+        # The URI is the one the operator resolved and gave the stage, never what a pod says it wrote: a
+        # downstream CR reads its input from here.
+        status["output"] = {k: v for k, v in {"uri": run.spec["output"]["uri"],
                                                "digest": result.get("digest")}.items() if v}
         status["progress"] = {"fraction": 1.0, "message": "done"}
         status["metrics"] = {**(old.get("metrics") or {}), **(result.get("metrics") or {})}

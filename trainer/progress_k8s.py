@@ -1,13 +1,13 @@
-"""Live progress from a pod to its CR: a Progress sink that merge-patches ``status.progress`` and
-``status.metrics`` through the CR's ``/status`` subresource.
+"""Live progress from a pod to the operator: a Progress sink that POSTs each event to the operator's
+progress endpoint (operator/progress_api.py), which checks who sent it and copies it into the status of
+the CR owning the pod. The pod itself has no access to the Kubernetes API: only the operator writes status.
 
-Why this channel: the operator already watches the CRs, so progress arrives with no extra watch (pods
-are never watched) and ``kubectl get`` shows it at once; the pod's ServiceAccount needs only ``patch``
-on ``<kinds>/status`` in its own namespace (deploy/rbac/progress-reporter.yaml), and the spec, which
-GitOps tools own, stays untouchable for it. The operator mounts a token only into pods that report.
+Authentication: the bearer token of a projected ``serviceAccountToken`` volume with the audience
+``branchmerge.dev/progress`` (api/progress_channel.py), bound to this pod and rotated by the kubelet, so
+it is re-read for every report. Useless against the API server (wrong audience) and dead once the pod is.
 
 Stdlib only (urllib): the data plane never imports kubernetes or kopf. Enabled by the stage entry point
-when ``BRANCHMERGE_K8S_STATUS`` (the status path, set by the operator) is present.
+when ``BRANCHMERGE_PROGRESS_URL`` (set by the operator) is present.
 """
 from __future__ import annotations
 
@@ -21,11 +21,10 @@ import time
 import urllib.request
 
 from ..api.finite import finite
+from ..api.progress_channel import INTERVAL_ENV, TOKEN_FILE, URL_ENV
 
-SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
-
-class StatusSink:
+class ReportSink:
     """Rate-limited and non-blocking: the newest event is sent by a background thread at most every
     ``interval`` seconds (a final event with fraction 1.0 goes out at once); failures are dropped."""
 
@@ -40,35 +39,28 @@ class StatusSink:
         self._sending = False
         self._last_sent = 0.0
         self._lock = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="k8s-status", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="progress-report", daemon=True)
         self.sent = 0
         self.errors = 0
         self._thread.start()
         atexit.register(self.flush)  # the last event of a short stage still reaches the status
 
     @classmethod
-    def from_env(cls) -> "StatusSink":
-        path = os.environ["BRANCHMERGE_K8S_STATUS"]
-        host = os.environ.get("KUBERNETES_SERVICE_HOST", "kubernetes.default.svc")
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        server = os.environ.get("BRANCHMERGE_K8S_SERVER") or f"https://{host}:{port}"
-        interval = float(os.environ.get("BRANCHMERGE_K8S_STATUS_INTERVAL", "10"))
-        token = os.path.join(SA_DIR, "token")
-        ca = os.path.join(SA_DIR, "ca.crt")
-        return cls(server.rstrip("/") + path, token if os.path.exists(token) else None,
-                   ca if os.path.exists(ca) else None, interval)
+    def from_env(cls) -> "ReportSink":
+        return cls(os.environ[URL_ENV], TOKEN_FILE if os.path.exists(TOKEN_FILE) else None,
+                   os.environ.get("BRANCHMERGE_PROGRESS_CA"), float(os.environ.get(INTERVAL_ENV, "10")))
 
     @staticmethod
-    def patch_for(event: dict) -> dict:
-        status: dict = {}
+    def body_for(event: dict) -> dict:
+        out: dict = {}
         if "fraction" in event or event.get("message"):
-            status["progress"] = {"fraction": round(float(event.get("fraction", 0.0)), 4),
-                                  "message": str(event.get("message", ""))[:256]}
+            out["fraction"] = round(float(event.get("fraction", 0.0)), 4)
+            out["message"] = str(event.get("message", ""))[:256]
         metrics = {k: v for k, v in (event.get("metrics") or {}).items()
                    if isinstance(v, (int, str, bool)) or (isinstance(v, float) and math.isfinite(v))}
         if metrics:
-            status["metrics"] = metrics
-        return {"status": status}
+            out["metrics"] = metrics
+        return out
 
     def __call__(self, event: dict) -> None:
         with self._lock:
@@ -105,15 +97,15 @@ class StatusSink:
                     self._lock.notify_all()
 
     def _send(self, event: dict) -> None:
-        headers = {"Content-Type": "application/merge-patch+json"}
+        headers = {"Content-Type": "application/json"}
         if self.token_file:  # re-read each time: projected tokens rotate
             try:
                 with open(self.token_file) as f:
                     headers["Authorization"] = "Bearer " + f.read().strip()
             except OSError:
                 pass
-        body = json.dumps(finite(self.patch_for(event)), allow_nan=False).encode()
-        request = urllib.request.Request(self.url, data=body, method="PATCH", headers=headers)
+        body = json.dumps(finite(self.body_for(event)), allow_nan=False).encode()
+        request = urllib.request.Request(self.url, data=body, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as resp:
                 resp.read()

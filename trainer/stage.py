@@ -21,6 +21,7 @@ import yaml
 
 from ..api.common import DatasetRef, ModelRef
 from ..api.finite import finite
+from ..api.progress_channel import URL_ENV as PROGRESS_URL_ENV
 from ..api.graph import references
 from ..api.resources import KIND_INFO, CustomResource
 from ..api.validation import InvalidManifest, parse_resource
@@ -136,10 +137,10 @@ def run(stage: str, spec_file: str | Path, result_file: str | Path | None = None
         result.update(kind=resource.kind, name=resource.name, outputUri=output_uri)  # type: ignore
         module = importlib.import_module(f"branchmerge.trainer.{stage}.stage")
         progress = Progress(enabled=rank == 0)
-        if rank == 0 and os.environ.get("BRANCHMERGE_K8S_STATUS"):  # on Kubernetes: live status (operator)
-            from .progress_k8s import StatusSink
+        if rank == 0 and os.environ.get(PROGRESS_URL_ENV):  # on Kubernetes: live progress to the operator
+            from .progress_k8s import ReportSink
 
-            progress.add_sink(StatusSink.from_env())
+            progress.add_sink(ReportSink.from_env())
         ctx = StageContext(resource, output_uri, output_dir, progress, rank, world)
         metrics = module.run(ctx) or {}
         if rank == 0:

@@ -35,8 +35,13 @@ def register(sub) -> None:
                    help="Secret with the Hugging Face token for hf:// staging (per CR: annotation "
                         "branchmerge.dev/hf-token-secret)")
     p.add_argument("--staging-claim", metavar="PVC", help="PVC caching staged hf:// inputs (default: emptyDir)")
-    p.add_argument("--progress-service-account", metavar="SA",
-                   help="ServiceAccount pods use to patch their CR's /status with live progress")
+    p.add_argument("--progress-url", metavar="URL",
+                   help="live progress: the URL pods reach this operator's progress endpoint at, e.g. "
+                        "http://branchmerge-operator.branchmerge-system.svc:8082/progress (default: off)")
+    p.add_argument("--progress-port", type=int, default=8082, help="port of the progress endpoint")
+    p.add_argument("--progress-addr", default="0.0.0.0")
+    p.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between two progress reports of one pod")
     p.add_argument("--default-cpu-request", metavar="QUANTITY",
                    help="CPU request of stage containers whose CR sets no spec.resources.cpu (default: 500m; "
                         "'none': no request)")
@@ -87,7 +92,7 @@ def options_from_args(args):
     return OperatorOptions(
         image=args.image or defaults.image, default_output_root=args.default_output_root,
         hf_token_secret=args.hf_token_secret, staging_claim=args.staging_claim,
-        progress_service_account=args.progress_service_account, **requests)
+        progress_url=args.progress_url, progress_interval_seconds=args.progress_interval, **requests)
 
 
 def _connector(kubeconfig: str | None):
@@ -139,7 +144,8 @@ def run(args) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    operator = Operator(opts, _connector(args.kubeconfig), workers=args.workers)
+    progress = (args.progress_addr, args.progress_port) if args.progress_url else None
+    operator = Operator(opts, _connector(args.kubeconfig), workers=args.workers, progress_listen=progress)
     if args.metrics_port:
         serve_metrics(operator.metrics.registry, args.metrics_port, args.metrics_addr)
     priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)

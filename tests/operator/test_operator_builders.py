@@ -151,13 +151,23 @@ def test_thread_count_follows_the_cpu_amount(resources, threads):
     assert [e["value"] for e in env] == ([threads] if threads else [])
 
 
-def test_progress_reporting_mounts_token_only_when_enabled():
-    opts = OperatorOptions(progress_service_account="branchmerge-progress")
-    run = run_of("Merge", MERGE_SPEC, opts)
-    pod = build_job(run, 1, opts)["spec"]["template"]["spec"]
-    assert pod["automountServiceAccountToken"] is True and pod["serviceAccountName"] == "branchmerge-progress"
-    env = env_of(pod["containers"][0])
-    assert env["BRANCHMERGE_K8S_STATUS"] == "/apis/branchmerge.dev/v1alpha1/namespaces/ns/merges/x/status"
+def test_stage_pods_get_no_api_token_and_report_progress_with_a_bound_one():
+    plain = build_job(run_of("Merge", MERGE_SPEC), 1, OPTS)["spec"]["template"]["spec"]
+    assert plain["automountServiceAccountToken"] is False and "serviceAccountName" not in plain
+    assert not [v for v in plain["volumes"] if "projected" in v]
+    assert "BRANCHMERGE_PROGRESS_URL" not in env_of(plain["containers"][0])
+
+    opts = OperatorOptions(progress_url="http://branchmerge-operator.bm.svc:8082/progress")
+    pod = build_job(run_of("Merge", MERGE_SPEC, opts), 1, opts)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+    [token] = [v for v in pod["volumes"] if v["name"] == "progress-token"]
+    assert token["projected"]["sources"] == [{"serviceAccountToken": {
+        "audience": "branchmerge.dev/progress", "expirationSeconds": 3600, "path": "token"}}]
+    main = pod["containers"][0]
+    assert {"name": "progress-token", "mountPath": "/var/run/secrets/branchmerge", "readOnly": True} in main["volumeMounts"]
+    assert env_of(main)["BRANCHMERGE_PROGRESS_URL"] == "http://branchmerge-operator.bm.svc:8082/progress"
+    # init containers (staging, peer wait) never see it
+    assert all(m["name"] != "progress-token" for c in pod.get("initContainers", []) for m in c.get("volumeMounts", []))
 
 
 def test_openai_endpoint_key_comes_from_its_secret():
