@@ -48,19 +48,6 @@ while True:
         time.sleep(2)
 """
 
-# Init container: download one hf:// repo into the staging volume (atomic: temp dir + rename, so a
-# retried pod with a staging PVC reuses a complete copy and never a partial one).
-HF_STAGE = """\
-import os, shutil, sys
-from huggingface_hub import snapshot_download
-repo, revision, dest = sys.argv[1], sys.argv[2] or None, sys.argv[3]
-if not os.path.isdir(dest):
-    tmp = dest + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    snapshot_download(repo_id=repo, revision=revision, local_dir=tmp)
-    os.replace(tmp, dest)
-"""
-
 
 class UnsupportedSpec(ValueError):
     """The spec cannot run on Kubernetes as written (permanent: InvalidSpec)."""
@@ -406,7 +393,10 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
             init.append({
                 **base_container(),
                 "name": f"stage-input-{i}",
-                "command": ["python", "-c", HF_STAGE, repo, revision, f"{STAGING_ROOT}/{staged_name(uri)}"],
+                # once per input even on a staging PVC shared by pods and CRs (a lock; atomic publish)
+                "command": ["python", "-m", "branchmerge.trainer.staging", repo, revision,
+                            f"{STAGING_ROOT}/{staged_name(uri)}"],
+                "terminationMessagePolicy": "FallbackToLogsOnError",  # its error, not an empty message
                 "env": token_env + [{"name": "HOME", "value": "/tmp"},
                                     {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}],
                 "volumeMounts": [staging_mount, {"name": "tmp", "mountPath": "/tmp"}],

@@ -137,6 +137,9 @@ def classify_failure(job: dict, pods: list[dict]) -> Failure:
         init = _init_failure(pod)
         if init and term is None:
             cname, iterm = init
+            if iterm.get("exitCode") == EXIT_INVALID:  # e.g. staging: the repository or revision does not exist
+                return Failure(False, C.INVALID_SPEC, f"pod {name}: init container {cname}: "
+                                                      f"{_tail(iterm.get('message'))}", EXIT_INVALID)
             retryable.append(Failure(True, "InitFailed", f"pod {name}: init container {cname} exited with "
                                                          f"{iterm.get('exitCode')}: {_tail(iterm.get('message'))}"))
     if retryable:
