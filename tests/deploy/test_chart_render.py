@@ -21,7 +21,7 @@ EVERYTHING = {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule":
               "grafanaDashboard": {"enabled": True}, "trainer": {"defaultOutputRoot": "pvc://shared/outputs",
                                                                   "hfTokenSecret": "hf-token/token",
                                                                   "stagingClaim": "hf-cache",
-                                                                  "progress": {"namespacesPrepared": True}}}
+                                                                  "progress": {"port": 9443, "interval": 2.5}}}
 # Kinds that are not part of Kubernetes: their CRDs come from the chart (kopf) or from the Prometheus Operator.
 THIRD_PARTY = {("kopf.dev/v1", "ClusterKopfPeering"), ("kopf.dev/v1", "KopfPeering"),
                ("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
@@ -122,21 +122,26 @@ def test_rbac_mode_follows_watch_settings(rendered):
         assert sorted(r["metadata"]["namespace"] for r in operator_roles) == ["team-a", "team-b"]
         assert sorted((p["kind"], p["metadata"]["namespace"]) for p in peerings) == [
             ("KopfPeering", "team-a"), ("KopfPeering", "team-b")]
-        # no ClusterRole grants anything: edit/view only aggregate into the built-in user roles
-        assert sorted(c["metadata"]["name"] for c in cluster_roles) == ["bm-branchmerge-edit", "bm-branchmerge-view"]
-        assert not C.by_kind(objects, "ClusterRoleBinding")
-        stage_sas = [s["metadata"]["namespace"] for s in C.by_kind(objects, "ServiceAccount")
-                     if s["metadata"]["name"] == "branchmerge-progress"]
-        assert sorted(stage_sas) == ["team-a", "team-b"]
+        # edit/view only aggregate into the built-in user roles; the one cluster-wide grant is TokenReview
+        # (cluster-scoped: live progress reports are authenticated with it)
+        assert sorted(c["metadata"]["name"] for c in cluster_roles) == [
+            "bm-branchmerge-edit", "bm-branchmerge-tokenreview", "bm-branchmerge-view"]
+        (tokenreview,) = [c for c in cluster_roles if c["metadata"]["name"] == "bm-branchmerge-tokenreview"]
+        assert rule_set(tokenreview["rules"]) == {TOKEN_REVIEW}
+        assert [b["metadata"]["name"] for b in C.by_kind(objects, "ClusterRoleBinding")] == ["bm-branchmerge-tokenreview"]
         args = operator_container(objects)["args"]
         assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
     else:
         assert not roles
-        assert "bm-branchmerge-progress" in [c["metadata"]["name"] for c in cluster_roles]
+        assert [b["metadata"]["name"] for b in C.by_kind(objects, "ClusterRoleBinding")] == ["bm-branchmerge"]
         assert [p["kind"] for p in peerings] == ["ClusterKopfPeering"]
         assert "--all-namespaces" in operator_container(objects)["args"]
     assert all(p["metadata"]["name"] == "branchmerge" for p in peerings)
     assert "--peering=branchmerge" in operator_container(objects)["args"]
+
+
+TOKEN_REVIEW = ("authentication.k8s.io", "tokenreviews", "create")
+PROGRESS_FLAGS = {"--progress-url", "--progress-port", "--progress-interval"}
 
 
 def rule_set(rules: list[dict]) -> set[tuple[str, str, str]]:
@@ -148,8 +153,7 @@ def _plain_rules(filename: str, kind: str) -> set[tuple[str, str, str]]:
     from .helpers import load_yaml_docs
 
     path = DEPLOY / "rbac" / filename
-    if not path.exists():
-        pytest.skip(f"deploy/rbac/{filename} does not exist")
+    assert path.exists(), f"deploy/rbac/{filename} does not exist"
     return rule_set([r for d in load_yaml_docs(path) if d["kind"] == kind for r in d["rules"]])
 
 
@@ -161,13 +165,41 @@ def _chart_rules(values: dict, kind: str, name: str) -> set[tuple[str, str, str]
 
 def test_operator_rbac_equals_the_plain_manifests():
     """deploy/rbac/ (kubectl installs; checked against every request in the operator's integration tests)
-    and the chart grant exactly the same verbs, in both modes and to the stage pods."""
+    and the chart grant exactly the same verbs, in both modes (TokenReview included)."""
     assert _chart_rules({}, "ClusterRole", "bm-branchmerge") == _plain_rules("operator-clusterwide.yaml", "ClusterRole")
     assert _chart_rules(NAMESPACED, "Role", "bm-branchmerge") == _plain_rules("operator-namespaced.yaml", "Role")
-    assert _chart_rules(NAMESPACED, "Role", "bm-branchmerge-progress") == \
-        _plain_rules("progress-reporter.yaml", "Role")
-    assert _chart_rules({}, "ClusterRole", "bm-branchmerge-progress") == \
-        _plain_rules("progress-reporter.yaml", "Role")
+    assert _chart_rules(NAMESPACED, "ClusterRole", "bm-branchmerge-tokenreview") == \
+        _plain_rules("operator-namespaced.yaml", "ClusterRole") == {TOKEN_REVIEW}
+
+
+def _bound_rules(objects, service_account: str, namespace: str = C.NAMESPACE) -> set[tuple[str, str, str]]:
+    """Every (group, resource, verb) the chart grants ``service_account`` through its (Cluster)RoleBindings."""
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d
+             for d in C.by_kind(objects, "Role") + C.by_kind(objects, "ClusterRole")}
+    granted = set()
+    for binding in C.by_kind(objects, "RoleBinding") + C.by_kind(objects, "ClusterRoleBinding"):
+        if {"kind": "ServiceAccount", "name": service_account, "namespace": namespace} not in binding["subjects"]:
+            continue
+        ref = binding["roleRef"]
+        scope = binding["metadata"].get("namespace") if ref["kind"] == "Role" else None
+        granted |= rule_set(roles[(ref["kind"], scope, ref["name"])]["rules"])
+    return granted
+
+
+@pytest.mark.parametrize("values", [{}, NAMESPACED], ids=["cluster-wide", "namespaced"])
+def test_operator_may_authenticate_progress_reports(values):
+    """TokenReview (cluster-scoped, so a ClusterRole binding in both modes) and get on pods (the reporting pod's
+    owner chain); nothing more for live progress."""
+    objects = C.render(values)
+    granted = _bound_rules(objects, "bm-branchmerge")
+    assert TOKEN_REVIEW in granted and ("", "pods", "get") in granted
+    cluster_bound = set()
+    for binding in C.by_kind(objects, "ClusterRoleBinding"):
+        (role,) = [r for r in C.by_kind(objects, "ClusterRole") if r["metadata"]["name"] == binding["roleRef"]["name"]]
+        cluster_bound |= rule_set(role["rules"])
+    assert TOKEN_REVIEW in cluster_bound
+    disabled = C.render({**values, "trainer": {"progress": {"enabled": False}}})
+    assert TOKEN_REVIEW not in _bound_rules(disabled, "bm-branchmerge")
 
 
 def test_plain_operator_uses_the_service_accounts_deploy_rbac_binds():
@@ -180,34 +212,68 @@ def test_plain_operator_uses_the_service_accounts_deploy_rbac_binds():
     rbac = [d for p in sorted((DEPLOY / "rbac").glob("*.yaml")) for d in load_yaml_docs(p)]
     bound = {(s["name"], s.get("namespace")) for d in rbac if d["kind"].endswith("Binding") for s in d["subjects"]}
     assert (sa, namespace) in bound
-    # cluster-wide, live progress needs the ServiceAccount in every tenant namespace first: off by default
+    # live progress is on: it needs nothing in the tenants' namespaces, only the operator's Service
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert not any(a.startswith("--progress-service-account") for a in args)
-    assert "branchmerge-progress" in {d["metadata"]["name"] for d in rbac if d["kind"] == "ServiceAccount"}
+    assert "--progress-url=http://branchmerge.branchmerge-system.svc:8082/progress" in args
+    assert {a.split("=")[0] for a in args if a.startswith("--progress")} == PROGRESS_FLAGS
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "branchmerge"]
+    assert service["metadata"]["namespace"] == namespace
+    assert {"name": "progress", "port": 8082, "targetPort": "progress", "protocol": "TCP"} in service["spec"]["ports"]
+    # the only ServiceAccount is the operator's: stage pods run without API credentials
+    assert {d["metadata"]["name"] for d in rbac if d["kind"] == "ServiceAccount"} == {sa}
 
 
-def test_live_progress_only_where_the_service_account_exists():
-    flag = "--progress-service-account=branchmerge-progress"
-    assert flag not in operator_container(C.render())["args"]  # cluster-wide: tenants not prepared yet
-    assert flag in operator_container(C.render(NAMESPACED))["args"]  # the chart creates it per namespace
-    assert flag in operator_container(C.render(EVERYTHING))["args"]  # the administrator said so
-    assert flag not in operator_container(C.render({**NAMESPACED, "trainer": {"progress": {"enabled": False}}}))["args"]
+@pytest.mark.parametrize("values,port,interval", [({}, 8082, "10"), (NAMESPACED, 8082, "10"),
+                                                  (EVERYTHING, 9443, "2.5")],
+                         ids=["cluster-wide", "namespaced", "everything"])
+def test_live_progress_endpoint_is_served_and_reachable(values, port, interval):
+    """The operator listens on the progress port, a Service in the release namespace exposes it, and the URL
+    the operator hands the stage pods is that Service's DNS name and port."""
+    for namespace in (C.NAMESPACE, "ops"):
+        objects = C.render(values, namespace=namespace)
+        container = operator_container(objects)
+        args = container["args"]
+        url = f"http://bm-branchmerge.{namespace}.svc:{port}/progress"
+        assert f"--progress-url={url}" in args
+        assert f"--progress-port={port}" in args
+        assert f"--progress-interval={interval}" in args
+        parsed = operator_parser().parse_args(args)
+        assert (parsed.progress_url, parsed.progress_port, parsed.progress_interval) == (url, port, float(interval))
+        assert {"name": "progress", "containerPort": port, "protocol": "TCP"} in container["ports"]
+        (service,) = [s for s in C.by_kind(objects, "Service") if s["metadata"]["name"] == "bm-branchmerge"]
+        assert service["metadata"]["namespace"] == namespace
+        assert service["spec"]["ports"] == [{"name": "progress", "port": port, "targetPort": "progress",
+                                             "protocol": "TCP"}]
+        (deployment,) = C.by_kind(objects, "Deployment")
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= pod_labels.items()
 
 
-@pytest.mark.parametrize("values", [{}, NAMESPACED], ids=["cluster-wide", "namespaced"])
-def test_stage_service_account_can_only_patch_status(values):
+def test_live_progress_can_be_turned_off():
+    objects = C.render({**NAMESPACED, "trainer": {"progress": {"enabled": False}}})
+    container = operator_container(objects)
+    assert not any(a.startswith("--progress") for a in container["args"])
+    assert "progress" not in {p["name"] for p in container["ports"]}
+    assert "bm-branchmerge" not in {s["metadata"]["name"] for s in C.by_kind(objects, "Service")}
+    assert not [c for c in C.by_kind(objects, "ClusterRole") if c["metadata"]["name"].endswith("-tokenreview")]
+
+
+@pytest.mark.parametrize("values", [{}, NAMESPACED, EVERYTHING], ids=["cluster-wide", "namespaced", "everything"])
+def test_no_stage_rbac(values):
+    """Stage pods get no API credentials: the chart renders no ServiceAccount, Role or binding for them, and no
+    role but the operator's may write the kinds' status."""
     objects = C.render(values)
-    stage_roles = [r for r in C.by_kind(objects, "Role") + C.by_kind(objects, "ClusterRole")
-                   if r["metadata"]["name"].endswith("-progress")]
-    assert stage_roles
-    for role in stage_roles:
-        triples = rule_set(role["rules"])
-        assert {r for _, r, _ in triples} == {f"{p}/status" for p in ("teachergens", "branchsfts", "merges", "evals")}
-        assert {v for _, _, v in triples} == {"patch"}
-    for binding in C.by_kind(objects, "RoleBinding"):
-        if binding["metadata"]["name"].endswith("-progress"):
-            assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "branchmerge-progress",
-                                            "namespace": binding["metadata"]["namespace"]}]
+    assert [s["metadata"]["name"] for s in C.by_kind(objects, "ServiceAccount")] == ["bm-branchmerge"]
+    for role in C.by_kind(objects, "Role") + C.by_kind(objects, "ClusterRole"):
+        assert not role["metadata"]["name"].endswith("-progress")
+        if any(r.endswith("/status") and v not in ("get", "list", "watch") for _, r, v in rule_set(role["rules"])):
+            assert role["metadata"]["name"] == "bm-branchmerge", role["metadata"]["name"]
+    for binding in C.by_kind(objects, "RoleBinding") + C.by_kind(objects, "ClusterRoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "bm-branchmerge",
+                                        "namespace": C.NAMESPACE}], binding["metadata"]["name"]
+    # the operator's progress flags are only those of the endpoint: none names an identity for the stage pods
+    assert {a.split("=")[0] for a in operator_container(objects)["args"] if a.startswith("--progress")} == PROGRESS_FLAGS
+    assert not (CHART / "templates" / "stage-rbac.yaml").exists()
 
 
 def test_crds_rendered_from_the_generated_files_and_kept():
@@ -232,7 +298,7 @@ def test_disruption_budget_only_with_several_replicas():
 def test_monitoring_objects():
     objects = C.render(EVERYTHING)
     (monitor,) = C.by_kind(objects, "ServiceMonitor")
-    (service,) = C.by_kind(objects, "Service")
+    (service,) = [s for s in C.by_kind(objects, "Service") if s["metadata"]["name"] == "bm-branchmerge-metrics"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     (rule,) = C.by_kind(objects, "PrometheusRule")
@@ -252,7 +318,7 @@ def test_trainer_defaults_reach_the_operator():
     args = operator_container(C.render(EVERYTHING))["args"]
     for expected in ("--image=ghcr.io/branchmerge/trainer:0.1.0", "--default-output-root=pvc://shared/outputs",
                      "--hf-token-secret=hf-token/token", "--staging-claim=hf-cache",
-                     "--progress-service-account=branchmerge-progress"):
+                     "--progress-url=http://bm-branchmerge.branchmerge-system.svc:9443/progress"):
         assert expected in args
     digest = "sha256:" + "a" * 64
     args = operator_container(C.render({"trainer": {"image": {"repository": "r/t", "digest": digest}}}))["args"]
@@ -270,6 +336,8 @@ def test_notes_tell_what_to_do_next():
     assert "team-a, team-b" in text
     assert "kubectl apply -n <namespace> -f examples/tinyr1/" in text
     assert "docs/operations.md" in text
+    assert "service bm-branchmerge" in text and "port 8082" in text  # live progress: nothing to prepare
+    assert "namespacesPrepared" not in text and "ClusterRole" not in text
 
 
 def test_plain_kubectl_manifests_are_the_rendered_chart():

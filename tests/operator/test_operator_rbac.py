@@ -13,11 +13,13 @@ from opfixtures import NS, pipeline
 from ophelpers import finish, jobs_of, manifest, phase, result, wait_for
 
 RBAC = Path(__file__).resolve().parents[2] / "deploy" / "rbac"
+TOKEN_REVIEW = ("authentication.k8s.io", "tokenreviews", "create")
 
 
 def rules(filename: str, kind: str) -> set[tuple[str, str, str]]:
     """(group, resource, verb) granted by the Role/ClusterRole in ``filename``."""
     granted = set()
+    assert (RBAC / filename).exists(), f"deploy/rbac/{filename} does not exist"
     for doc in yaml.safe_load_all((RBAC / filename).read_text()):
         if doc and doc["kind"] == kind:
             for rule in doc["rules"]:
@@ -29,10 +31,26 @@ def rules(filename: str, kind: str) -> set[tuple[str, str, str]]:
 def test_namespaced_and_clusterwide_grant_the_same_namespaced_rights():
     cluster = rules("operator-clusterwide.yaml", "ClusterRole")
     namespaced = rules("operator-namespaced.yaml", "Role")
+    namespaced_cluster = rules("operator-namespaced.yaml", "ClusterRole")
     swap = {"clusterkopfpeerings": "kopfpeerings"}
-    assert {(g, swap.get(r, r), v) for g, r, v in cluster} == namespaced
-    assert rules("progress-reporter.yaml", "Role") == {
-        ("branchmerge.dev", f"{p}/status", "patch") for p in ("teachergens", "branchsfts", "merges", "evals")}
+    assert {(g, swap.get(r, r), v) for g, r, v in cluster} == namespaced | namespaced_cluster
+    # TokenReview is cluster-scoped: even the namespaced install grants it (and only it) with a ClusterRole
+    assert namespaced_cluster == {TOKEN_REVIEW}
+
+
+def test_operator_may_authenticate_progress_reports():
+    """Live progress: the operator checks each report's token (TokenReview) and reads the reporting pod to walk
+    its owners (get pods). Stage pods get no API token, so nothing in deploy/rbac/ is for them."""
+    for filename, kind in (("operator-clusterwide.yaml", "ClusterRole"), ("operator-namespaced.yaml", "Role")):
+        granted = rules(filename, kind) | rules(filename, "ClusterRole")
+        assert TOKEN_REVIEW in granted and ("", "pods", "get") in granted, filename
+    assert sorted(p.name for p in RBAC.glob("*.yaml")) == ["operator-clusterwide.yaml", "operator-namespaced.yaml"]
+    for path in RBAC.glob("*.yaml"):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        assert [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"] == ["branchmerge-operator"]
+        for binding in (d for d in docs if d["kind"].endswith("Binding")):
+            assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "branchmerge-operator",
+                                            "namespace": "branchmerge-system"}], path.name
 
 
 def test_every_request_of_a_pipeline_run_is_allowed():

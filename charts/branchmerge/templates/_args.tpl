@@ -27,8 +27,10 @@
 {{- with .Values.trainer.defaultRequests.memory }}
 - {{ printf "--default-memory-request=%s" . | quote }}
 {{- end }}
-{{- if include "branchmerge.progressOn" . }}
-- {{ printf "--progress-service-account=%s" .Values.trainer.progress.serviceAccountName | quote }}
+{{- if .Values.trainer.progress.enabled }}
+- {{ printf "--progress-url=%s" (include "branchmerge.progressUrl" .) | quote }}
+- {{ printf "--progress-port=%v" .Values.trainer.progress.port | quote }}
+- {{ printf "--progress-interval=%v" .Values.trainer.progress.interval | quote }}
 {{- end }}
 {{- if .Values.operator.verbose }}
 - --verbose
@@ -38,8 +40,7 @@
 {{- end }}
 {{- end }}
 
-{{/* Live progress only where every stage pod finds its ServiceAccount: namespaced (the chart creates it in
-     each watched namespace), or cluster-wide once the administrator says every namespace has it. */}}
-{{- define "branchmerge.progressOn" -}}
-{{- if and .Values.trainer.progress.enabled (or (not .Values.watch.allNamespaces) .Values.trainer.progress.namespacesPrepared) }}true{{ end }}
+{{/* Where stage pods reach the operator's progress endpoint: its Service (templates/service.yaml), by DNS name. */}}
+{{- define "branchmerge.progressUrl" -}}
+{{- printf "http://%s.%s.svc:%v/progress" (include "branchmerge.fullname" .) .Release.Namespace .Values.trainer.progress.port }}
 {{- end }}

@@ -62,11 +62,3 @@ app.kubernetes.io/part-of: branchmerge
 {{- end }}
 {{- end }}
 
-{{/* Namespaces that get the stage ServiceAccount for live progress (namespaced mode: the watched ones). */}}
-{{- define "branchmerge.progressNamespaces" -}}
-{{- if .Values.trainer.progress.namespaces }}
-{{- .Values.trainer.progress.namespaces | uniq | toJson }}
-{{- else }}
-{{- include "branchmerge.watchNamespaces" . }}
-{{- end }}
-{{- end }}

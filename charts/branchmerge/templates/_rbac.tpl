@@ -23,10 +23,11 @@
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create"]
-# Termination messages (results, exit codes, OOMKilled, DisruptionTarget) of finished attempts.
+# Termination messages (results, exit codes, OOMKilled, DisruptionTarget) of finished attempts (list); the
+# pod behind a live progress report, whose owner chain must lead to a CR's Job (get).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["get", "list"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
@@ -47,9 +48,11 @@
   verbs: ["list", "watch", "patch", "get"]
 {{- end }}
 
-{{/* What a stage pod may do with its token: report progress on the CRs of its namespace. */}}
-{{- define "branchmerge.stageRules" -}}
-- apiGroups: ["branchmerge.dev"]
-  resources: ["teachergens/status", "branchsfts/status", "merges/status", "evals/status"]
-  verbs: ["patch"]
+
+{{/* Cluster-scoped in every mode: TokenReview has no namespace. The operator checks the token of each live
+     progress report (a stage pod's projected token, audience branchmerge.dev/progress) with it. */}}
+{{- define "branchmerge.tokenReviewRules" -}}
+- apiGroups: ["authentication.k8s.io"]
+  resources: ["tokenreviews"]
+  verbs: ["create"]
 {{- end }}
