@@ -26,6 +26,10 @@ CACHED = "Cached"
 INTERRUPTED = "Interrupted"
 
 
+def format_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -51,14 +55,16 @@ def set_condition(status: dict, ctype: str, value: bool | None, reason: str, mes
     return status
 
 
-def set_phase(status: dict, phase: str, reason: str, message: str = "", generation: int | None = None) -> dict:
-    """Move to ``phase`` and set Ready/Reconciling/Stalled consistently with it."""
+def set_phase(status: dict, phase: str, reason: str, message: str = "", generation: int | None = None,
+              stalled: bool = False) -> dict:
+    """Move to ``phase`` and set Ready/Reconciling/Stalled consistently with it. ``stalled``: a non-terminal
+    phase that cannot progress without a change elsewhere (a failed upstream): Stalled True, not Reconciling."""
     status["phase"] = phase
     if generation is not None:
         status["observedGeneration"] = generation
     ready = phase == "Succeeded"
-    reconciling = phase in ("Pending", "Waiting", "Running")
-    stalled = phase == "Failed"
+    reconciling = phase in ("Pending", "Waiting", "Running") and not stalled
+    stalled = stalled or phase == "Failed"
     set_condition(status, "Ready", ready, reason, message, generation)
     set_condition(status, "Reconciling", reconciling, reason if reconciling else SUCCEEDED if ready else reason,
                   message if reconciling else "", generation)

@@ -1,28 +1,19 @@
 """What a finished Job says: its state, the stage's result (termination message) and, when it failed,
 whether running again can help. Pure functions over Job/Pod dicts.
 
-Classes (exit codes from trainer/errors.py): 2 = invalid spec or input, permanent; 3 = retryable; a
-signal (exit >= 128), OOMKilled, eviction, preemption (pod condition DisruptionTarget) are retryable
-too; the Job's activeDeadlineSeconds running out is permanent (the next attempt would time out again).
+Classes: the shared policy's (operator/policy.py: exit 2 permanent, 3, signals and other codes retryable),
+plus what only pods have: OOMKilled, eviction, preemption (pod condition DisruptionTarget) are retryable;
+the Job's activeDeadlineSeconds running out is permanent (the next attempt would time out again).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..api import finite as finite_json
-from ..trainer.errors import EXIT_INVALID, EXIT_RETRYABLE, stage_exit_code
+from ..trainer.errors import EXIT_INVALID
 from . import conditions as C
+from .policy import Failure, exit_failure
 from .builders import COMPLETION_INDEX_ANNOTATION, MAIN_CONTAINER
 
 ACTIVE, SUCCEEDED, FAILED, SUSPENDED = "Active", "Succeeded", "Failed", "Suspended"
-
-
-@dataclass(frozen=True)
-class Failure:
-    retryable: bool
-    reason: str  # stable reason for conditions and Events
-    message: str
-    exit_code: int | None = None
 
 
 def _condition(obj: dict, ctype: str) -> dict | None:
@@ -115,18 +106,16 @@ def classify_failure(job: dict, pods: list[dict]) -> Failure:
         term = _main_terminated(pod)
         if term is not None:
             result = parse_message(term.get("message")) or {}
-            code = stage_exit_code(int(term.get("exitCode", 0)), result)
+            code = int(term.get("exitCode", 0))
             detail = result.get("error") or _tail(term.get("message")) or term.get("reason") or ""
-            if code == EXIT_INVALID:
-                return Failure(False, C.INVALID_SPEC, f"pod {name}: invalid spec or input: {detail}", code)
+            failure = exit_failure(code, result, detail)
             if term.get("reason") == "OOMKilled":
                 retryable.append(Failure(True, "OOMKilled", f"pod {name} was killed for running out of memory", code))
-            elif code >= 128:
-                retryable.append(Failure(True, "Signal", f"pod {name} was killed by signal {code - 128}", code))
-            elif code == EXIT_RETRYABLE:
-                retryable.append(Failure(True, "StageRetryable", f"pod {name}: {detail}", code))
             elif code != 0:
-                retryable.append(Failure(True, "Error", f"pod {name} exited with {code}: {detail}", code))
+                failure = Failure(failure.retryable, failure.reason, f"pod {name}: {failure.message}", failure.exit_code)
+                if not failure.retryable:
+                    return failure
+                retryable.append(failure)
         disruption = _condition(pod, "DisruptionTarget")
         if disruption is not None:  # preemption, eviction, node drain: not the stage's fault
             retryable.insert(0, Failure(True, disruption.get("reason") or "Disrupted",

@@ -21,9 +21,9 @@ import yaml
 
 from ...api.manifests import ManifestSet
 from ...api.resources import CustomResource
-from ...trainer.errors import EXIT_INVALID, stage_exit_code
 from ...trainer.progress import read_events
 from .. import conditions as cond
+from ..policy import after_failure, effective_phase, exit_failure, waiting
 from ..resolve import blockers, resolve, spec_hash
 from . import cache
 from .launch import EnvError, local_ranks, stage_command, stage_env
@@ -151,10 +151,10 @@ class Runner:
         if self.display:
             self.display.update(key, self.records[key])
 
-    def set_phase(self, key: str, phase: str, reason: str, message: str = "") -> None:
+    def set_phase(self, key: str, phase: str, reason: str, message: str = "", stalled: bool = False) -> None:
         status = self.records[key]["status"]
         changed = self.current(key) != (phase, reason)
-        cond.set_phase(status, phase, reason, message)
+        cond.set_phase(status, phase, reason, message, stalled=stalled)
         self.save(key)
         if changed and self.display:
             self.display.transition(key, phase, reason, message)
@@ -252,7 +252,9 @@ class Runner:
         return out
 
     def _schedule(self) -> None:
-        phases = {k: self.phase(k) for k in self.order}
+        # as downstreams see them: a stage stalled by a failed upstream counts as failed (policy.effective_phase)
+        phases = {k: effective_phase((self.record(k) or {}).get("status")) if self.record(k) else None
+                  for k in self.order}
         for key in self.selected:
             if key in self.finished or key in self.running:
                 continue
@@ -263,15 +265,15 @@ class Runner:
                     phases[key] = "Suspended"
                 continue
             bl = blockers(resource, phases)
-            if bl and bl[0].reason == "UpstreamFailed":
-                self.set_phase(key, "Failed", cond.UPSTREAM_FAILED, bl[0].message)
-                self.finished.add(key)
-                phases[key] = "Failed"
-                continue
             if bl:
-                if phases[key] != "Waiting":
-                    self.set_phase(key, "Waiting", bl[0].reason, bl[0].message)
-                    phases[key] = "Waiting"
+                phase, reason, message, stalled = waiting(bl)
+                if stalled:  # nothing more happens to it in this run; a later run starts it once fixed
+                    self.set_phase(key, phase, reason, message, stalled=True)
+                    self.finished.add(key)
+                    phases[key] = "Failed"
+                elif self.current(key) != (phase, reason):
+                    self.set_phase(key, phase, reason, message)
+                    phases[key] = phase
                 continue
             if key in self.retry_at:
                 if time.time() < self.retry_at[key]:
@@ -367,7 +369,7 @@ class Runner:
         self.running[key] = Attempt(proc, log, time.time(), ranks, cores=cores,
                                     deadline=time.time() + deadline if deadline else None)
         message = f"attempt {status['attempts']}" + (f", {ranks} ranks" if ranks > 1 else "")
-        self.set_phase(key, "Running", cond.STARTED if self.tries[key] == 1 else cond.RETRYING, message)
+        self.set_phase(key, "Running", cond.STARTED, message)
 
     def _poll(self) -> None:
         for key in list(self.running):
@@ -427,18 +429,15 @@ class Runner:
                            f"ran longer than runPolicy.activeDeadlineSeconds; {error}")
             self.finished.add(key)
             return
-        policy = self.resources[key].spec.run_policy  # type: ignore[attr-defined]
-        retries_used = self.tries.get(key, 1) - 1
-        permanent = stage_exit_code(code, result) == EXIT_INVALID
-        if not permanent and retries_used < policy.backoff_limit:
-            delay = policy.backoff_seconds * (2 ** retries_used)
-            self.retry_at[key] = time.time() + delay
-            self.set_phase(key, "Pending", cond.RETRYING,
-                           f"attempt {status['attempts']} failed (exit {code}): {error}; retrying in {delay}s")
-            return
-        reason = cond.FAILED if permanent or policy.backoff_limit == 0 else cond.BACKOFF_LIMIT_EXCEEDED
-        self.set_phase(key, "Failed", reason, error)
-        self.finished.add(key)
+        run_policy = self.resources[key].spec.run_policy  # type: ignore[attr-defined]
+        # attempts made by this invocation: a rerun gets runPolicy's retries again
+        then = after_failure(exit_failure(code, result, error), self.tries.get(key, 1), run_policy.backoff_limit,
+                             run_policy.backoff_seconds, time.time(), time.time())
+        if then.retry_at is not None:
+            self.retry_at[key] = then.retry_at
+        self.set_phase(key, then.phase, then.reason, then.message)
+        if then.final:
+            self.finished.add(key)
 
     def _result(self, key: str) -> dict:
         try:

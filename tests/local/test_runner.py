@@ -135,24 +135,29 @@ def test_failure_marks_downstream_upstream_failed_and_exits_nonzero(models, tmp_
     folder = write_manifests(tmp_path / "m", [
         merge("broken", "linear", [models["m1"], ghost]),
         merge("after", "arcee_fusion", ["broken", models["m2"]], base="broken"),
+        merge("later", "linear", ["after", models["m2"]]),
         merge("fine", "linear", [models["m1"], models["m2"]]),
     ])
     wd = tmp_path / "wd"
     proc = subprocess.run([sys.executable, "-m", "branchmerge.cli", "run", "-f", str(folder), "--workdir", str(wd),
                            "--plain"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    broken, after, fine = (status(wd, f"Merge/{n}") for n in ("broken", "after", "fine"))
-    assert broken["phase"] == "Failed" and reason(broken) == "Failed" and str(ghost) in \
+    broken, after, later, fine = (status(wd, f"Merge/{n}") for n in ("broken", "after", "later", "fine"))
+    assert broken["phase"] == "Failed" and reason(broken) == "InvalidSpec" and str(ghost) in \
         next(c["message"] for c in broken["conditions"] if c["type"] == "Ready")
     assert broken["attempts"] == 1  # exit 2 (invalid input) is permanent: no retry
-    assert after["phase"] == "Failed" and reason(after) == "UpstreamFailed" and "attempts" in after
-    assert after["attempts"] == 0 and not after.get("startTime")
+    # as on Kubernetes (operator/policy.py): a failed upstream stalls its downstreams, all the way down;
+    # they are not failed themselves and start once it is fixed
+    for stuck in (after, later):
+        assert stuck["phase"] == "Waiting" and reason(stuck) == "UpstreamFailed" and "attempts" in stuck
+        assert stuck["attempts"] == 0 and not stuck.get("startTime")
+        conditions = {c["type"]: c for c in stuck["conditions"]}
+        assert conditions["Stalled"]["status"] == "True" and conditions["Stalled"]["reason"] == "UpstreamFailed"
+        assert conditions["Reconciling"]["status"] == "False"
     assert fine["phase"] == "Succeeded"  # independent work still finishes
-    stalled = {c["type"]: c for c in after["conditions"]}["Stalled"]
-    assert stalled["status"] == "True" and stalled["reason"] == "UpstreamFailed"
     log = wd / "runs/merge/broken/stage.log"
     assert f"error: Merge/broken failed: " in proc.stderr and f"(log: {log})" in proc.stderr
-    assert "Merge/after failed" not in proc.stderr  # only the root cause is reported as an error line
+    assert "Merge/after" not in proc.stderr  # only the root cause is reported as an error line
 
 
 def test_report_on_a_finished_workdir(diamond_run, tmp_path):
