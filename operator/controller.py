@@ -9,6 +9,12 @@ kopf runs no handler before the initial listings of all watched kinds are comple
 operator never acts on a partial view (e.g. creating attempt 1 before it has seen attempt 2).
 No finalizers and no kopf annotations are put on the CRs: children are garbage-collected through their
 ownerReferences, and the status is the only field the operator writes.
+
+Watch gaps: after 410 Gone kopf relists, but a relist replays no DELETED events, so whatever was deleted
+during the gap would stay in the store for ever (a Job removed by its TTL "active", a deleted upstream
+still "there"). A relist shows up as events of type None; each burst of them, and a slow periodic timer,
+trigger a resync: the operator lists with its own client and drops what the list no longer has
+(``Store.stale_crs``/``stale_jobs``; objects newer than the list are kept, they came after it).
 """
 from __future__ import annotations
 
@@ -25,10 +31,10 @@ from ..api.resources import KIND_INFO
 from .builders import Run, hf_secret_for
 from .kube import ApiError, KubeClient
 from .metrics import OperatorMetrics
-from .naming import LABEL_JOB, LABEL_RUN, MANAGED_BY, MANAGED_BY_VALUE
+from .naming import LABEL_JOB, LABEL_RUN, MANAGED_BY, MANAGED_BY_VALUE, owned_by, owner_uid_of
 from .options import OperatorOptions
-from .plan import (Observed, job_needing_pods, parse_time, plan, recorded_result, status_changed, target,
-                   upstream_view)
+from .plan import (Observed, Plan, effective_rerun, finished_for_good, job_needing_pods, parse_time, plan,
+                   recorded_result, status_changed, target, upstream_view, wait_for_cleanup)
 from .progress_api import ProgressReceiver, running_job
 from .store import Key, Store
 from .workqueue import WorkQueue
@@ -38,12 +44,18 @@ OWNED = {MANAGED_BY: MANAGED_BY_VALUE}
 
 
 class Operator:
+    # A resync after a relist waits this long for the burst of relisted events to pass (one list per burst);
+    # without any relist it still runs every RESYNC_PERIOD seconds (a missed 410, a relist that listed nothing).
+    RESYNC_DELAY = 1.0
+    RESYNC_PERIOD = 300.0
+
     def __init__(self, opts: OperatorOptions, connect: Callable[[], Awaitable[Any]], workers: int = 8,
                  error_backoff: float = 5.0, progress_listen: tuple[str, int] | None = None):
         self.opts = opts
         self.connect = connect
         self.workers = workers
         self.error_backoff = error_backoff
+        self._resync_wanted: asyncio.Event | None = None
         self.store = Store()
         self.metrics = OperatorMetrics(lambda: list(self.store.crs.values()))
         self.registry = kopf.OperatorRegistry()
@@ -80,7 +92,9 @@ class Operator:
 
     async def _startup(self, **_: Any) -> None:
         self.queue = WorkQueue()
+        self._resync_wanted = asyncio.Event()
         self._tasks = [asyncio.create_task(self._work(), name=f"reconcile-{i}") for i in range(self.workers)]
+        self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
         if self.progress_listen:
             await self.progress.start(*self.progress_listen)
 
@@ -99,8 +113,11 @@ class Operator:
         if "name" not in meta or obj.get("kind") not in KIND_INFO:
             return
         key: Key = (meta.get("namespace", ""), obj["kind"], meta["name"])
+        if event.get("type") is None:
+            self._relisted()
         if event.get("type") == "DELETED":
-            self.store.drop_cr(*key)
+            if not self.store.drop_cr(*key, uid=meta.get("uid")):
+                return  # a late event of a deleted CR whose namesake is already stored
             self._targets.pop(key, None)
             self.progress.forget(key)
             self.metrics.forget_cr(key[0], key[2])
@@ -118,6 +135,8 @@ class Operator:
         obj = event.get("object") or {}
         if not (obj.get("metadata") or {}).get("name"):
             return
+        if event.get("type") is None:
+            self._relisted()
         key = self.store.drop_job(obj) if event.get("type") == "DELETED" else self.store.put_job(obj)
         if key is not None:
             self._enqueue(key)
@@ -129,6 +148,52 @@ class Operator:
     def _wake_downstreams(self, key: Key) -> None:
         for down in self.store.downstreams(*key):
             self._enqueue(down)
+
+    # ---- resync: what a relist does not say ------------------------------------------------------------
+
+    def _relisted(self) -> None:
+        """kopf is (re)listing a resource: a watch started or restarted, maybe after a gap."""
+        if self._resync_wanted is not None:
+            self._resync_wanted.set()
+
+    async def _resync_loop(self) -> None:
+        assert self._resync_wanted is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._resync_wanted.wait(), self.RESYNC_PERIOD)
+            except asyncio.TimeoutError:
+                pass
+            await asyncio.sleep(self.RESYNC_DELAY)
+            self._resync_wanted.clear()
+            try:
+                await self.resync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the next relist or period tries again
+                log.warning("resync failed: %s", err, exc_info=not isinstance(err, ApiError))
+
+    async def resync(self) -> None:
+        """List each kind in every namespace the store holds and forget what was deleted unseen: a dropped
+        Job queues its CR (a new attempt, or the recorded result), a dropped CR its downstreams. Objects the
+        list shows newer than the store are taken too (as a relist would)."""
+        for namespace in sorted(self.store.namespaces()):
+            for kind in KIND_INFO:
+                items, version = await self.client.list_at(kind, namespace)
+                listed = {o["metadata"]["name"]: o for o in items}
+                for gone in self.store.stale_crs(namespace, kind, listed, version):
+                    log.info("resync: %s %s/%s was deleted unseen", kind, namespace, gone["metadata"]["name"])
+                    await self._on_cr({"type": "DELETED", "object": gone})
+                for obj in items:
+                    obj.setdefault("kind", kind)
+                    obj.setdefault("apiVersion", f"{GROUP}/{VERSION}")
+                    await self._on_cr({"type": "RESYNC", "object": obj})
+            items, version = await self.client.list_at("Job", namespace, OWNED)
+            listed = {o["metadata"]["name"]: o for o in items}
+            for gone in self.store.stale_jobs(namespace, listed, version):
+                log.info("resync: Job %s/%s was deleted unseen", namespace, gone["metadata"]["name"])
+                await self._on_job({"type": "DELETED", "object": gone})
+            for obj in items:
+                await self._on_job({"type": "RESYNC", "object": obj})
 
     async def _work(self) -> None:
         assert self.queue is not None
@@ -152,7 +217,8 @@ class Operator:
         reconcile, and most reconciles see the same spec again)."""
         meta = cr["metadata"]
         fingerprint = (meta.get("uid"), meta.get("generation"), json.dumps(upstreams, sort_keys=True),
-                       json.dumps(meta.get("labels") or {}, sort_keys=True), hf_secret_for(cr, self.opts))
+                       json.dumps(meta.get("labels") or {}, sort_keys=True), hf_secret_for(cr, self.opts),
+                       effective_rerun(cr))
         cached = self._targets.get(key)
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
@@ -160,28 +226,34 @@ class Operator:
         self._targets[key] = (fingerprint, want)
         return want
 
-    async def _configmap(self, namespace: str, name: str) -> dict | None:
+    async def _configmap(self, namespace: str, name: str, uid: str | None) -> dict | None:
+        """The run's ConfigMap if it belongs to the CR with ``uid`` (a deleted namesake's is not ours)."""
         cached = self.store.configmaps.get((namespace, name))
-        if cached is not None:
+        if cached is not None and owned_by(cached, uid):
             return cached
         found = await self.client.get("ConfigMap", namespace, name)
-        if found is not None:
-            self.store.configmaps[(namespace, name)] = found
+        if found is None or not owned_by(found, uid):
+            return None
+        self.store.configmaps[(namespace, name)] = found
         return found
 
     async def observe(self, cr: dict, key: Key, want: Any) -> Observed:
         """The children ``plan`` needs. The run's ConfigMap (its result record) is read only when it can
         matter: an attempt has finished, or the CR ran before but none of the run's Jobs is left."""
-        observed = Observed(jobs=self.store.jobs_of(key))
+        uid = cr["metadata"].get("uid")
+        observed = Observed(jobs=self.store.jobs_of(key, uid))
         if not isinstance(want, Run):
             return observed
         job = job_needing_pods(want, observed.jobs)
         has_jobs = any((j["metadata"].get("labels") or {}).get(LABEL_RUN) == want.run_hash for j in observed.jobs)
         ran_before = bool((cr.get("status") or {}).get("attempts"))
         if job or (not has_jobs and ran_before):
-            observed.configmap = await self._configmap(want.namespace, want.configmap_name)
+            observed.configmap = await self._configmap(want.namespace, want.configmap_name, uid)
         if job and recorded_result(observed.configmap) is None:
-            observed.pods[job] = await self.client.list("Pod", want.namespace, {LABEL_JOB: job})
+            job_uid = next(j["metadata"].get("uid") for j in observed.jobs if j["metadata"]["name"] == job)
+            # by the Job's uid too: pods of a deleted namesake's Job of the same name may still be there
+            observed.pods[job] = [p for p in await self.client.list("Pod", want.namespace, {LABEL_JOB: job})
+                                  if owned_by(p, job_uid)]
         return observed
 
     async def reconcile(self, key: Key) -> None:
@@ -190,6 +262,8 @@ class Operator:
             return
         namespace, kind, name = key
         self.metrics.reconciles.labels(kind).inc()
+        if finished_for_good(cr):  # plan would keep the status as it is: skip resolving and reading children
+            return
         upstreams = upstream_view(self.store.upstreams_of(key))
         want = self._target(key, cr, upstreams)
         observed = await self.observe(cr, key, want)
@@ -199,12 +273,51 @@ class Operator:
 
         for child_kind, child in decided.delete:
             await self.client.delete(child_kind, namespace, child)
+        uid = cr["metadata"].get("uid")
+        # A deleted namesake's Job still holds the name of the attempt to create: create nothing yet (its
+        # Service and ConfigMap, of the same names as ours, are still there too).
         for obj in decided.create:
-            created, _ = await self.client.create(obj)
-            if created is not None and obj["kind"] == "Job":
-                self.store.put_job(created)
-            elif created is not None and obj["kind"] == "ConfigMap":
-                self.store.configmaps[(namespace, obj["metadata"]["name"])] = created
+            old = self.store.job_named(namespace, obj["metadata"]["name"]) if obj["kind"] == "Job" else None
+            if old is not None and not owned_by(old, uid):
+                decided = wait_for_cleanup(cr, "Job", obj["metadata"]["name"], owner_uid_of(old))
+                break
+        else:
+            for obj in decided.create:
+                created, fresh = await self.client.create(obj)
+                if not fresh:  # 409: use it only once it is known to be ours
+                    owner = await self._existing_owner(namespace, obj)
+                    if owner is None:  # gone again, or not seen yet: look again shortly
+                        if self.queue is not None:
+                            self.queue.add_after(key, 1.0)
+                        return
+                    if owner != uid:
+                        decided = wait_for_cleanup(cr, obj["kind"], obj["metadata"]["name"], owner)
+                        break
+                elif obj["kind"] == "Job":
+                    self.store.put_job(created)
+                elif obj["kind"] == "ConfigMap":
+                    self.store.configmaps[(namespace, obj["metadata"]["name"])] = created
+        await self._apply(key, cr, decided)
+
+    async def _existing_owner(self, namespace: str, obj: dict) -> str | None:
+        """The owner uid of the existing object a create met (409); None when that cannot be told yet.
+        Read within the operator's RBAC: ConfigMaps by GET, Jobs from the watch-fed store. Services cannot
+        be read; one is named after its attempt's Job and made in the same reconcile, so a Service whose
+        Job is not a namesake's (checked before any create) counts as this CR's."""
+        name, cr_uid = obj["metadata"]["name"], owner_uid_of(obj)
+        if obj["kind"] == "ConfigMap":
+            found = await self.client.get("ConfigMap", namespace, name)
+            if found is not None and owned_by(found, cr_uid):
+                self.store.configmaps[(namespace, name)] = found
+            return None if found is None else owner_uid_of(found) or cr_uid
+        if obj["kind"] == "Job":
+            found = self.store.job_named(namespace, name)
+            return None if found is None else owner_uid_of(found) or cr_uid
+        return cr_uid
+
+    async def _apply(self, key: Key, cr: dict, decided: Plan) -> None:
+        """Child patches, then the status, Events, metrics and the next look of a plan."""
+        namespace, kind, name = key
         for child_kind, child, patch in decided.patch:
             patched = await self.client.patch(child_kind, namespace, child, patch)
             if patched is not None and child_kind == "Job":

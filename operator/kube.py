@@ -98,7 +98,9 @@ class KubeClient:
     # ---- verbs ----------------------------------------------------------------------------------------
 
     async def create(self, obj: dict) -> tuple[dict | None, bool]:
-        """Create if absent: (object or None, created?). 409 means it already exists: fine."""
+        """Create if absent: (object or None, created?). (None, False) on 409 AlreadyExists: an object of
+        that name exists -- not necessarily the caller's: a deleted CR's children keep their names until the
+        garbage collector removes them, so the caller checks the owner before relying on it."""
         meta = obj["metadata"]
         try:
             return await self.request("POST", path(obj["kind"], meta.get("namespace")), obj), True
@@ -116,6 +118,25 @@ class KubeClient:
         # Filter here too: selectors are an optimisation the server may not apply (e.g. emulators).
         return [o for o in doc.get("items", [])
                 if all((o.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in labels.items())]
+
+    async def list_at(self, kind: str, namespace: str, labels: dict[str, str] | None = None
+                      ) -> tuple[list[dict], int | None]:
+        """Every object of ``kind`` in ``namespace`` (all pages) and the list's resourceVersion (None if not
+        numeric): what a resync compares the watch-fed store with."""
+        params = {"labelSelector": ",".join(f"{k}={v}" for k, v in (labels or {}).items())} if labels else {}
+        items: list[dict] = []
+        version = None
+        while True:
+            doc = await self.request("GET", path(kind, namespace), params={**params, "limit": "500"}) or {}
+            items += doc.get("items", [])
+            meta = doc.get("metadata") or {}
+            version = version or meta.get("resourceVersion")
+            if not meta.get("continue"):
+                break
+            params["continue"] = meta["continue"]
+        items = [o for o in items if all((o.get("metadata", {}).get("labels") or {}).get(k) == v
+                                         for k, v in (labels or {}).items())]
+        return items, int(version) if isinstance(version, str) and version.isdigit() else None
 
     async def patch(self, kind: str, namespace: str, name: str, patch: dict, sub: str | None = None) -> dict | None:
         return await self.request("PATCH", path(kind, namespace, name, sub), patch,

@@ -19,6 +19,8 @@ KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_RESULT = f"{GROUP}/result"
 # On a CR: which Secret (name or name/key) holds the Hugging Face token for hf:// staging.
 ANNOTATION_HF_SECRET = f"{GROUP}/hf-token-secret"
+# On a CR: a new value asks for one more run of a finished CR (see plan.py; any string, e.g. a date).
+ANNOTATION_RERUN = f"{GROUP}/rerun"
 
 # Indexed Job pods get the hostname "<job>-<index>" (a DNS label, <= 63 chars): keep room for the index.
 MAX_CHILD_NAME = 52
@@ -55,3 +57,20 @@ def owner_key_of(child: dict) -> str | None:
     if labels.get(MANAGED_BY) != MANAGED_BY_VALUE or LABEL_KIND not in labels:
         return None
     return f"{labels[LABEL_KIND]}/{labels.get(LABEL_NAME, '')}"
+
+
+def owner_uid_of(child: dict) -> str | None:
+    """The uid of the object that controls ``child`` (its controller ownerReference), if any."""
+    for ref in child.get("metadata", {}).get("ownerReferences") or ():
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+def owned_by(child: dict, uid: str | None) -> bool:
+    """Does ``child`` belong to the CR with this uid? Children are found by name and labels, which a CR
+    deleted and re-created under the same name shares with its predecessor until the garbage collector
+    has removed the old children: only the ownerReference tells them apart. (A child without a
+    controller reference, or a CR whose uid is unknown, cannot be told apart: it counts as owned.)"""
+    owner = owner_uid_of(child)
+    return not uid or owner is None or owner == uid

@@ -14,6 +14,15 @@ Lifecycle decisions:
   re-run for the new spec. Specs are never mutated by the operator.
 - A finished run stays finished when an upstream later re-runs or is deleted. A failed run is looked at
   again after any edit: raising ``runPolicy.backoffLimit`` after BackoffLimitExceeded resumes retrying.
+- Finished means finished until the user acts: a terminal status for the current generation is kept even
+  when the resolved spec hashes differently now -- a CRD upgrade that adds a defaulted field changes the
+  spec every read returns without a new generation, and a new operator version may resolve differently.
+  Only an edit (a new generation) or a new value of the ``branchmerge.dev/rerun`` annotation starts a new
+  run; the value is part of the run hash and is recorded in the ``Rerun`` condition when its run starts,
+  so each value runs once (removing the annotation later changes nothing).
+- Children belong to the CR's uid, not its name: Jobs and ConfigMaps owned by another uid (a deleted CR of
+  the same name whose children the garbage collector has not removed yet) are never used
+  (``owned_children``); creating over one waits for the collector (``wait_for_cleanup``).
 - Each attempt is one Job ``<cr>-<hash>-<attempt>``; the run's ConfigMap ``<cr>-<hash>`` holds the
   resolved spec and, once the run ends, its result (annotation): the durable record that survives Job
   TTL and operator restarts, so a finished run is never started again.
@@ -21,6 +30,7 @@ Lifecycle decisions:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,12 +44,16 @@ from ..api.validation import InvalidManifest, _schema_errors
 from . import conditions as C
 from .builders import Run, UnsupportedSpec, build_children, build_job, build_service, hf_secret_for, storage_plan
 from .failures import ACTIVE, FAILED, SUCCEEDED, SUSPENDED, classify_failure, finished_at, job_state, stage_result
-from .naming import ANNOTATION_RESULT, LABEL_ATTEMPT, LABEL_RUN
+from .naming import ANNOTATION_RERUN, ANNOTATION_RESULT, LABEL_ATTEMPT, LABEL_RUN, owned_by
 from .options import OperatorOptions
 from .resolve import blockers, resolve, spec_hash
 
 QUEUED = "Queued"  # Job created suspended, waiting for Kueue to admit it
+# A child of a deleted CR of the same name is still there; the garbage collector will remove it.
+WAITING_FOR_CLEANUP = "WaitingForGarbageCollection"
+CLEANUP_POLL_SECONDS = 1.0
 TERMINAL = ("Succeeded", "Failed")
+RERUN_CONDITION = "Rerun"  # message: the rerun annotation value the current run was started for
 
 
 @dataclass
@@ -96,7 +110,8 @@ def parse_time(text: str | None) -> float | None:
             return None
 
 
-def run_hash(resolved: dict) -> str:
+def run_hash(resolved: dict, rerun: str | None = None) -> str:
+    """The run's identity. ``rerun``: the rerun annotation value it runs for (None: never asked)."""
     doc = copy.deepcopy(resolved)
     spec = doc["spec"]
     spec.pop("runPolicy", None)
@@ -104,7 +119,49 @@ def run_hash(resolved: dict) -> str:
         spec.get("resources", {}).pop(key, None)
     if spec.get("resources") == {}:
         spec.pop("resources")
+    if rerun is not None:  # only then: hashes of CRs that never asked for a rerun stay as they were
+        doc["spec"] = {"spec": spec, "rerun": rerun}
     return spec_hash(doc)
+
+
+# ---- reruns -------------------------------------------------------------------------------------------
+
+def _token(value: str) -> str:
+    """An annotation value as the Rerun condition records it (long values by digest)."""
+    return value if len(value) <= 256 else "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+
+def requested_rerun(cr: dict) -> str | None:
+    """The rerun annotation's value, as recorded (None: no annotation)."""
+    value = (cr.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_RERUN)
+    return None if value is None else _token(str(value))
+
+
+def recorded_rerun(status: dict) -> str | None:
+    """The rerun value the current (or last) run was started for."""
+    cond = C.get_condition(status, RERUN_CONDITION)
+    return cond.get("message") if cond else None
+
+
+def rerun_asked(cr: dict) -> bool:
+    """Does the annotation carry a value no run has been started for yet?"""
+    asked = requested_rerun(cr)
+    return asked is not None and asked != recorded_rerun(cr.get("status") or {})
+
+
+def effective_rerun(cr: dict) -> str | None:
+    """The rerun value the run hash includes: a newly asked one, else the one the current run was started
+    for (so removing the annotation later does not change the hash of the run it started)."""
+    return requested_rerun(cr) if rerun_asked(cr) else recorded_rerun(cr.get("status") or {})
+
+
+def finished_for_good(cr: dict) -> bool:
+    """A run of this generation ended and nothing asks for another. (A Failed status without an attempt --
+    rejected before any Job, e.g. InvalidSpec -- is looked at again: a new operator may accept it.)"""
+    old = cr.get("status") or {}
+    generation = cr.get("metadata", {}).get("generation")
+    return (old.get("phase") in TERMINAL and old.get("observedGeneration") == generation
+            and (old.get("phase") == "Succeeded" or int(old.get("attempts") or 0) > 0) and not rerun_asked(cr))
 
 
 def _clean(cr: dict) -> dict:
@@ -161,7 +218,7 @@ def target(cr: dict, upstreams: dict[str, dict], opts: OperatorOptions) -> Run |
     resolved = resolve(resource, outputs, default_output(cr, opts), refs)
     meta = cr["metadata"]
     run = Run(kind=cr["kind"], name=meta["name"], namespace=meta.get("namespace", "default"),
-              uid=meta.get("uid", ""), run_hash=run_hash(resolved), resolved=resolved,
+              uid=meta.get("uid", ""), run_hash=run_hash(resolved, effective_rerun(cr)), resolved=resolved,
               labels=dict(meta.get("labels") or {}), hf_secret=hf_secret_for(cr, opts))
     try:
         storage_plan(run)
@@ -256,6 +313,10 @@ def plan(cr: dict, upstreams: dict[str, dict], observed: Observed, opts: Operato
     """``want`` is ``target(cr, upstreams, opts)`` when the caller computed it already."""
     old = cr.get("status") or {}
     generation = cr.get("metadata", {}).get("generation")
+    if finished_for_good(cr):
+        # Whatever the spec hashes to now (CRD defaults added since, another operator version): the run of
+        # this generation is over. Its Jobs are finished; nothing to create, delete or write.
+        return Plan(copy.deepcopy(old))
     want = want if want is not None else target(cr, upstreams, opts)
     if isinstance(want, Blocked):
         if want.phase == "Waiting" and old.get("phase") in TERMINAL and old.get("observedGeneration") == generation:
@@ -264,7 +325,39 @@ def plan(cr: dict, upstreams: dict[str, dict], observed: Observed, opts: Operato
             return Plan(copy.deepcopy(old))
         status = transition(old, want.phase, want.reason, want.message, generation, want.stalled)
         return Plan(status, events=transition_events(old, status))
-    run = want
+    out = _plan_run(cr, old, generation, want, observed, opts, now)
+    asked = requested_rerun(cr)
+    if asked is not None and asked != recorded_rerun(out.status):
+        # This run is the one asked for (its hash includes the value): record that, once.
+        C.set_condition(out.status, RERUN_CONDITION, True, "RerunRequested", asked, generation)
+    return out
+
+
+def owned_children(run: Run, observed: Observed) -> Observed:
+    """The children that belong to this CR (its uid): a deleted CR of the same name left Jobs and a
+    ConfigMap with the very names and labels of this one's until the garbage collector removes them."""
+    mine = [j for j in observed.jobs if owned_by(j, run.uid)]
+    configmap = observed.configmap if observed.configmap is None or owned_by(observed.configmap, run.uid) else None
+    if len(mine) == len(observed.jobs) and configmap is observed.configmap:
+        return observed
+    pods = {name: p for name, p in observed.pods.items() if any(j["metadata"]["name"] == name for j in mine)}
+    return Observed(jobs=mine, pods=pods, configmap=configmap)
+
+
+def wait_for_cleanup(cr: dict, kind: str, name: str, owner_uid: str | None) -> Plan:
+    """Creating ``kind``/``name`` met an object of that name owned by another uid: a deleted CR of the same
+    name whose children the garbage collector has not removed yet. Never adopt it (its ConfigMap holds the
+    old spec and result, and vanishes under our pods once collected): say so and look again shortly."""
+    old = cr.get("status") or {}
+    message = (f"{kind} {name} belongs to an earlier {cr['kind']} named {cr['metadata']['name']} "
+               f"(uid {owner_uid}); waiting for the garbage collector to remove it before this one starts")
+    status = transition(old, "Waiting", WAITING_FOR_CLEANUP, message, cr.get("metadata", {}).get("generation"))
+    return Plan(status, events=transition_events(old, status), requeue_after=CLEANUP_POLL_SECONDS)
+
+
+def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: Observed, opts: OperatorOptions,
+              now: float) -> Plan:
+    observed = owned_children(run, observed)
     out = Plan(copy.deepcopy(old), run=run)
     suspend = bool(run.resources.get("suspend"))
 
@@ -289,8 +382,10 @@ def plan(cr: dict, upstreams: dict[str, dict], observed: Observed, opts: Operato
 
     if latest is None:
         # First attempt of this run. (status.attempts > 0 with no Job left means the Jobs expired or were
-        # deleted mid-run: start again from the recorded attempt number so names never repeat.)
-        first = max(int(old.get("attempts", 0)) if old.get("observedGeneration") == generation else 0, 0) + 1
+        # deleted mid-run: start again from the recorded attempt number so names never repeat. A rerun
+        # asked for by annotation has a hash of its own: it starts at 1.)
+        same_run = old.get("observedGeneration") == generation and not rerun_asked(cr)
+        first = max(int(old.get("attempts", 0)) if same_run else 0, 0) + 1
         status = copy.deepcopy(old)
         for key in ("startTime", "completionTime", "output", "metrics", "progress"):
             status.pop(key, None)

@@ -1,8 +1,16 @@
 """The operator's view of the cluster, fed by kopf's watch events: the four kinds and the Jobs the
-operator owns. Reconciles read only from here (plus a few on-demand GETs), which keeps them cheap."""
+operator owns. Reconciles read only from here (plus a few on-demand GETs), which keeps them cheap.
+
+Two things a watch stream does not guarantee are handled here:
+- a relist after 410 Gone replays no DELETED events: ``stale_crs``/``stale_jobs`` compare the store with a
+  fresh list, so the controller can drop what was deleted during the gap;
+- a CR deleted and re-created under the same name has the same key and its children the same names: a
+  late DELETED event of the old object must not remove the new one (``drop_*`` match the uid), and
+  ``jobs_of`` returns only the Jobs the given CR uid owns.
+"""
 from __future__ import annotations
 
-from .naming import owner_key_of
+from .naming import owned_by, owner_key_of
 
 Key = tuple[str, str, str]  # (namespace, kind, name)
 
@@ -19,6 +27,23 @@ def _newer(new: dict, old: dict | None) -> bool:
         return True
     a, b = _rv(new), _rv(old)
     return a is None or b is None or a > b
+
+
+def _uid(obj: dict | None) -> str | None:
+    return (obj or {}).get("metadata", {}).get("uid")
+
+
+def _same_object(stored: dict | None, gone: dict) -> bool:
+    """Is a DELETED event about the object stored (not an older one of the same name)? Unknown uids match."""
+    a, b = _uid(stored), _uid(gone)
+    return stored is not None and (a is None or b is None or a == b)
+
+
+def _listed_before(obj: dict, list_rv: int | None) -> bool:
+    """Was ``obj`` stored at or before the list's resourceVersion (so the list would show it, were it
+    still there)? A newer one came from a watch event or a write after the list: keep it. Unknown: keep."""
+    rv = _rv(obj)
+    return rv is not None and list_rv is not None and rv <= list_rv
 
 
 def upstream_keys(spec) -> set[tuple[str, str]]:
@@ -58,13 +83,25 @@ class Store:
         self.refs[key] = upstream_keys(body.get("spec"))
         return True, old is None or (old.get("status") or {}).get("phase") != (body.get("status") or {}).get("phase")
 
-    def drop_cr(self, namespace: str, kind: str, name: str) -> None:
-        self.crs.pop((namespace, kind, name), None)
-        self.refs.pop((namespace, kind, name), None)
+    def drop_cr(self, namespace: str, kind: str, name: str, uid: str | None = None) -> bool:
+        """Forget a deleted CR; False when the stored one is another (newer) object of that name."""
+        key = (namespace, kind, name)
+        if uid is not None and key in self.crs and not _same_object(self.crs[key], {"metadata": {"uid": uid}}):
+            return False
+        self.crs.pop(key, None)
+        self.refs.pop(key, None)
         for (ns, cm_name) in [k for k in self.configmaps if k[0] == namespace and
                               self.configmaps[k].get("metadata", {}).get("labels", {}).get(
                                   "branchmerge.dev/name") == name]:
             self.configmaps.pop((ns, cm_name), None)
+        return True
+
+    def stale_crs(self, namespace: str, kind: str, listed: dict[str, dict], list_rv: int | None) -> list[dict]:
+        """Stored CRs of ``kind`` in ``namespace`` that a list at ``list_rv`` no longer has (or has as
+        another object of the same name): deleted while the watch was down."""
+        return [cr for (ns, k, name), cr in self.crs.items()
+                if ns == namespace and k == kind and _listed_before(cr, list_rv)
+                and (name not in listed or not _same_object(cr, listed[name]))]
 
     def namespace_crs(self, namespace: str) -> list[dict]:
         return [cr for (ns, _, _), cr in self.crs.items() if ns == namespace]
@@ -97,8 +134,28 @@ class Store:
             return None
         kind, name = owner.split("/", 1)
         key = (job["metadata"].get("namespace", ""), kind, name)
-        self.jobs.get(key, {}).pop(job["metadata"]["name"], None)
+        jobs = self.jobs.get(key, {})
+        if not _same_object(jobs.get(job["metadata"]["name"]), job):
+            return None  # not stored, or a new Job of that name (re-created CR) already replaced it
+        jobs.pop(job["metadata"]["name"], None)
         return key
 
-    def jobs_of(self, key: Key) -> list[dict]:
-        return list(self.jobs.get(key, {}).values())
+    def job_named(self, namespace: str, name: str) -> dict | None:
+        """The stored Job of that name, whoever owns it (names are unique per namespace)."""
+        for (ns, _, _), jobs in self.jobs.items():
+            if ns == namespace and name in jobs:
+                return jobs[name]
+        return None
+
+    def jobs_of(self, key: Key, uid: str | None = None) -> list[dict]:
+        """The CR's Jobs; with ``uid``, only those that CR owns (not a deleted namesake's)."""
+        return [j for j in self.jobs.get(key, {}).values() if owned_by(j, uid)]
+
+    def stale_jobs(self, namespace: str, listed: dict[str, dict], list_rv: int | None) -> list[dict]:
+        """Stored Jobs in ``namespace`` that a list at ``list_rv`` no longer has (see ``stale_crs``)."""
+        return [job for (ns, _, _), jobs in self.jobs.items() if ns == namespace for name, job in jobs.items()
+                if _listed_before(job, list_rv) and (name not in listed or not _same_object(job, listed[name]))]
+
+    def namespaces(self) -> set[str]:
+        """Namespaces the store holds anything of (what a resync must list)."""
+        return {key[0] for key in self.crs} | {key[0] for key, jobs in self.jobs.items() if jobs}
