@@ -1,7 +1,8 @@
 """A faithful Kubernetes test cluster stand-in (test infrastructure; not installed, not shipped).
 
 Pieces: ``apiserver`` (the API server stand-in: decode → prune → default → validate → store, watch,
-410, finalizers, async garbage collection in ``gc``), ``client`` (an asyncio client + informer all the
+410, finalizers, async garbage collection in ``gc``; pod admission: ServiceAccount, Priority, ResourceQuota
+in ``admission``), ``events`` (the Events the controllers and the kubelet record), ``client`` (an asyncio client + informer all the
 other pieces use over HTTP), ``jobcontroller`` (batch/v1 Jobs → pods), ``kubelet`` (scheduler + kubelet:
 runs each pod's command in a local Python environment for its image).
 

@@ -8,9 +8,11 @@ watch streams, ``statuses`` and ``patches`` the failure answers and patch format
 - the request pipeline, in kube-apiserver's order: decode (JSON only; malformed JSON and NaN/Infinity are 400)
   → prune unknown fields (CRDs; ``fieldValidation=Strict`` turns them into a 400, otherwise a ``Warning``
   header) → default (CRD structural defaults; built-in defaulting) → admission (NamespaceLifecycle: 404 for a
-  missing namespace, 403 for a terminating one) → PrepareForCreate/Update (status rules, server-owned
+  missing namespace, 403 for a terminating one; on pod CREATE the ServiceAccount and Priority plugins, see
+  testcluster/admission.py) → PrepareForCreate/Update (status rules, server-owned
   metadata: uid, creationTimestamp, generation, resourceVersion) → validate (ObjectMeta, the kind's rules,
-  OpenAPI schema + CEL for CRDs; 422 Invalid with field causes) → store;
+  OpenAPI schema + CEL for CRDs; 422 Invalid with field causes) → validating admission (ResourceQuota on pod
+  CREATE: 403 ``exceeded quota``/``failed quota``, ``status.used`` kept current) → store;
 - reads decode through the current schema (defaults appear on get/list/watch of objects stored before the
   CRD gained them, without a write or a generation bump);
 - generateName (5 random characters, retried on collision), resourceVersion preconditions (stale PUT or
@@ -27,7 +29,7 @@ watch streams, ``statuses`` and ``patches`` the failure answers and patch format
 - fault injection (``server.faults``) and an audit set of (user agent, verb, group, resource[/sub]).
 
 Not emulated: authentication/authorization (RBAC is only audited), admission webhooks and other admission
-plugins (LimitRanger, ResourceQuota, ServiceAccount token mounting...), server-side apply and managedFields,
+plugins (LimitRanger, PodSecurity, ServiceAccount token mounting, quota scopes and object-count quotas...), server-side apply and managedFields,
 protobuf/CBOR/YAML bodies, Table output, API priority and fairness, ``resourceVersionMatch`` on lists and
 lists at an older resourceVersion, dry-run beyond skipping the write, the ``scale``/``eviction``/``exec``/
 ``attach``/``portforward`` subresources, multiple CRD versions and conversion webhooks, watch-cache slow

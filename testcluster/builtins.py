@@ -29,13 +29,20 @@ operator, the Job controller and the kubelet stand-ins:
   characters (the job-name label), immutable selector/completionMode/completions (NonIndexed)/template
   (except scheduling directives of a suspended Job that never started), orphaning as the default deletion
   propagation of batch/v1, field selector ``status.successful``.
+- PriorityClass (scheduling.k8s.io/v1, cluster-scoped): ``value`` (at most 1000000000), ``globalDefault`` (one
+  only), ``preemptionPolicy`` (default PreemptLowerPriority; it and ``value`` immutable), ``system-`` names
+  reserved; system-cluster-critical and system-node-critical exist from the start and cannot be deleted.
+- ResourceQuota (v1): ``spec.hard`` quantities validated, ``status`` hard/used written by the server
+  (testcluster/admission.py, which also enforces it on pod CREATE); ``scopes``/``scopeSelector`` are refused
+  with 422 (not emulated) rather than silently ignored.
 - Lease (coordination.k8s.io/v1), ServiceAccount (with the ``token`` subresource, TokenRequest), TokenReview
   (authentication.k8s.io/v1, create-only; both answered by testcluster/tokens.py), and
   CustomResourceDefinition (apiextensions.k8s.io/v1, written through ``ApiServer.install_crd``-equivalent logic).
 
 Built-ins are NOT schema-validated beyond the rules listed: unknown fields are kept, types are not
-checked, most cross-field validation (probes, volumes, resources, affinity...) is absent, and no
-admission plugin runs except NamespaceLifecycle (creating in a missing or terminating namespace).
+checked, most cross-field validation (probes, volumes, resources, affinity...) is absent, and the only
+admission plugins are NamespaceLifecycle (creating in a missing or terminating namespace) and, on pod
+CREATE, ServiceAccount, Priority and ResourceQuota (testcluster/admission.py).
 """
 from __future__ import annotations
 
@@ -535,6 +542,75 @@ class JobStrategy(Strategy):
         return {**super().fields(obj), "status.successful": str((obj.get("status") or {}).get("succeeded", 0))}
 
 
+# ---- PriorityClass / ResourceQuota -------------------------------------------------------------------------
+
+class PriorityClassStrategy(Strategy):
+    """scheduling.k8s.io/v1 PriorityClass: ``value`` required, at most 1000000000 unless a system class,
+    ``system-`` names reserved, ``value`` and ``preemptionPolicy`` immutable."""
+
+    def default(self, obj):
+        obj.setdefault("preemptionPolicy", "PreemptLowerPriority")
+
+    def validate(self, obj):
+        from .admission import HIGHEST_USER_PRIORITY, SYSTEM_PRIORITY_CLASSES
+        errs = []
+        name = (obj.get("metadata") or {}).get("name") or ""
+        value = obj.get("value")
+        if name in SYSTEM_PRIORITY_CLASSES:
+            if value != SYSTEM_PRIORITY_CLASSES[name]:
+                errs.append(FieldError("metadata.name", "FieldValueInvalid", f"Invalid value: {_q(name)}: name "
+                                       f"{name} is a reserved name for a system priority class"))
+        elif name.startswith("system-"):
+            errs.append(FieldError("metadata.name", "FieldValueInvalid", f"Invalid value: {_q(name)}: priority "
+                                   "class names with 'system-' prefix are reserved"))
+        if not isinstance(value, int) or isinstance(value, bool):
+            errs.append(FieldError("value", "FieldValueRequired", "Required value"))
+        elif value > HIGHEST_USER_PRIORITY and name not in SYSTEM_PRIORITY_CLASSES:
+            errs.append(FieldError("value", "FieldValueForbidden", f"Forbidden: maximum allowed value of a user "
+                                   f"defined priority is {HIGHEST_USER_PRIORITY}"))
+        if obj.get("preemptionPolicy") not in ("PreemptLowerPriority", "Never"):
+            errs.append(FieldError("preemptionPolicy", "FieldValueNotSupported",
+                                   f"Unsupported value: {_q(obj.get('preemptionPolicy'))}: supported values: "
+                                   '"Never", "PreemptLowerPriority"'))
+        return errs
+
+    def validate_update(self, new, old):
+        errs = self.validate(new)
+        for key in ("value", "preemptionPolicy"):
+            if new.get(key) != old.get(key):
+                errs.append(FieldError(key, "FieldValueForbidden", "Forbidden: may not be changed in an update."))
+        return errs
+
+
+class ResourceQuotaStrategy(Strategy):
+    """v1 ResourceQuota: ``spec.hard`` values must be quantities; ``status`` (hard/used) is the server's
+    (testcluster.admission keeps it current)."""
+    status_subresource = True
+
+    def prepare_create(self, obj, ctx):
+        obj["status"] = {"hard": dict((obj.get("spec") or {}).get("hard") or {}), "used": {}}
+        meta = obj["metadata"]
+        ctx.after_commit(lambda server, ns=meta.get("namespace") or "": server.refresh_quotas(ns))
+
+    def validate(self, obj):
+        from .podspec import quantity
+        errs = []
+        for key, value in ((obj.get("spec") or {}).get("hard") or {}).items():
+            try:
+                if quantity(value) < 0:
+                    errs.append(FieldError(f"spec.hard[{key}]", "FieldValueInvalid",
+                                           f"Invalid value: {_q(value)}: must be greater than or equal to 0"))
+            except (ValueError, TypeError, ZeroDivisionError):
+                errs.append(FieldError(f"spec.hard[{key}]", "FieldValueInvalid",
+                                       f"Invalid value: {_q(value)}: quantities must match the regular expression "
+                                       "'^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"))
+        scopes = (obj.get("spec") or {}).get("scopes") or (obj.get("spec") or {}).get("scopeSelector")
+        if scopes:
+            errs.append(FieldError("spec.scopes", "FieldValueNotSupported",
+                                   "Unsupported value: quota scopes are not emulated by the test cluster"))
+        return errs
+
+
 # ---- CustomResourceDefinition -------------------------------------------------------------------------------
 
 class CRDStrategy(Strategy):
@@ -581,6 +657,10 @@ def builtin_types() -> list[ResourceType]:
         events_v1,
         ResourceType("batch", "v1", "jobs", "Job", True, JobStrategy(), categories=["all"], subresources=("status",)),
         ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True, Strategy()),
+        ResourceType("scheduling.k8s.io", "v1", "priorityclasses", "PriorityClass", False, PriorityClassStrategy(),
+                     short_names=["pc"]),
+        ResourceType("", "v1", "resourcequotas", "ResourceQuota", True, ResourceQuotaStrategy(),
+                     short_names=["quota"], subresources=("status",)),
         ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False,
                      CRDStrategy(), short_names=["crd", "crds"], subresources=("status",)),
     ]

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import yaml
 
+from . import admission
 from . import meta as metav
 from .builtins import builtin_types, now
 from .resources import ResourceType, crd_type
@@ -68,10 +69,18 @@ class Core:
         self.watch_tasks: set[asyncio.Task] = set()
         self.gc_notify: Callable[[], None] = lambda: None
         self._ip = 10
+        self._refreshing = False
         for rt in builtin_types():
             self.register(rt)
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
             self.create(self.type_for("", "v1", "namespaces"), None, {"metadata": {"name": ns}})
+        for name, description in (("system-cluster-critical", "Used for system critical pods that must run in the "
+                                   "cluster, but can be moved to another node if necessary."),
+                                  ("system-node-critical", "Used for system critical pods that must not be moved "
+                                   "from their current node.")):
+            self.create(self.type_for("scheduling.k8s.io", "v1", "priorityclasses"), None, {
+                "metadata": {"name": name}, "value": admission.SYSTEM_PRIORITY_CLASSES[name], "globalDefault": False,
+                "description": description})
         if crds_dir is not None:
             for path in sorted(Path(crds_dir).glob("*.yaml")):
                 for doc in yaml.safe_load_all(path.read_text()):
@@ -263,6 +272,10 @@ class Core:
         self._field_validation(params, pruned, warnings)
         rt.strategy.default(obj)
         self._admit_namespace(ns if rt.namespaced else None)
+        is_pod = rt.plural == "pods" and not rt.group
+        if is_pod:  # mutating admission: before the name is generated
+            admission.admit_service_account(obj, ns or "", self.lookup)
+            admission.admit_priority(obj, self.lookup_all)
         meta = obj["metadata"]
         if meta.get("resourceVersion"):
             raise StatusError(500, "InternalError", "resourceVersion should not be set on objects to be created")
@@ -290,6 +303,11 @@ class Core:
         if errors:
             raise invalid(rt, candidate["metadata"].get("name") or candidate["metadata"].get("generateName", ""),
                           errors)
+        if is_pod:  # validating admission
+            admission.admit_quota(candidate, self.lookup_all("", "v1", "resourcequotas", ns),
+                                  self.lookup_all("", "v1", "pods", ns), time.time())
+        elif rt.plural == "priorityclasses" and rt.group == "scheduling.k8s.io":
+            admission.validate_priority_class_create(candidate, self.lookup_all)
         name = candidate["metadata"]["name"]
         if (ns or "", name) in store.objects:
             if generated:
@@ -326,6 +344,8 @@ class Core:
         store.record(Event(rv, "ADDED", self.view(rt, stored), None))
         if obj["metadata"].get("ownerReferences"):
             self.gc_notify()
+        if rt.plural == "pods" and not rt.group:
+            self.refresh_quotas(ns)
         return stored
 
     # ---- writes: update / patch -------------------------------------------------------------------------
@@ -453,6 +473,10 @@ class Core:
                 or pm.get("deletionTimestamp") != nm.get("deletionTimestamp")
                 or (prev.get("status") or {}).get("phase") != (new.get("status") or {}).get("phase")):
             self.gc_notify()
+            if rt.plural == "pods" and not rt.group:
+                self.refresh_quotas(key[0])
+        if rt.plural == "resourcequotas" and not rt.group and prev.get("spec") != new.get("spec"):
+            self.refresh_quotas(key[0])
         return fresh
 
     def _commit_delete(self, rt: ResourceType, stored: Stored, last: dict | None = None) -> dict:
@@ -469,6 +493,8 @@ class Core:
                 self.previous_logs.pop(log_key, None)
         if rt.plural == "customresourcedefinitions":
             self._uninstall_crd(obj)
+        if rt.plural == "pods" and not rt.group:
+            self.refresh_quotas(key[0])
         self.gc_notify()
         return obj
 
@@ -490,6 +516,10 @@ class Core:
         stored = self.get(rt, ns, name)
         old = self.view(rt, stored)
         meta = old["metadata"]
+        if rt.plural == "priorityclasses" and name in admission.SYSTEM_PRIORITY_CLASSES:
+            raise StatusError(403, "Forbidden", f'priorityclasses.scheduling.k8s.io "{name}" is forbidden: this is '
+                              "a system priority class and cannot be deleted",
+                              {"name": name, "group": "scheduling.k8s.io", "kind": "priorityclasses"})
         pre = options.get("preconditions") or {}
         if pre.get("uid") and pre["uid"] != meta.get("uid"):
             raise StatusError(409, "Conflict", f"Precondition failed: UID in precondition: {pre['uid']}, UID in "
@@ -607,6 +637,41 @@ class Core:
                 items.append(body)
         return {"kind": f"{rt.kind}List", "apiVersion": rt.gv, "metadata": {"resourceVersion": str(self.rv)},
                 "items": items}
+
+    # ---- admission helpers ----------------------------------------------------------------------------------
+
+    def lookup(self, group: str, version: str, plural: str, ns: str | None, name: str) -> dict | None:
+        """The stored object as read (None when absent), for admission."""
+        rt = self.type_for(group, version, plural)
+        stored = self.storage(rt).objects.get((ns or "", name))
+        return self.view(rt, stored) if stored is not None else None
+
+    def lookup_all(self, group: str, version: str, plural: str, ns: str | None) -> list[dict]:
+        rt = self.type_for(group, version, plural)
+        objects = self.storage(rt).objects
+        return [self.view(rt, objects[k]) for k in sorted(objects) if ns is None or k[0] == (ns or "")]
+
+    def refresh_quotas(self, ns: str) -> None:
+        """Bring ``status`` (hard, used) of the namespace's ResourceQuotas up to date: the quota controller's
+        part, done at once on every change that moves usage."""
+        if self._refreshing or not ns:
+            return
+        rt = self.type_for("", "v1", "resourcequotas")
+        objects = self.storage(rt).objects
+        keys = [k for k in objects if k[0] == ns]
+        if not keys:
+            return
+        pods = self.lookup_all("", "v1", "pods", ns)
+        self._refreshing = True
+        try:
+            for key in keys:
+                stored = objects[key]
+                quota = self.view(rt, stored)
+                status = admission.quota_status(quota, pods, time.time())
+                if quota.get("status") != status:
+                    self._commit_update(rt, stored, {**jcopy(quota), "status": status})
+        finally:
+            self._refreshing = False
 
     # ---- pods ---------------------------------------------------------------------------------------------
 

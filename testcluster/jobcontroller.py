@@ -20,7 +20,14 @@ reference, get their tracking finalizer removed (the real orphan worker).
 
 The ttl-after-finished controller is ``testcluster.ttl.TTLController``.
 
-Not emulated: Events, metrics, leader election, adoption of orphan pods by label selector (pods are
+Events (testcluster.events, source ``job-controller``), as the real controller records them:
+``SuccessfulCreate`` "Created pod: <name>", ``FailedCreate`` "Error creating: <the API error>" (e.g. a pod
+refused by ResourceQuota admission: the Job gets no condition, its sync fails and is retried with the
+per-Job back-off above, as the real one does, so the quota problem shows only in these Events),
+``SuccessfulDelete``/``FailedDelete``, ``Completed`` "Job completed", the Failed condition's reason and
+message (BackoffLimitExceeded, DeadlineExceeded, PodFailurePolicy...), ``Suspended``/``Resumed``.
+
+Not emulated: metrics, leader election, adoption of orphan pods by label selector (pods are
 matched by controller owner reference), client-side rate limiting, and what ``jobpolicy`` lists.
 """
 from __future__ import annotations
@@ -32,6 +39,7 @@ import threading
 import time
 
 from .client import ApiError, Client, Informer
+from .events import NORMAL, WARNING, EventRecorder
 from .jobapi import (JOB_TRACKING_FINALIZER, BackoffRecord, controller_ref, controller_uid, has_tracking_finalizer,
                      is_finished, job_spec, parse_time, pod_name, pod_uid)
 from .jobpolicy import decide, same_status
@@ -218,6 +226,7 @@ class JobController(Component):
     async def run(self) -> None:
         """Until cancelled."""
         self.client = Client(self.url, user_agent=self.user_agent)
+        self.recorder = EventRecorder(self.client, "job-controller")
         self.queue, self.orphans = WorkQueue(), WorkQueue()
         self.jobs = Informer(self.client, "batch/v1", "jobs", self.namespace, on_event=self._on_job)
         self.pods = Informer(self.client, "v1", "pods", self.namespace, label_selector=self.pod_label_selector,
@@ -235,6 +244,7 @@ class JobController(Component):
                 log.debug("stopping: waiting for %d sync(s) in flight", len(self._inflight))
                 await asyncio.wait(set(self._inflight), timeout=self.stop_grace)
             await cancel_all(list(self._inflight))
+            await self.recorder.close()
             await self.client.close()
 
     # ---- events -----------------------------------------------------------------------------------------
@@ -426,10 +436,27 @@ class JobController(Component):
             # Some finalizers stayed: the next sync counts from what the pods show.
             _raise_first(results)
         if not same_status(job.get("status"), decision.status):
+            before = job.get("status")
             await self._write_status(job, decision.status)
+            self._condition_events(job, before, decision.status)
         self._backoff[uid] = decision.backoff
         if decision.requeue_after is not None:
             self.queue.add_after(key, max(decision.requeue_after, self.batch_period))
+
+    def _condition_events(self, job: dict, old: dict | None, new: dict | None) -> None:
+        """The Events the real controller records with a Job's conditions."""
+        def true(status, type_):
+            return next((c for c in (status or {}).get("conditions") or []
+                         if c.get("type") == type_ and c.get("status") == "True"), None)
+        if true(new, "Complete") and not true(old, "Complete"):
+            self.recorder.event(job, NORMAL, "Completed", "Job completed")
+        failed = true(new, "Failed")
+        if failed and not true(old, "Failed"):
+            self.recorder.event(job, WARNING, failed.get("reason") or "Failed", failed.get("message") or "")
+        if true(new, "Suspended") and not true(old, "Suspended"):
+            self.recorder.event(job, NORMAL, "Suspended", "Job suspended")
+        elif true(old, "Suspended") and not true(new, "Suspended"):
+            self.recorder.event(job, NORMAL, "Resumed", "Job resumed")
 
     async def _write_status(self, job: dict, status: dict) -> dict:
         meta = job["metadata"]
@@ -452,6 +479,11 @@ class JobController(Component):
             results = await asyncio.gather(*(self.client.create("v1", "pods", ns, b) for b in chunk),
                                            return_exceptions=True)
             errors = [r for r in results if isinstance(r, BaseException)]
+            for result in results:  # what the real pod control records for each creation
+                if not isinstance(result, BaseException):
+                    self.recorder.event(job, NORMAL, "SuccessfulCreate", f"Created pod: {pod_name(result)}")
+                elif not _namespace_terminating(result):
+                    self.recorder.event(job, WARNING, "FailedCreate", f"Error creating: {_error_text(result)}")
             exp.creations -= len(errors)
             if errors:
                 exp.creations -= len(pending)
@@ -464,7 +496,20 @@ class JobController(Component):
 
     async def _delete(self, pod: dict) -> None:
         meta = pod["metadata"]
-        await self.client.delete("v1", "pods", meta.get("namespace"), meta["name"])  # None on 404 is fine
+        job = self._owner(pod)
+        try:
+            await self.client.delete("v1", "pods", meta.get("namespace"), meta["name"])  # None on 404 is fine
+        except Exception as err:
+            if job is not None:
+                self.recorder.event(job, WARNING, "FailedDelete", f"Error deleting: {_error_text(err)}")
+            raise
+        if job is not None:
+            self.recorder.event(job, NORMAL, "SuccessfulDelete", f"Deleted pod: {meta['name']}")
+
+    def _owner(self, pod: dict) -> dict | None:
+        ns = (pod.get("metadata") or {}).get("namespace") or ""
+        uid = controller_uid(pod)
+        return self._job_by_uid(ns, controller_ref(pod), uid) if uid else None
 
     async def _discard(self, pod: dict) -> None:
         await self._untrack(pod)
@@ -498,6 +543,13 @@ def _raise_first(results: list) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise result
+
+
+def _error_text(err: BaseException) -> str:
+    """What Go's err.Error() says: a Status error is its message."""
+    if isinstance(err, ApiError):
+        return err.message or str(err)
+    return str(err) or repr(err)
 
 
 def _namespace_terminating(err: BaseException) -> bool:

@@ -22,7 +22,7 @@ Emulated, following pkg/controller/job (syncJob, manageJob, trackJobStatusAndRem
 The vocabulary it works with (keys, index sets, spec defaults, pod predicates, podFailurePolicy
 matching, backoff, conditions) is ``testcluster.jobapi``.
 
-Not emulated: Events and metrics, adoption/orphaning of pods by label selector (pods are matched by
+Not emulated: metrics (Events: testcluster.jobcontroller records them), adoption/orphaning of pods by label selector (pods are matched by
 their controller owner reference only), the per-sync cap of 500 uncounted pods, elastic Indexed Jobs
 (changing completions), Job ``spec.managedBy`` other than skipping foreign Jobs, and PodGC (which in a
 real cluster marks unscheduled terminating pods Failed — relevant to Jobs with a podFailurePolicy).

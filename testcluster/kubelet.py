@@ -44,6 +44,15 @@ InternalIP and every pod's ``hostIP`` is the gateway. For each pod, the kubelet:
   [.svc[.cluster.local]]]``), rewritten in place (same inode: running pods see new names at their next
   lookup) as pods and Services change; /etc/resolv.conf has the cluster search path and a nameserver
   nothing answers on (there is no DNS server), so unknown names fail fast;
+- Events (testcluster.events, source ``kubelet`` on this node's host, aggregated by count and rate-limited
+  so a looping pod cannot flood the store): ``FailedMount`` (Warning) with the MountVolume.SetUp error (e.g.
+  ``MountVolume.SetUp failed for volume "cfg" : configmap "settings" not found``) at each retry; for an image
+  that cannot be pulled ``Failed`` ``Failed to pull image "<img>": <error>`` and ``Error: ErrImagePull``, then
+  ``BackOff`` (Normal, as the kubelet's image manager writes it) ``Back-off pulling image "<img>"`` and
+  ``Failed`` ``Error: ImagePullBackOff``; ``Failed`` ``Error: <cause>`` for CreateContainerConfigError (e.g.
+  ``Error: secret "creds" not found``) and StartError; ``BackOff`` (Warning) ``Back-off restarting failed
+  container <c> in pod <pod>_<ns>(<uid>)``; container events carry ``fieldPath`` ``spec.containers{<c>}``.
+  A missing PersistentVolumeClaim never reaches the kubelet: the scheduler reports it (FailedScheduling);
 - scripted fates (testcluster.fates): ``node.fates.add(...)``;
 - API failures: no failed call wedges a pod. Each call is bounded by ``api_timeout`` (a delayed answer is a
   timeout) and every step is retried with back-off, as the kubelet's next sync would: reading a
@@ -57,7 +66,8 @@ to one endpoint pod), NetworkPolicy, hostNetwork/hostPort (every pod gets its ow
 other nodes or off the machine (no NAT, no forwarding), a real DNS server and ``dnsConfig`` (dnsPolicy
 Default keeps the host's resolv.conf, any other policy gets the cluster one), image pulls and imagePullPolicy, lifecycle hooks (postStart/preStop), sidecar init containers (``restartPolicy:
 Always`` on an init container runs it like any init container), ephemeral containers, the node lease
-and heartbeats, kubelet events, static pods, the kubelet API (exec/attach/port-forward), pod-level
+and heartbeats, the kubelet's Normal lifecycle events (Pulling, Pulled, Created, Started, Killing) and
+those of the fates (Evicted, OOMKilling, Preempted), static pods, the kubelet API (exec/attach/port-forward), pod-level
 termination-message budget (12 KiB), grpc probes (they fail), ``terminationGracePeriodSeconds`` on probes.
 """
 from __future__ import annotations
@@ -76,6 +86,7 @@ from urllib.parse import urlparse
 from . import clusterdns
 from . import images as imagelib
 from .client import TRANSPORT_ERRORS, ApiError, Client, Informer
+from .events import EventRecorder
 from .fates import SCHEDULING, Fates
 from .podspec import condition, hosts_file, now
 from .podnet import PodNetwork
@@ -125,6 +136,7 @@ class Node:
         self.lost = False
         self.scheduler: Scheduler | None = None
         self.client: Client | None = None
+        self.recorder: EventRecorder | None = None
         self.loop = asyncio.new_event_loop()
         self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"kubelet-{name}")
         self._thread = threading.Thread(target=self._thread_main, name=f"kubelet-{name}", daemon=True)
@@ -233,6 +245,7 @@ class Node:
         self._stop = asyncio.Event()
         self.client = Client(self.url, user_agent=f"kubelet/v1.33.0 ({self.name}) testcluster",
                              timeout=self.api_timeout)
+        self.recorder = EventRecorder(self.client, "kubelet", host=self.name)
         tasks: list[asyncio.Task] = []
         try:
             await self._register()
@@ -255,6 +268,7 @@ class Node:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            await self.recorder.close()
             await self.client.close()
             self._close_network()  # the pods' sandboxes go with the node (stop() repeats it: idempotent)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from . import images as imagelib
 from . import probes
 from .client import TRANSPORT_ERRORS, ApiError
+from .events import NORMAL, WARNING
 from .fates import KUBELET
 from .podnet import NetworkError
 from . import clusterdns
@@ -122,6 +123,18 @@ class PodWorker:
         self._terminating: asyncio.Task | None = None
         self.hosts_path = self.dir / "etc-hosts"
         self.finished = False
+
+    # ---- events -------------------------------------------------------------------------------------------
+
+    def event(self, type_: str, reason: str, message: str, c: "Container | None" = None) -> None:
+        """An Event about this pod (about one of its containers with ``c``), as the kubelet records it."""
+        if self.node.recorder is None:
+            return
+        field_path = None
+        if c is not None:
+            field_path = f"spec.{'initContainers' if c.init else 'containers'}{{{c.name}}}"
+        self.node.recorder.event(self.pod, type_, reason, message, kind="Pod", api_version="v1",
+                                 field_path=field_path)
 
     # ---- status -------------------------------------------------------------------------------------------
 
@@ -280,6 +293,7 @@ class PodWorker:
                 break
             except (MountError, FetchError) as err:  # retried: the pod stays ContainerCreating
                 log.debug("pod %s/%s: MountVolume.SetUp failed: %s", self.namespace, self.name, err)
+                self.event(WARNING, "FailedMount", str(err))
                 if await self._sleep(self.node.retry_seconds):
                     return await self._finish()
         while True:  # the sandbox's network (FailedCreatePodSandBox: retried, the pod stays ContainerCreating)
@@ -348,6 +362,8 @@ class PodWorker:
         c.last_state = {"terminated": c.state.get("terminated", {})}
         c.waiting("CrashLoopBackOff", f"back-off {_seconds(delay)} restarting failed container={c.name} "
                                       f"pod={self.name}_{self.namespace}({self.uid})")
+        self.event(WARNING, "BackOff", f"Back-off restarting failed container {c.name} in pod "
+                                       f"{self.name}_{self.namespace}({self.uid})", c)
         await self.write()
         stopped = await self._sleep(delay)
         if not stopped:
@@ -403,10 +419,14 @@ class PodWorker:
                 c.image_id = self.node.image_id(image, cfg)
                 return cfg
             c.waiting("ErrImagePull", message)
+            self.event(WARNING, "Failed", f'Failed to pull image "{image}": {message}', c)
+            self.event(WARNING, "Failed", "Error: ErrImagePull", c)
             await self.write()
             if await self._sleep(min(1.0, self.node.pull_backoff[0])):
                 return None
             c.waiting("ImagePullBackOff", f'Back-off pulling image "{image}"')
+            self.event(NORMAL, "BackOff", f'Back-off pulling image "{image}"', c)
+            self.event(WARNING, "Failed", "Error: ImagePullBackOff", c)
             await self.write()
             base, cap = self.node.pull_backoff
             if await self._sleep(min(cap, base * (2 ** min(attempt, 16)))):
@@ -479,6 +499,7 @@ class PodWorker:
                 break
             except (ConfigError, FetchError) as err:
                 c.waiting("CreateContainerConfigError", str(err))
+                self.event(WARNING, "Failed", f"Error: {err}", c)
                 await self.write()
                 if await self._sleep(self.node.retry_seconds):
                     return None
@@ -498,6 +519,7 @@ class PodWorker:
         except StartError as err:
             c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": err.message,
                                       "startedAt": EPOCH, "finishedAt": now(), "containerID": c.container_id}}
+            self.event(WARNING, "Failed", f"Error: {err.message}", c)
             await self.write()
             return 128
         started_at = now()

@@ -9,13 +9,19 @@ NodeAffinity (``nodeSelector`` and required node affinity: In, NotIn, Exists, Do
 container) + overhead, requests defaulting to limits, against allocatable minus the requests of the
 node's non-terminal pods; the pod count). Before them, as PreFilter: the pod's PersistentVolumeClaims
 must exist, and a ``priorityClassName`` must name an existing PriorityClass when the server serves
-scheduling.k8s.io (the real server's Priority admission would have refused the pod).
+scheduling.k8s.io (Priority admission, testcluster/admission.py, refuses such a pod at create already; this
+catches a class deleted since).
 
 Not emulated: preemption (the message says no victims were found; the ``Preempted`` fate scripts it),
 scores (the least-requested fitting node wins, then the name), inter-pod affinity, topology spread,
 ports, volume topology and attach limits, scheduling gates beyond "not scheduled while gated",
-``nominatedNodeName``, the backoff queue (retried on every change and once a second), events
-(FailedScheduling / Scheduled), schedulers other than ``default-scheduler``.
+``nominatedNodeName``, the backoff queue (retried on every change and once a second), schedulers other
+than ``default-scheduler``, events.k8s.io ``series`` (the Events below are core/v1, aggregated by count).
+
+Events (testcluster.events, source ``default-scheduler``): ``FailedScheduling`` (Warning) on the pod with
+the message of its PodScheduled=False condition, when it changes and again at most every 10 s while the pod
+stays unschedulable (each repeat bumps the Event's count); ``Scheduled`` (Normal) "Successfully assigned
+<ns>/<pod> to <node>".
 """
 from __future__ import annotations
 
@@ -26,9 +32,12 @@ from fractions import Fraction
 from typing import Callable
 
 from .client import TRANSPORT_ERRORS, ApiError, Client, Informer
+from .events import NORMAL, WARNING, EventRecorder
 from .podspec import condition, quantity
 
 log = logging.getLogger("testcluster.scheduler")
+FAILED_SCHEDULING_REPEAT = 10.0  # a pod still unschedulable is reported again at most this often (real: its
+                                 # backoff, 1 s doubling to 10 s, then on cluster changes)
 TERMINAL = ("Succeeded", "Failed")
 RESOLVABLE = "resources"     # preemption could help (if there were victims)
 UNRESOLVABLE = "unresolvable"
@@ -192,6 +201,8 @@ class Scheduler:
         self.pvcs = Informer(client, "v1", "persistentvolumeclaims", on_event=self._changed)
         self.priority_classes: Informer | None = None
         self._assumed: dict[str, str] = {}  # pod uid -> node, until the informer shows the binding
+        self._reported: dict[str, tuple[str, float]] = {}  # pod uid -> last FailedScheduling message, when
+        self.recorder = EventRecorder(client, name)
         self.bound = 0
 
     async def _changed(self, _type: str, _obj: dict) -> None:
@@ -224,6 +235,7 @@ class Scheduler:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.recorder.close()
 
     async def _served(self, gv: str, plural: str) -> bool:
         try:
@@ -262,6 +274,9 @@ class Scheduler:
         for uid in list(self._assumed):
             if uid not in live or (live[uid].get("spec") or {}).get("nodeName"):
                 del self._assumed[uid]
+        for uid in list(self._reported):
+            if uid not in live or (live[uid].get("spec") or {}).get("nodeName"):
+                del self._reported[uid]
         nodes = sorted(self.nodes.cache.values(), key=lambda n: n["metadata"]["name"])
         pvcs = {key for key in self.pvcs.cache}
         classes = ({name for (_ns, name) in self.priority_classes.cache}
@@ -301,10 +316,18 @@ class Scheduler:
             raise
         self._assumed[meta["uid"]] = node
         self.bound += 1
+        self.recorder.event(pod, NORMAL, "Scheduled", f"Successfully assigned {meta['namespace']}/{meta['name']} "
+                            f"to {node}", kind="Pod", api_version="v1")
 
     async def _unschedulable(self, pod: dict, message: str) -> None:
         status = pod.get("status") or {}
         old = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+        uid = (pod.get("metadata") or {}).get("uid", "")
+        last = self._reported.get(uid)
+        now_ = asyncio.get_running_loop().time()
+        if last is None or last[0] != message or now_ - last[1] >= FAILED_SCHEDULING_REPEAT:
+            self._reported[uid] = (message, now_)
+            self.recorder.event(pod, WARNING, "FailedScheduling", message, kind="Pod", api_version="v1")
         if old and old.get("status") == "False" and old.get("message") == message:
             return
         conditions = [c for c in status.get("conditions") or [] if c.get("type") != "PodScheduled"]
