@@ -21,7 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 from typing import Any, Awaitable, Callable, Collection
 
 import kopf
@@ -30,11 +33,13 @@ from ..api.common import GROUP, VERSION
 from ..api.resources import KIND_INFO
 from .builders import Run, hf_secret_for
 from .kube import ApiError, KubeClient
+from .leadership import Leadership
 from .metrics import OperatorMetrics
 from .naming import LABEL_JOB, LABEL_RUN, MANAGED_BY, MANAGED_BY_VALUE, owned_by, owner_uid_of
 from .options import OperatorOptions
 from .plan import (Observed, Plan, effective_rerun, finished_for_good, job_needing_pods, parse_time, plan,
                    recorded_result, status_changed, target, upstream_view, wait_for_cleanup)
+from .policy import effective_phase
 from .progress_api import ProgressReceiver, running_job
 from .store import Key, Store
 from .workqueue import WorkQueue
@@ -61,8 +66,11 @@ class Operator:
         self.registry = kopf.OperatorRegistry()
         self.client = KubeClient(connect)
         # pods report progress here (address, port), never to the API server: only the operator writes status
-        self.progress = ProgressReceiver(self.client, self.store, self._enqueue)
         self.progress_listen = progress_listen
+        # standalone until run_operator sets up peering: then the workers act only while this replica leads
+        self.leadership = Leadership(self.client, None, "", 0, clusterwide=False)
+        self.progress = ProgressReceiver(self.client, self.store, self._enqueue,
+                                         acting=lambda: self.leadership.leading.is_set())
         self.queue: WorkQueue | None = None
         self._targets: dict[Key, tuple[tuple, Any]] = {}
         self._tasks: list[asyncio.Task] = []
@@ -95,6 +103,8 @@ class Operator:
         self._resync_wanted = asyncio.Event()
         self._tasks = [asyncio.create_task(self._work(), name=f"reconcile-{i}") for i in range(self.workers)]
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
+        self._tasks.append(asyncio.create_task(self._resume_loop(), name="resume"))
+        await self.leadership.start()
         if self.progress_listen:
             await self.progress.start(*self.progress_listen)
 
@@ -102,10 +112,20 @@ class Operator:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.leadership.stop()
         await self.progress.stop()
         if self.queue is not None:
             self.queue.close()
         await self.client.close()
+
+    async def _resume_loop(self) -> None:
+        """After a pause, look at every CR again (what happened meanwhile was another replica's doing)."""
+        while True:
+            await self.leadership.leading.wait()
+            for key in list(self.store.crs):
+                self._enqueue(key)
+            while self.leadership.leading.is_set():
+                await asyncio.sleep(self.leadership.interval)
 
     async def _on_cr(self, event: dict, **_: Any) -> None:
         obj = event.get("object") or {}
@@ -200,6 +220,9 @@ class Operator:
         while True:
             key = await self.queue.get()
             try:
+                # Another replica is active: hold the key (timers and events still queue it) until this one
+                # leads again; kopf's watches are paused meanwhile, so the store may be stale.
+                await self.leadership.leading.wait()
                 await self.reconcile(key)
             except asyncio.CancelledError:
                 raise
@@ -268,6 +291,9 @@ class Operator:
         want = self._target(key, cr, upstreams)
         observed = await self.observe(cr, key, want)
         decided = plan(cr, upstreams, observed, self.opts, time.time(), want=want)
+        if not self.leadership.leading.is_set():  # lost the lead while reading: write nothing
+            self._enqueue(key)
+            return
         if isinstance(want, Run):  # the running attempt's last progress report, as the pod sent it
             self.progress.apply(key, decided.status, running_job(want.run_hash, observed.jobs))
 
@@ -337,7 +363,7 @@ class Operator:
                 # answer and will be dropped as stale, so queue the key here or the edit would go unseen.
                 self._enqueue(key)
             self.metrics.observe_cr(patched)
-            if old.get("phase") != decided.status.get("phase"):
+            if effective_phase(old) != effective_phase(decided.status):
                 self._wake_downstreams(key)
         for event in decided.events:
             await self.client.event(cr, event.type, event.reason, event.message)
@@ -417,10 +443,13 @@ def settings(peering: str | None, clusterwide: bool, priority: int = 0) -> kopf.
 async def run_operator(op: Operator, *, namespaces: Collection[str] = (), clusterwide: bool = False,
                        peering: str | None = None, priority: int = 0, liveness: str | None = None,
                        stop_flag: Any = None, ready_flag: Any = None) -> None:
+    # one identity for kopf's peering and the operator's own leadership check (kopf's form: pod, then start)
+    identity = f"{os.environ.get('POD_ID') or socket.gethostname()}/{uuid.uuid4().hex[:12]}"
+    op.leadership = Leadership(op.client, peering, identity, priority, clusterwide=clusterwide, namespaces=namespaces)
     await kopf.operator(
         registry=op.registry, settings=settings(peering, clusterwide, priority),
         clusterwide=clusterwide, namespaces=list(namespaces), standalone=peering is None,
-        peering_name=peering, priority=priority, liveness_endpoint=liveness,
+        peering_name=peering, priority=priority, liveness_endpoint=liveness, identity=identity,
         stop_flag=stop_flag, ready_flag=ready_flag)
 
 

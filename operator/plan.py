@@ -46,6 +46,7 @@ from .builders import Run, UnsupportedSpec, build_children, build_job, build_ser
 from .failures import ACTIVE, FAILED, SUCCEEDED, SUSPENDED, classify_failure, finished_at, job_state, stage_result
 from .naming import ANNOTATION_RERUN, ANNOTATION_RESULT, LABEL_ATTEMPT, LABEL_RUN, owned_by
 from .options import OperatorOptions
+from .policy import after_failure, effective_phase, waiting
 from .resolve import blockers, resolve, spec_hash
 
 QUEUED = "Queued"  # Job created suspended, waiting for Kueue to admit it
@@ -193,8 +194,8 @@ def upstream_view(crs: list[dict]) -> dict[str, dict]:
     out = {}
     for cr in crs:
         status = cr.get("status") or {}
-        out[f"{cr['kind']}/{cr['metadata']['name']}"] = {
-            "phase": status.get("phase"), "uri": (status.get("output") or {}).get("uri")}
+        out[f"{cr['kind']}/{cr['metadata']['name']}"] = {  # stalled by a failed upstream counts as failed
+            "phase": effective_phase(status), "uri": (status.get("output") or {}).get("uri")}
     return out
 
 
@@ -208,9 +209,7 @@ def target(cr: dict, upstreams: dict[str, dict], opts: OperatorOptions) -> Run |
     refs = references(resource)  # walks the whole spec: once per reconcile
     blocking = blockers(resource, phases, refs)
     if blocking:
-        first = blocking[0]
-        message = "; ".join(b.message for b in blocking)[:1024]
-        return Blocked("Waiting", first.reason, message, stalled=first.reason == C.UPSTREAM_FAILED)
+        return Blocked(*waiting(blocking))
     outputs = {ref.key: upstreams[ref.key]["uri"] for ref in refs}
     missing = [key for key, uri in outputs.items() if not uri]
     if missing:
@@ -299,11 +298,6 @@ def _finish(plan: Plan, old: dict, run: Run, result: dict, generation: int | Non
                            {"metadata": {"annotations": {ANNOTATION_RESULT: json.dumps(result, sort_keys=True)}}}))
         plan.finished = result["phase"]
     return plan
-
-
-def backoff_delay(run: Run, attempt: int, opts: OperatorOptions) -> float:
-    base = float(run.run_policy.get("backoffSeconds", 30))
-    return min(base * 2 ** max(attempt - 1, 0), opts.max_backoff_seconds)
 
 
 # ---- the plan -----------------------------------------------------------------------------------------
@@ -432,37 +426,31 @@ def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: O
         out.events = transition_events(old, out.status)
         return out
 
-    # The attempt failed: permanent, retry later, or retry now.
+    # The attempt failed: permanent, retry later, or retry now (operator/policy.py, as the local runner).
     failure = classify_failure(latest, pods)
-    limit = int(run.run_policy.get("backoffLimit", 3))
-    if not failure.retryable or attempt > limit:
-        reason = failure.reason if not failure.retryable else C.BACKOFF_LIMIT_EXCEEDED
-        message = failure.message if not failure.retryable else \
-            f"{attempt} attempt(s) failed, backoffLimit {limit}; last: {failure.message}"
-        record = {"phase": "Failed", "attempt": attempt, "reason": reason, "message": message[:1024],
+    then = after_failure(failure, attempt, int(run.run_policy.get("backoffLimit", 3)),
+                         float(run.run_policy.get("backoffSeconds", 30)), parse_time(finished_at(latest)) or now, now,
+                         opts.max_backoff_seconds)
+    if then.final:
+        record = {"phase": "Failed", "attempt": attempt, "reason": then.reason, "message": then.message[:1024],
                   "exitCode": failure.exit_code, "completionTime": finished_at(latest), "generation": generation}
         _finish(out, old, run, record, generation, record=True)
         out.events = transition_events(old, out.status)
         return out
-    failed_at = parse_time(finished_at(latest)) or now
-    due = failed_at + backoff_delay(run, attempt, opts)
-    message = f"attempt {attempt} failed ({failure.reason}: {failure.message}); "
     # Counted once per failed attempt: when the wait starts (or at once when there is no wait).
     waiting_already = (C.get_condition(old, "Ready") or {}).get("reason") == C.RETRYING
-    if now < due:
-        when = datetime.fromtimestamp(due, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        out.status = transition(old, "Running", C.RETRYING, message + f"attempt {attempt + 1} at {when}", generation)
+    out.retried = None if waiting_already else failure.reason
+    if then.retry_at is not None:
+        out.status = transition(old, then.phase, then.reason, then.message, generation)
         out.status["attempts"] = attempt
-        out.requeue_after = max(due - now, 0.05)
+        out.requeue_after = max(then.retry_at - now, 0.05)
         out.events = transition_events(old, out.status)
-        out.retried = None if waiting_already else failure.reason
         return out
     out.create = ([build_service(run, attempt + 1)] if run.pods > 1 else []) + \
         [build_job(run, attempt + 1, opts, suspend=suspend)]
-    out.status = transition(old, "Running", C.STARTED, message + f"attempt {attempt + 1} created", generation)
+    out.status = transition(old, then.phase, then.reason, then.message, generation)
     out.status["attempts"] = attempt + 1
     out.events = transition_events(old, out.status)
-    out.retried = None if waiting_already else failure.reason
     return out
 
 

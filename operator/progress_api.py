@@ -85,8 +85,10 @@ def _controller(obj: dict) -> dict | None:
 class ProgressReceiver:
     """``client`` is the operator's KubeClient; ``store`` its view; ``wake(key)`` queues a reconcile."""
 
-    def __init__(self, client, store: Store, wake: Callable[[Key], None], review_ttl: float = 10.0):
+    def __init__(self, client, store: Store, wake: Callable[[Key], None], review_ttl: float = 10.0,
+                 acting: Callable[[], bool] = lambda: True):
         self.client = client
+        self.acting = acting  # False while another replica leads: its store is the one that is current
         self.store = store
         self.wake = wake
         self.review_ttl = review_ttl
@@ -113,6 +115,8 @@ class ProgressReceiver:
             self._runner = None
 
     async def handle(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        if not self.acting():  # a standby: the Service may route the pod here; it reports again shortly
+            return aiohttp.web.json_response({"error": "standby replica"}, status=503, headers={"Retry-After": "1"})
         try:
             header = request.headers.get("Authorization", "")
             if not header.startswith("Bearer ") or not header[7:].strip():

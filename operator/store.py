@@ -11,6 +11,7 @@ Two things a watch stream does not guarantee are handled here:
 from __future__ import annotations
 
 from .naming import owned_by, owner_key_of
+from .policy import effective_phase
 
 Key = tuple[str, str, str]  # (namespace, kind, name)
 
@@ -81,7 +82,8 @@ class Store:
             return False, False
         self.crs[key] = body
         self.refs[key] = upstream_keys(body.get("spec"))
-        return True, old is None or (old.get("status") or {}).get("phase") != (body.get("status") or {}).get("phase")
+        # downstreams see the effective phase: a stall by a failed upstream reaches them too (operator/policy.py)
+        return True, old is None or effective_phase(old.get("status")) != effective_phase(body.get("status"))
 
     def drop_cr(self, namespace: str, kind: str, name: str, uid: str | None = None) -> bool:
         """Forget a deleted CR; False when the stored one is another (newer) object of that name."""

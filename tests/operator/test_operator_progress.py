@@ -209,3 +209,26 @@ def test_receiver_accepts_only_a_pod_of_a_job_of_the_cr():
                 receiver.apply(key, done, "m-abc-1")
                 assert done == {"phase": "Succeeded"}
         asyncio.run(main())
+
+
+def test_a_standby_replica_answers_503():
+    """With two replicas the progress Service may route a pod to the standby; it refuses quickly (Retry-After)
+    instead of checking against a store that is not current."""
+    import urllib.error
+    import urllib.request
+
+    async def main():
+        receiver = ProgressReceiver(None, Store(), lambda key: None, acting=lambda: False)
+        port = await receiver.start("127.0.0.1", 0)
+        try:
+            def post():
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/progress", data=b"{}", method="POST",
+                                             headers={"Authorization": "Bearer x"})
+                try:
+                    urllib.request.urlopen(req, timeout=5)
+                except urllib.error.HTTPError as err:
+                    return err.code, err.headers.get("Retry-After")
+            return await asyncio.get_running_loop().run_in_executor(None, post)
+        finally:
+            await receiver.stop()
+    assert asyncio.run(main()) == (503, "1")
