@@ -145,11 +145,21 @@ def test_crd_upgrade_with_a_new_default_keeps_finished_crs_finished_until_a_reru
 
         # An explicit rerun: a new annotation value runs it once more (with the spec as read now).
         cluster.api.patch("Merge", NS, "m", {"metadata": {"annotations": {RERUN: "2026-12-06"}}})
-        cluster.wait(lambda: len(_jobs(cluster, "m")) == 2, 60, "the rerun's Job")
-        rerun = _wait_phase(cluster, docs, "m", "Succeeded")
-        assert rerun["status"]["completionTime"] >= done["status"]["completionTime"]
+
+        def rerun_done() -> bool:  # the Rerun condition is written with the run's start (Running)
+            status = _status(cluster, "m")
+            rerun = next((c for c in status.get("conditions", []) if c["type"] == "Rerun"), {})
+            return rerun.get("message") == "2026-12-06" and status.get("phase") == "Succeeded"
+
+        try:
+            cluster.wait(rerun_done, 180, "the rerun to succeed")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{diagnose(cluster, NS, docs)}") from None
         names = {j["metadata"]["name"] for j in _jobs(cluster, "m")}
-        assert len(names) == 2 and before < names
+        assert len(names) == 2 and before < names and _status(cluster, "m")["attempts"] == 1
+        pods = [p for p in cluster.api.list("Pod", NS) if p["metadata"]["labels"].get("branchmerge.dev/name") == "m"
+                and p["status"].get("phase") == "Succeeded"]
+        assert len(pods) == 2, "the first run and the rerun each ran one pod"
 
         # Once: neither another reconcile nor an operator restart starts it again for the same value.
         op.restart()
@@ -200,12 +210,14 @@ def test_deletions_during_a_watch_gap_are_noticed_after_the_relist(tmp_path):
 def test_a_cr_recreated_under_the_same_name_runs_its_own_children(tmp_path):
     # A garbage collector slower than the operator (seconds, as on a busy cluster): the old CR's
     # ConfigMap and Job are still there, under the very names the new CR's children get, when the
-    # operator first reconciles the new CR.
-    with _cluster(tmp_path, gc_delay=3.0, gc_interval=3.0) as (cluster, op):
+    # operator first reconciles the new CR. (A pass runs 3 s after a relevant change and no periodic
+    # pass, so the deletion below is collected 3 s after it, not by a pass that happens to be due.)
+    with _cluster(tmp_path, gc_delay=3.0, gc_interval=3600.0) as (cluster, op):
         docs = [_merge("m")]
         cluster.api.create(copy.deepcopy(docs[0]), NS)
         old = _wait_phase(cluster, docs, "m", "Succeeded")
         old_uid = old["metadata"]["uid"]
+        time.sleep(3.5)  # a pass due for the old pod's changes has run
         cluster.api.delete("Merge", NS, "m")
         new_uid = cluster.api.create(copy.deepcopy(docs[0]), NS)["metadata"]["uid"]
         assert new_uid != old_uid
