@@ -272,12 +272,29 @@ class Operator:
         ran_before = bool((cr.get("status") or {}).get("attempts"))
         if job or (not has_jobs and ran_before):
             observed.configmap = await self._configmap(want.namespace, want.configmap_name, uid)
+        await self._observe_starting(want, observed)
         if job and recorded_result(observed.configmap) is None:
             job_uid = next(j["metadata"].get("uid") for j in observed.jobs if j["metadata"]["name"] == job)
             # by the Job's uid too: pods of a deleted namesake's Job of the same name may still be there
             observed.pods[job] = [p for p in await self.client.list("Pod", want.namespace, {LABEL_JOB: job})
                                   if owned_by(p, job_uid)]
         return observed
+
+    async def _observe_starting(self, want: Run, observed: Observed) -> None:
+        """While the running attempt has no ready pod: its pods, and the Events that say why they do not run
+        (quota, admission, scheduling, image pull, mounts: operator/pending.py). Nothing when it runs."""
+        name = running_job(want.run_hash, observed.jobs)
+        latest = next((j for j in observed.jobs if j["metadata"]["name"] == name), None)
+        if latest is None or (latest.get("status") or {}).get("ready") or (latest.get("spec") or {}).get("suspend"):
+            return
+        job_uid = latest["metadata"].get("uid")
+        pods = [p for p in await self.client.list("Pod", want.namespace, {LABEL_JOB: name}) if owned_by(p, job_uid)]
+        observed.starting_pods = pods
+        if not pods and job_uid:
+            observed.job_events = await self.client.events_of(want.namespace, job_uid)
+        for pod in pods:
+            if (pod.get("status") or {}).get("phase") == "Pending" and pod["metadata"].get("uid"):
+                observed.pod_events += await self.client.events_of(want.namespace, pod["metadata"]["uid"])
 
     async def reconcile(self, key: Key) -> None:
         cr = self.store.crs.get(key)

@@ -119,6 +119,12 @@ class KubeClient:
         return [o for o in doc.get("items", [])
                 if all((o.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in labels.items())]
 
+    async def events_of(self, namespace: str, uid: str) -> list[dict]:
+        """The Events about one object (by uid: a namesake's are not its)."""
+        doc = await self.request("GET", path("Event", namespace),
+                                 params={"fieldSelector": f"involvedObject.uid={uid}"}) or {}
+        return [e for e in doc.get("items", []) if (e.get("involvedObject") or {}).get("uid") == uid]
+
     async def list_at(self, kind: str, namespace: str, labels: dict[str, str] | None = None
                       ) -> tuple[list[dict], int | None]:
         """Every object of ``kind`` in ``namespace`` (all pages) and the list's resourceVersion (None if not

@@ -27,5 +27,10 @@ class OperatorOptions:
     default_memory_request: str | None = "2Gi"
     """Memory request of stage containers whose spec has no resources.memory, to which the /dev/shm size is
     added (its pages are charged to the pod's memory). None: no default."""
+    pending_deadline_seconds: float = 900.0
+    """An attempt whose pods have not started after this long while a problem keeps them from it (quota,
+    unschedulable, image pull, a missing Secret...: operator/pending.py) fails with that reason. 0: never."""
+    pending_recheck_seconds: float = 10.0
+    """How often a CR whose pods are held up looks at them again (the operator does not watch pods)."""
     run_as_user: int = 1000
     max_backoff_seconds: float = 3600.0

@@ -42,6 +42,7 @@ from ..api.graph import references
 from ..api.resources import KIND_INFO, CustomResource
 from ..api.validation import InvalidManifest, _schema_errors
 from . import conditions as C
+from . import pending
 from .builders import Run, UnsupportedSpec, build_children, build_job, build_service, hf_secret_for, storage_plan
 from .failures import ACTIVE, FAILED, SUCCEEDED, SUSPENDED, classify_failure, finished_at, job_state, stage_result
 from .naming import ANNOTATION_RERUN, ANNOTATION_RESULT, LABEL_ATTEMPT, LABEL_RUN, owned_by
@@ -81,6 +82,10 @@ class Observed:
     jobs: list[dict] = field(default_factory=list)
     pods: dict[str, list[dict]] = field(default_factory=dict)  # job name -> its pods (finished jobs only)
     configmap: dict | None = None  # the current run's ConfigMap, if it exists
+    # the running attempt's pods while none is ready, and the Events about it and them (operator/pending.py)
+    starting_pods: list[dict] | None = None
+    job_events: list[dict] = field(default_factory=list)
+    pod_events: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -245,7 +250,8 @@ def transition_events(old: dict, new: dict) -> list[Event]:
     after = (new.get("phase"), ready.get("reason"), new.get("attempts", old.get("attempts")))
     if before == after:
         return []
-    warning = new.get("phase") == "Failed" or (C.get_condition(new, "Stalled") or {}).get("status") == "True"
+    warning = new.get("phase") == "Failed" or (C.get_condition(new, "Stalled") or {}).get("status") == "True" \
+        or ready.get("reason") in pending.REASONS
     return [Event("Warning" if warning else "Normal", ready.get("reason", ""), ready.get("message", ""))]
 
 
@@ -389,6 +395,8 @@ def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: O
         out.create = build_children(run, first, opts, suspend=suspend)
         out.status = status
         out.events = transition_events(old, status)
+        # A Job whose pods are refused (quota, admission) never changes: no event would bring it back here.
+        out.requeue_after = None if suspend else opts.pending_recheck_seconds
         return out
 
     state = job_state(latest)
@@ -407,10 +415,26 @@ def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: O
         elif job_suspended:
             phase, reason, message = "Pending", QUEUED, f"attempt {attempt} waits for admission by queue " \
                                                         f"{run.resources.get('queueName')}"
-        elif (latest.get("status") or {}).get("active") or (latest.get("status") or {}).get("ready"):
+        elif (latest.get("status") or {}).get("ready") or pending.running(observed.starting_pods or []):
             phase, reason, message = "Running", C.RUNNING, f"attempt {attempt} running"
         else:
             phase, reason, message = "Running", C.STARTED, f"attempt {attempt} starting"
+            held = pending.problem(observed.starting_pods or [], observed.job_events, observed.pod_events) \
+                if observed.starting_pods is not None else None
+            if held is not None:
+                created = parse_time((latest.get("metadata") or {}).get("creationTimestamp")) or now
+                deadline = opts.pending_deadline_seconds
+                if deadline and now - created > deadline:  # give up: the attempt's pods never started
+                    record = {"phase": "Failed", "attempt": attempt, "reason": held.reason,
+                              "message": f"attempt {attempt} did not start within {deadline:.0f}s: {held.message}"[:1024],
+                              "completionTime": C.format_time(now), "generation": generation}
+                    out.delete.append(("Job", name))
+                    _finish(out, old, run, record, generation, record=True)
+                    out.events = transition_events(old, out.status)
+                    return out
+                phase, reason, message = "Running", held.reason, f"attempt {attempt} cannot start: {held.message}"
+            if observed.starting_pods is not None:  # pods are not watched: look again until one runs
+                out.requeue_after = opts.pending_recheck_seconds
         out.status = transition(old, phase, reason, message, generation)
         out.status["attempts"] = attempt
         out.events = transition_events(old, out.status)
@@ -451,6 +475,7 @@ def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: O
     out.status = transition(old, then.phase, then.reason, then.message, generation)
     out.status["attempts"] = attempt + 1
     out.events = transition_events(old, out.status)
+    out.requeue_after = None if suspend else opts.pending_recheck_seconds  # as for attempt 1
     return out
 
 

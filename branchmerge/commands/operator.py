@@ -48,6 +48,11 @@ def register(sub) -> None:
     p.add_argument("--default-memory-request", metavar="QUANTITY",
                    help="memory request of stage containers whose CR sets no spec.resources.memory, to which "
                         "the /dev/shm size is added (default: 2Gi; 'none': no request)")
+    p.add_argument("--pending-deadline", type=float, default=900.0, metavar="SECONDS",
+                   help="fail an attempt whose pods a problem (quota, unschedulable, image pull, missing Secret) "
+                        "kept from starting this long (0: never)")
+    p.add_argument("--pending-recheck", type=float, default=10.0, metavar="SECONDS",
+                   help="how often a CR whose pods are held up looks at them again")
     p.add_argument("--workers", type=int, default=8, help="concurrent reconciles")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account, then $KUBECONFIG)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -92,7 +97,8 @@ def options_from_args(args):
     return OperatorOptions(
         image=args.image or defaults.image, default_output_root=args.default_output_root,
         hf_token_secret=args.hf_token_secret, staging_claim=args.staging_claim,
-        progress_url=args.progress_url, progress_interval_seconds=args.progress_interval, **requests)
+        progress_url=args.progress_url, progress_interval_seconds=args.progress_interval,
+        pending_deadline_seconds=args.pending_deadline, pending_recheck_seconds=args.pending_recheck, **requests)
 
 
 def _connector(kubeconfig: str | None):

@@ -55,7 +55,9 @@ def test_success_reads_termination_message_and_records_result():
     job = step(doc).create[-1]
     p = step(doc, Observed(jobs=[job]))
     assert p.status["phase"] == "Running" and ready(p.status)["reason"] == "Started" and not p.events
-    job["status"] = {"active": 1}
+    job["status"] = {"active": 1}  # a pod exists (active counts pending pods too): still starting
+    assert ready(step(doc, Observed(jobs=[job])).status)["reason"] == "Started"
+    job["status"] = {"active": 1, "ready": 1}
     assert ready(step(doc, Observed(jobs=[job])).status)["reason"] == "Running"
     done = finish_job(job, True)
     pods = {job["metadata"]["name"]: [pod(job["metadata"]["name"], message=result_message("pvc://models/merged",
