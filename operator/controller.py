@@ -35,7 +35,7 @@ from .builders import Run, hf_secret_for
 from .kube import ApiError, KubeClient
 from .leadership import Leadership
 from .metrics import OperatorMetrics
-from .naming import LABEL_JOB, LABEL_RUN, MANAGED_BY, MANAGED_BY_VALUE, owned_by, owner_uid_of
+from .naming import KUEUE_JOB_UID, LABEL_JOB, LABEL_RUN, MANAGED_BY, MANAGED_BY_VALUE, owned_by, owner_uid_of
 from .options import OperatorOptions
 from .plan import (Observed, Plan, effective_rerun, finished_for_good, job_needing_pods, parse_time, plan,
                    recorded_result, status_changed, target, upstream_view, wait_for_cleanup)
@@ -273,12 +273,29 @@ class Operator:
         if job or (not has_jobs and ran_before):
             observed.configmap = await self._configmap(want.namespace, want.configmap_name, uid)
         await self._observe_starting(want, observed)
+        if want.resources.get("queueName"):
+            observed.workload = await self._workload(want, observed)
         if job and recorded_result(observed.configmap) is None:
             job_uid = next(j["metadata"].get("uid") for j in observed.jobs if j["metadata"]["name"] == job)
             # by the Job's uid too: pods of a deleted namesake's Job of the same name may still be there
             observed.pods[job] = [p for p in await self.client.list("Pod", want.namespace, {LABEL_JOB: job})
                                   if owned_by(p, job_uid)]
         return observed
+
+    async def _workload(self, want: Run, observed: Observed) -> dict | None:
+        """Kueue's Workload for the running attempt's Job (by the job-uid label Kueue sets, and ownership)."""
+        name = running_job(want.run_hash, observed.jobs)
+        job = next((j for j in observed.jobs if j["metadata"]["name"] == name), None)
+        if job is None or not job["metadata"].get("uid"):
+            return None
+        uid = job["metadata"]["uid"]
+        try:
+            found = await self.client.list("Workload", want.namespace, {KUEUE_JOB_UID: uid})
+        except ApiError as err:
+            if err.status == 404:  # Kueue is not installed
+                return None
+            raise
+        return next((w for w in found if owned_by(w, uid)), None)
 
     async def _observe_starting(self, want: Run, observed: Observed) -> None:
         """While the running attempt has no ready pod: its pods, and the Events that say why they do not run

@@ -19,7 +19,8 @@ log = logging.getLogger("branchmerge.operator")
 
 # kind -> (API prefix, plural)
 CORE = {"ConfigMap": ("/api/v1", "configmaps"), "Service": ("/api/v1", "services"), "Pod": ("/api/v1", "pods"),
-        "Event": ("/api/v1", "events"), "Job": ("/apis/batch/v1", "jobs")}
+        "Event": ("/api/v1", "events"), "Job": ("/apis/batch/v1", "jobs"),
+        "Workload": ("/apis/kueue.x-k8s.io/v1beta1", "workloads")}
 CORE.update({kind: (f"/apis/{API_VERSION}", info.plural) for kind, info in KIND_INFO.items()})
 
 

@@ -15,6 +15,7 @@ LABEL_RUN = f"{GROUP}/run"  # the run hash: identity of the resolved spec
 LABEL_ATTEMPT = f"{GROUP}/attempt"
 LABEL_JOB = f"{GROUP}/job"  # on pods: the Job they belong to (selector of the headless Service)
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"  # on the Workload Kueue makes for a Job
 # On the run's ConfigMap: the final result of the run (compact JSON), the durable record after Job TTL.
 ANNOTATION_RESULT = f"{GROUP}/result"
 # On a CR: which Secret (name or name/key) holds the Hugging Face token for hf:// staging.

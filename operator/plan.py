@@ -86,6 +86,7 @@ class Observed:
     starting_pods: list[dict] | None = None
     job_events: list[dict] = field(default_factory=list)
     pod_events: list[dict] = field(default_factory=list)
+    workload: dict | None = None  # Kueue's Workload of the running attempt's Job (queued runs only)
 
 
 @dataclass
@@ -403,11 +404,19 @@ def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: O
     name = latest["metadata"]["name"]
     if state in (ACTIVE, SUSPENDED):
         job_suspended = bool(latest.get("spec", {}).get("suspend"))
-        queued = bool(run.resources.get("queueName"))
-        if suspend and not job_suspended:
+        if run.resources.get("queueName"):
+            # Kueue owns Job.spec.suspend of the Jobs it queues (it unsuspends an admitted one again): its
+            # documented stop is the Workload's spec.active=false (evicted, the Job suspended, not readmitted).
+            workload = observed.workload
+            active = ((workload or {}).get("spec") or {}).get("active", True) is not False
+            if workload is not None and suspend == active:
+                out.patch.append(("Workload", workload["metadata"]["name"], {"spec": {"active": not suspend}}))
+            elif workload is None and suspend:
+                out.requeue_after = opts.pending_recheck_seconds  # Kueue has not made the Workload yet
+        elif suspend and not job_suspended:
             out.patch.append(("Job", name, {"spec": {"suspend": True}}))
             job_suspended = True
-        elif not suspend and job_suspended and not queued:  # with Kueue, admission unsuspends the Job
+        elif not suspend and job_suspended:
             out.patch.append(("Job", name, {"spec": {"suspend": False}}))
             job_suspended = False
         if suspend:

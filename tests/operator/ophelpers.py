@@ -59,8 +59,9 @@ def finish(api: Api, job: dict, ok: bool, *, exit_code: int | None = None, messa
 
 
 def start(api: Api, job: dict) -> None:
-    api.patch("Job", NS, job["metadata"]["name"], {"status": {"active": job["spec"].get("completions", 1)}},
-              sub="status")
+    """The pods run (the Job controller counts them active and, their containers up, ready)."""
+    pods = job["spec"].get("completions", 1)
+    api.patch("Job", NS, job["metadata"]["name"], {"status": {"active": pods, "ready": pods}}, sub="status")
 
 
 def events_for(api: Api, name: str) -> list[str]:

@@ -177,6 +177,32 @@ def test_created_suspended_and_kueue_queue():
     assert p.status["phase"] == "Pending" and ready(p.status)["reason"] == "Queued" and not p.patch
 
 
+def test_suspend_with_kueue_goes_through_the_workload_never_the_job():
+    """Kueue owns Job.spec.suspend of queued Jobs (it unsuspends an admitted one again); its documented stop is
+    Workload.spec.active=false, and true again to resume."""
+    spec = {**MERGE_SPEC, "resources": {"queueName": "lq"}}
+    job = step(cr("Merge", "q", spec)).create[-1]
+    job["metadata"]["uid"] = "job-uid"
+    job["spec"]["suspend"] = False  # admitted
+    workload = {"metadata": {"name": "job-q-1-abcde"}, "spec": {"active": True, "queueName": "lq"}}
+    suspended = {**spec, "resources": {"queueName": "lq", "suspend": True}}
+    p = step(cr("Merge", "q", suspended), Observed(jobs=[job], workload=workload))
+    assert p.patch == [("Workload", "job-q-1-abcde", {"spec": {"active": False}})]
+    assert p.status["phase"] == "Suspended"
+    # Kueue has evicted it and suspended the Job: nothing more to do while the user keeps it suspended
+    job["spec"]["suspend"] = True
+    inactive = {**workload, "spec": {"active": False, "queueName": "lq"}}
+    p = step(cr("Merge", "q", suspended), Observed(jobs=[job], workload=inactive))
+    assert not p.patch and p.status["phase"] == "Suspended"
+    # resumed: the Workload is active again and the run waits for readmission
+    p = step(cr("Merge", "q", spec), Observed(jobs=[job], workload=inactive))
+    assert p.patch == [("Workload", "job-q-1-abcde", {"spec": {"active": True}})]
+    assert p.status["phase"] == "Pending" and ready(p.status)["reason"] == "Queued"
+    # before Kueue made the Workload there is nothing to deactivate yet: look again soon
+    p = step(cr("Merge", "q", suspended), Observed(jobs=[job]))
+    assert not p.patch and p.requeue_after == OPTS.pending_recheck_seconds
+
+
 def test_spec_change_supersedes_the_running_attempt():
     doc = cr("Merge", "m", MERGE_SPEC)
     job = step(doc).create[-1]

@@ -30,7 +30,11 @@
   verbs: ["get", "list"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
+# Kueue: a queued run is suspended and resumed through its Workload's spec.active (Kueue owns the Job's suspend).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
 {{- end }}
 
 {{- define "branchmerge.namespacedPeeringRules" -}}
