@@ -30,6 +30,7 @@ from branchmerge.operator.emulator import Api
 from . import images
 from .apiserver import ApiServer
 from .jobcontroller import JobController
+from .kueue import KueueController
 from .ttl import TTLController
 from .wait import wait_for
 from .kubelet import Node
@@ -104,10 +105,12 @@ class Cluster:
 
     ``images``: the node's image map (e.g. route the CUDA trainer image to trainer-cpu). ``job_backoff``:
     the Job controller's pod backoff base (10 s on a real cluster; the operator's Jobs use backoffLimit 0,
-    so it only matters for Jobs that retry pods themselves)."""
+    so it only matters for Jobs that retry pods themselves). ``kueue``: also run the Kueue stand-in
+    (testcluster.kueue: the Workload CRD, Workloads for Jobs labelled ``kueue.x-k8s.io/queue-name``,
+    admission, ``spec.active``), as ``cluster.kueue``."""
 
     def __init__(self, root: Path, *, gc: str = "background", images: dict | None = None,
-                 job_backoff: float = 10.0, node_capacity: dict | None = None):
+                 job_backoff: float = 10.0, node_capacity: dict | None = None, kueue: bool = False):
         self.root = Path(root)
         self.server = ApiServer(REPO / "crds", gc=gc)
         self.image_map = images
@@ -115,6 +118,8 @@ class Cluster:
         self.node_capacity = node_capacity
         self.jobs: JobController | None = None
         self.ttl: TTLController | None = None
+        self.with_kueue = kueue
+        self.kueue: KueueController | None = None
         self.node: Node | None = None
         self.network: PodNetwork | None = None
         self.operators: list[OperatorProcess] = []
@@ -129,6 +134,8 @@ class Cluster:
             self.kubeconfig = self.server.write_kubeconfig(self.root / "kubeconfig")
             self.jobs = JobController(self.server.url, backoff_base=self.job_backoff).start()
             self.ttl = TTLController(self.server.url).start()
+            if self.with_kueue:
+                self.kueue = KueueController(self.server.url).start()
             self.node = Node(self.server.url, self.root / "node", images=self.image_map,
                              capacity=self.node_capacity, network=self.network).start()
         except BaseException:
@@ -139,7 +146,7 @@ class Cluster:
     def __exit__(self, *exc) -> None:
         for op in self.operators:
             op.stop()
-        for part in (self.node, self.ttl, self.jobs):
+        for part in (self.node, self.kueue, self.ttl, self.jobs):
             if part is not None:
                 part.stop()
         self.server.stop()
