@@ -34,13 +34,14 @@ from ..api.resources import KIND_INFO
 from .builders import Run, hf_secret_for
 from .kube import ApiError, KubeClient
 from .leadership import Leadership
+from .failures import ACTIVE, SUSPENDED, job_state
 from .metrics import OperatorMetrics
 from .naming import KUEUE_JOB_UID, LABEL_JOB, LABEL_RUN, MANAGED_BY, MANAGED_BY_VALUE, owned_by, owner_uid_of
 from .options import OperatorOptions
 from .plan import (Observed, Plan, effective_rerun, finished_for_good, job_needing_pods, parse_time, plan,
                    recorded_result, status_changed, target, upstream_view, wait_for_cleanup)
 from .policy import effective_phase
-from .progress_api import ProgressReceiver, running_job
+from .progress_api import ProgressReceiver, latest_job, running_job
 from .store import Key, Store
 from .workqueue import WorkQueue
 
@@ -284,9 +285,8 @@ class Operator:
 
     async def _workload(self, want: Run, observed: Observed) -> dict | None:
         """Kueue's Workload for the running attempt's Job (by the job-uid label Kueue sets, and ownership)."""
-        name = running_job(want.run_hash, observed.jobs)
-        job = next((j for j in observed.jobs if j["metadata"]["name"] == name), None)
-        if job is None or not job["metadata"].get("uid"):
+        job = latest_job(want.run_hash, observed.jobs)  # running, or suspended by Kueue
+        if job is None or not job["metadata"].get("uid") or job_state(job) not in (ACTIVE, SUSPENDED):
             return None
         uid = job["metadata"]["uid"]
         try:

@@ -206,10 +206,14 @@ class ProgressReceiver:
             status["metrics"] = {**(status.get("metrics") or {}), **report.metrics}
 
 
+def latest_job(run_hash: str, jobs: list[dict]) -> dict | None:
+    """The Job of the current run's latest attempt, whatever its state."""
+    mine = [j for j in jobs if (j["metadata"].get("labels") or {}).get(LABEL_RUN) == run_hash]
+    return max(mine, key=lambda j: int((j["metadata"].get("labels") or {}).get(LABEL_ATTEMPT, "0") or 0)) \
+        if mine else None
+
+
 def running_job(run_hash: str, jobs: list[dict]) -> str | None:
     """The Job of the current run's latest attempt while it runs (the only one whose reports count)."""
-    mine = [j for j in jobs if (j["metadata"].get("labels") or {}).get(LABEL_RUN) == run_hash]
-    if not mine:
-        return None
-    latest = max(mine, key=lambda j: int((j["metadata"].get("labels") or {}).get(LABEL_ATTEMPT, "0") or 0))
-    return latest["metadata"]["name"] if job_state(latest) == ACTIVE else None
+    latest = latest_job(run_hash, jobs)
+    return latest["metadata"]["name"] if latest is not None and job_state(latest) == ACTIVE else None
