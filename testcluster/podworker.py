@@ -627,11 +627,19 @@ class PodWorker:
     async def terminate(self, grace: float) -> None:
         """Graceful deletion: SIGTERM, SIGKILL after ``grace``, the terminal status, then the final DELETE."""
         self._begin_stop()
-        procs = [c.proc for c in self.inits + self.mains if c.proc is not None]
-        await asyncio.gather(*(self._stop_process(p, grace) for p in procs))
-        if self.task is not None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        stopped: set[int] = set()
+        # A container may still be starting when the deletion arrives: whatever process exists by the time the
+        # worker ends is stopped too, SIGKILLed at once once the grace period is over.
+        while True:
+            procs = [c.proc for c in self.inits + self.mains if c.proc is not None and id(c.proc) not in stopped]
+            stopped.update(id(p) for p in procs)
+            await asyncio.gather(*(self._stop_process(p, max(deadline - loop.time(), 0.0)) for p in procs))
+            if self.task is None or self.task.done() or loop.time() > deadline + 30:
+                break
             try:
-                async with asyncio.timeout(grace + 30):
+                async with asyncio.timeout(0.5):
                     await asyncio.shield(self.task)
             except TimeoutError:
                 pass

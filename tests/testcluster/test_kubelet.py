@@ -399,6 +399,26 @@ def test_graceful_deletion_sigterm_then_sigkill(cluster):
     run(cluster, body)
 
 
+def test_a_pod_deleted_while_it_starts_is_gone_within_its_grace_period(cluster):
+    """The deletion can arrive at any point of the pod's start (volumes, sandbox, the container's process just
+    being started): the kubelet must still stop whatever it started and finish the deletion in time. Before,
+    a process started after the deletion arrived was missed and the pod stayed Terminating for grace + 30 s."""
+    _, node, _ = cluster
+    code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"
+
+    async def body(client, ns):
+        for i, delay in enumerate((0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)):
+            name = f"early-{i}"
+            await client.create("v1", "pods", ns, python_pod(name, code, terminationGracePeriodSeconds=2))
+            await asyncio.sleep(delay)
+            t0 = time.monotonic()
+            await client.delete("v1", "pods", ns, name)
+            while await client.get("v1", "pods", ns, name) is not None:
+                assert time.monotonic() - t0 < 2 + 6, f"{name} (deleted {delay}s after creation) still there"
+                await asyncio.sleep(0.05)
+    run(cluster, body)
+
+
 def test_watching_a_graceful_delete_sees_the_terminal_status(cluster):
     async def body(client, ns):
         await client.create("v1", "pods", ns, python_pod("p", "import time; time.sleep(60)",
