@@ -4,6 +4,13 @@ Loss normalisation: every optimizer step minimises the mean per-token loss over 
 the global batch. Each rank knows the global token count from the plan (no communication), scales its
 micro-batch token sum by world x accumulation / global tokens, and DeepSpeed's division by the
 accumulation steps and averaging over ranks give back exactly that mean -- the same update for 1 or N ranks.
+
+Devices: every tensor that reaches a model or a collective lives on ``engine.device`` (``cuda:<local rank>`` on
+GPUs, ``cpu`` on the CPU accelerator). ``collate`` builds CPU tensors; ``to_device`` moves each micro batch; the
+teacher is moved there once (``place_teacher``); the loss sums are created there. The only collective of the loop
+is the all-reduce of the (CE, KD) token sums: float64 on ``engine.device``, which NCCL accepts (ncclFloat64, CUDA
+tensors only) and gloo accepts on CPU. float64 keeps the sums of millions of per-token losses exact enough; see
+``NCCL_DTYPES`` for what NCCL takes.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 from ..publish import atomic_folder, write_json_atomic
 from . import checkpoint as ckpt
@@ -29,6 +37,10 @@ from .runtime import choose_precision, clean_shm, prepare_env
 
 log = logging.getLogger("branchmerge.sft")
 RESULT_FILE = "branchmerge_sft.json"  # training metrics and provenance, published with the model
+# dtypes NCCL reduces (ncclInt8/Uint8/Int32/Int64/Float16/Float32/Float64/Bfloat16; torch sends bool as uint8),
+# always on the rank's own CUDA device. The loop's collectives use float64 on engine.device.
+NCCL_DTYPES = frozenset({torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16,
+                         torch.bfloat16, torch.float32, torch.float64})
 
 
 @dataclass
@@ -49,6 +61,50 @@ class RunState:
     @classmethod
     def from_client_state(cls, state: dict) -> "RunState":
         return cls(**{k: state[k] for k in cls().client_state() if k in state})
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated (CPU) micro batch on the engine's device."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def place_teacher(teacher, device: torch.device):
+    """The teacher (a plain module, loaded on CPU) on the engine's device, where the student's inputs are."""
+    return teacher.to(device)
+
+
+def train_step(engine, teacher, micro_batches, samples, *, packing: str, pad_id: int, objective, n_labels: int,
+               scale: float, taid_t: float, world_size: int) -> torch.Tensor:
+    """One optimizer step of this rank: forward and backward of each of its micro batches (DeepSpeed steps the
+    optimizer at the accumulation boundary). Returns the (CE, KD) token sums of the global batch: float64 on
+    ``engine.device``, all-reduced over the ranks when there are several."""
+    device = engine.device
+    kd = teacher is not None
+    w = objective.kd_weight if kd else 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # CE and KD token sums on this rank
+    for micro in micro_batches:
+        batch = to_device(collate(micro, samples, packing, pad_id), device)
+        inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+        logits = engine(**inputs, use_cache=False).logits
+        targets = batch["targets"]
+        ce_sum = token_cross_entropy(logits, targets).sum()
+        loss_sum = ce_sum
+        if kd:
+            with torch.no_grad():
+                teacher_logits = teacher(**inputs, use_cache=False).logits
+            vocab = min(logits.shape[-1], teacher_logits.shape[-1])
+            per_token = divergence(logits[..., :vocab], teacher_logits[..., :vocab], objective.divergence,
+                                   temperature=objective.temperature, beta=objective.jsd_beta, taid_t=taid_t)
+            # masked by where, not by boolean indexing: no device-to-host sync for the number of targets
+            kd_sum = torch.where(targets != IGNORE, per_token, torch.zeros_like(per_token)).sum()
+            loss_sum = (1 - w) * ce_sum + w * kd_sum
+            sums[1] += kd_sum.detach().double()
+        sums[0] += ce_sum.detach().double()
+        engine.backward(loss_sum * scale / n_labels)
+        engine.step()
+    if world_size > 1:
+        torch.distributed.all_reduce(sums)
+    return sums
 
 
 def _row_counts(rows, samples) -> tuple[int, int]:
@@ -134,6 +190,8 @@ def train(ctx) -> dict:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    if torch.cuda.is_available():  # this rank's GPU before any collective (NCCL binds the current device)
+        torch.cuda.set_device(env.local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     import torch.distributed as dist
 
@@ -147,6 +205,8 @@ def train(ctx) -> dict:
     optimizer, scheduler, warmup = optimizer_and_scheduler(model, spec, plan.total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    if teacher is not None:
+        teacher = place_teacher(teacher, engine.device)
 
     root, fp = ckpt.checkpoint_root(ctx.output_dir), ckpt.fingerprint(spec, env.world_size)
     state, resumed_from = RunState(), None
@@ -167,30 +227,10 @@ def train(ctx) -> dict:
         real_tokens, n_labels = _row_counts(plan.step_rows(step), samples)
         n_labels = max(n_labels, 1)
         lr = engine.get_lr()[0]
-        sums = torch.zeros(2, dtype=torch.float64)  # CE and KD token sums on this rank
         taid_t = taid_weight(objective.taid_start, objective.taid_end, step / max(plan.total_steps - 1, 1))
-        for micro in plan.micro_batches(step, env.rank):
-            batch = collate(micro, samples, t.packing, pad_id)
-            inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-            logits = engine(**inputs, use_cache=False).logits
-            targets = batch["targets"]
-            mask = targets != IGNORE
-            ce_sum = token_cross_entropy(logits, targets).sum()
-            loss_sum = ce_sum
-            if kd:
-                with torch.no_grad():
-                    teacher_logits = teacher(**inputs, use_cache=False).logits
-                vocab = min(logits.shape[-1], teacher_logits.shape[-1])
-                kd_sum = divergence(logits[mask][:, :vocab], teacher_logits[mask][:, :vocab], objective.divergence,
-                                    temperature=objective.temperature, beta=objective.jsd_beta,
-                                    taid_t=taid_t).sum()
-                loss_sum = (1 - w) * ce_sum + w * kd_sum
-                sums[1] += kd_sum.detach().double()
-            sums[0] += ce_sum.detach().double()
-            engine.backward(loss_sum * scale / n_labels)
-            engine.step()
-        if env.world_size > 1:
-            dist.all_reduce(sums)
+        sums = train_step(engine, teacher, plan.micro_batches(step, env.rank), samples, packing=t.packing,
+                          pad_id=pad_id, objective=objective, n_labels=n_labels, scale=scale, taid_t=taid_t,
+                          world_size=env.world_size)
         ce, kd_value = (sums / n_labels).tolist()
         loss = (1 - w) * ce + w * kd_value if kd else ce
         state.step = step + 1
