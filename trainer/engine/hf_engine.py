@@ -10,7 +10,7 @@ from typing import Any
 
 from ...api.common import Engine, Sampling
 from .base import Completion, Conversation, ProgressCallback, TextEngine
-from .chat import load_tokenizer, prompt_token_ids
+from .chat import load_tokenizer, opened_think, prompt_ids, render_prompt, with_opened_think
 
 _DTYPES = {"auto": "auto", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
@@ -39,8 +39,9 @@ class TransformersEngine(TextEngine):
             eos.append(self.tokenizer.eos_token_id)
         self.eos_ids = eos
 
-    def _one(self, ids: list[int], sampling: Sampling, n: int, seed: int) -> list[Completion]:
+    def _one(self, prompt: str, sampling: Sampling, n: int, seed: int) -> list[Completion]:
         torch = self.torch
+        ids = prompt_ids(self.tokenizer, prompt)
         max_new = sampling.max_tokens
         if self.max_model_len:
             max_new = max(0, min(max_new, self.max_model_len - len(ids)))
@@ -61,8 +62,11 @@ class TransformersEngine(TextEngine):
             out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                       **kwargs)
         completions = []
+        opened = opened_think(prompt)  # R1-Distill's prompt opens <think>: traces start with it
         for row in out[:, len(ids):].tolist():
-            completions.append(self._finish(row, sampling, max_new))
+            c = self._finish(row, sampling, max_new)
+            c.text = with_opened_think(c.text, opened)
+            completions.append(c)
         return completions
 
     def _finish(self, row: list[int], sampling: Sampling, max_new: int) -> Completion:
@@ -85,7 +89,7 @@ class TransformersEngine(TextEngine):
                   on_progress: ProgressCallback | None) -> list[list[Completion]]:
         results = []
         for i, (conv, seed) in enumerate(zip(conversations, seeds)):
-            results.append(self._one(prompt_token_ids(self.tokenizer, conv), sampling, n, seed))
+            results.append(self._one(render_prompt(self.tokenizer, conv), sampling, n, seed))
             if on_progress:
                 on_progress(i + 1, len(conversations))
         return results

@@ -7,7 +7,9 @@
 - At most ``endpoint.maxConcurrency`` requests in flight; 429, 5xx, timeouts and connection errors are retried
   with exponential backoff and full jitter, honouring ``Retry-After``; other 4xx fail at once.
 - Reasoning servers that return the thinking separately (``reasoning_content``/``reasoning``) get it folded
-  back as ``<think>...</think>`` so traces look the same as from an offline engine.
+  back as ``<think>...</think>``, and a ``reasoning</think>answer`` reply (the server's template opened the
+  block in the prompt) gets its opening tag back, so traces look the same as from an offline engine
+  (``chat.join_reasoning``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any
 from ...api.common import Engine, Sampling
 from ..errors import InvalidInput, Retryable
 from .base import Completion, Conversation, ProgressCallback, TextEngine
+from .chat import join_reasoning
 
 API_KEY_ENV = "BRANCHMERGE_API_KEY"
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -46,14 +49,6 @@ def parse_retry_after(value: str | None) -> float | None:
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Full-jitter exponential backoff: uniform(0, min(cap, base * 2**attempt))."""
     return rng.uniform(0, min(cap, base * (2 ** attempt)))
-
-
-def _join_reasoning(message: dict) -> str:
-    content = message.get("content") or ""
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if reasoning and "<think>" not in content:
-        return f"<think>\n{reasoning.strip()}\n</think>\n\n{content.lstrip()}"
-    return content
 
 
 class _Transient(Exception):
@@ -169,7 +164,10 @@ class OpenAIEngine(TextEngine):
             data = await resp.json(content_type=None)
         try:
             choice = data["choices"][0]
-            text = _join_reasoning(choice["message"])
+            message = choice["message"]
+            text = join_reasoning(message.get("content") or "",
+                                  message.get("reasoning_content") or message.get("reasoning"),
+                                  truncated=choice.get("finish_reason") == "length")
         except (KeyError, IndexError, TypeError):
             raise _Transient("malformed response (no choices[0].message)") from None
         usage = data.get("usage") or {}

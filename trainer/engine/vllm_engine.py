@@ -13,7 +13,7 @@ from typing import Any
 
 from ...api.common import Engine, Sampling
 from .base import Completion, Conversation, ProgressCallback, TextEngine
-from .chat import load_tokenizer, prompt_token_ids
+from .chat import load_tokenizer, opened_think, prompt_ids, render_prompt, with_opened_think
 
 
 def sampling_params(sampling: Sampling, n: int, seed: int) -> Any:
@@ -90,14 +90,17 @@ class VllmEngine(TextEngine):
 
     def _generate(self, conversations: list[Conversation], sampling: Sampling, n: int, seeds: list[int],
                   on_progress: ProgressCallback | None) -> list[list[Completion]]:
-        prompts = [{"prompt_token_ids": prompt_token_ids(self.tokenizer, c)} for c in conversations]
+        texts = [render_prompt(self.tokenizer, c) for c in conversations]
+        prompts = [{"prompt_token_ids": prompt_ids(self.tokenizer, t)} for t in texts]
         params = [sampling_params(sampling, n, s) for s in seeds]
         use_tqdm: Any = functools.partial(_progress_bar(on_progress)) if on_progress else False
         outputs = self.llm.generate(prompts, params, use_tqdm=use_tqdm)
         results = []
-        for out in outputs:
+        for out, prompt in zip(outputs, texts):
             samples = sorted(out.outputs, key=lambda o: o.index)
-            results.append([Completion(text=o.text, token_ids=list(o.token_ids), num_tokens=len(o.token_ids),
+            opened = opened_think(prompt)  # R1-Distill's prompt opens <think>: traces start with it
+            results.append([Completion(text=with_opened_think(o.text, opened), token_ids=list(o.token_ids),
+                                       num_tokens=len(o.token_ids),
                                        finish_reason="length" if o.finish_reason == "length" else "stop")
                             for o in samples])
         return results

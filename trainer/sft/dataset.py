@@ -1,4 +1,9 @@
-"""From spec.data to tokenised samples: load, template, mask, apply the over-length policy, mix by weight."""
+"""From spec.data to tokenised samples: load, template, mask, apply the over-length policy, mix by weight.
+
+spec.chatTemplate renders the training data only. The tokenizer that is published with the branch (and
+copied into every merge) keeps the base model's own template: the final model is prompted at eval the way
+its base was. Only a base without any template publishes spec.chatTemplate (there is nothing else to keep).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,8 +29,27 @@ def _prompt_length(labels: list[int]) -> int:
     return next((i for i, x in enumerate(labels) if x != -100), len(labels))
 
 
+def training_template(spec, tokenizer) -> str | None:
+    """The template the data is rendered with; leaves ``tokenizer`` with the base model's own one.
+
+    engine.load_tokenizer sets spec.chatTemplate on the tokenizer; transformers keeps the template read from
+    the base folder in ``init_kwargs``, which is put back so that ``save_pretrained`` publishes it.
+    """
+    template = spec.chat_template or tokenizer.chat_template
+    if spec.chat_template:
+        base = getattr(tokenizer, "init_kwargs", {}).get("chat_template")
+        if base:
+            tokenizer.chat_template = base
+    return template
+
+
 def build_samples(spec, tokenizer, input_path) -> tuple[list[Sample], DataStats]:
-    """``input_path(ref, what)`` resolves a dataset ref to a local path (StageContext.input_path)."""
+    """``input_path(ref, what)`` resolves a dataset ref to a local path (StageContext.input_path).
+
+    Renders with spec.chatTemplate when set, and leaves the base model's template on ``tokenizer``
+    (:func:`training_template`).
+    """
+    template = training_template(spec, tokenizer)
     training = spec.training
     max_len = training.max_seq_len
     stats = DataStats()
@@ -37,7 +61,7 @@ def build_samples(spec, tokenizer, input_path) -> tuple[list[Sample], DataStats]
         stats.records += len(conversations)
         kept = []
         for messages in conversations:
-            enc = encode(tokenizer, messages)
+            enc = encode(tokenizer, messages, template)
             if enc.n_label_tokens == 0:
                 raise InvalidInput(f"{what}: a record renders without assistant tokens (empty response?)")
             prompt = _prompt_length(enc.labels)

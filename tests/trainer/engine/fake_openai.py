@@ -22,6 +22,7 @@ class FakeServer:
         self.status_override: int | None = None
         self.reasoning = False
         self.answer: Callable[[dict], str] | None = None  # body -> content, replaces the echo
+        self.message: Callable[[dict], dict] | None = None  # body -> the whole message (reasoning fields too)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -43,6 +44,8 @@ class FakeServer:
             message = {"role": "assistant", "content": text}
             if self.reasoning:
                 message = {"role": "assistant", "content": "\\boxed{4}", "reasoning_content": "2+2 is 4"}
+            if self.message:
+                message = self.message(body)
             return web.json_response({"choices": [{"index": 0, "message": message, "finish_reason": finish}],
                                       "usage": {"completion_tokens": len(text.split(":"))}})
         finally:
