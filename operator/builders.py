@@ -402,7 +402,7 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
                 "volumeMounts": [staging_mount, {"name": "tmp", "mountPath": "/tmp"}],
                 **({"resources": init_resources} if init_resources else {}),
             })
-    if multi:
+    if multi and run.kind != "TeacherGen":  # TeacherGen workers share files, not a rendezvous
         init.append({
             **base_container(),
             "name": "wait-for-peers",

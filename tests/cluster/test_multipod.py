@@ -5,8 +5,10 @@
   ``<job>-0.<service>:29500`` resolved through the headless Service the operator creates, after the
   wait-for-peers init container has seen that name resolve. The trained model must be byte-identical to
   `branchmerge run`'s of the same manifest (2 ranks under torchrun on this machine, gloo both times).
-- A 2-worker TeacherGen: an Indexed Job whose workers take the shards of their completion index; the
-  published dataset must be byte-identical to the one a single local process writes.
+- A 2-worker TeacherGen with 4 shards: an Indexed Job whose worker i of W (RANK/WORLD_SIZE from the
+  operator) takes shards i, i + W, ...; no wait-for-peers (the workers share files, not a rendezvous);
+  worker 0 publishes once every shard is complete, a dataset byte-identical to the one a single local
+  process writes.
 """
 from __future__ import annotations
 
@@ -108,14 +110,15 @@ def _teachergen(root) -> dict:
                      "prompts": {"dataset": {"uri": prompts.resolve().as_uri()}, "idField": "id"},
                      "template": "{{question}}",
                      "sampling": {"samplesPerPrompt": 1, "temperature": 0.0, "maxTokens": 12, "seed": 1},
-                     "shards": 2,
+                     "shards": 4,
                      "resources": {"nodes": 2},
                      "runPolicy": {"backoffLimit": 0}}}
 
 
 def test_two_worker_teachergen_covers_every_shard_and_matches_branchmerge_run(tmp_path):
-    """An Indexed Job of 2 workers, one shard each (shards = workers: with more shards than workers the
-    workers cover only some of them, issue 18), publishing the dataset one process publishes locally."""
+    """An Indexed Job of 2 workers over 4 shards, two each (with more shards than workers the workers used
+    to cover only some of them and wait for the rest for a day: "The data plane at real scale", item 1),
+    publishing the dataset one process publishes locally, every prompt generated once."""
     local = tmp_path / "local"
     _inputs(local)
     doc = _teachergen(local)
@@ -144,8 +147,19 @@ def test_two_worker_teachergen_covers_every_shard_and_matches_branchmerge_run(tm
         pods = cluster.api.list("Pod", NS)
         status = cluster.api.get("TeacherGen", NS, "two-workers")["status"]
     assert len(pods) == 2 and {p["status"]["phase"] for p in pods} == {"Succeeded"}
-    published = read_manifest(claim / "outputs" / NS / "teachergen" / "two-workers")
+    assert all("wait-for-peers" not in [c["name"] for c in p["spec"].get("initContainers", [])] for p in pods)
+    out = claim / "outputs" / NS / "teachergen" / "two-workers"
+    published = read_manifest(out)
     assert published["data.jsonl"] == reference["data.jsonl"], "the 2-worker dataset differs from branchmerge run's"
+    # every shard ran, every prompt exactly once (the tiny teacher's samples are all truncated: the dataset
+    # itself is empty, its counts and the shards' committed batches say what was generated)
+    work = out.parent / "two-workers.work"
+    assert sorted(p.parent.name for p in work.glob("shard-*/complete.json")) == [f"shard-{s:05d}" for s in range(4)]
+    generated = [pid for log in work.glob("shard-*/commits.jsonl") for line in log.read_text().splitlines()
+                 for pid in json.loads(line)["prompts"]]
+    assert sorted(generated) == sorted(f"p{i}" for i in range(8)), generated
+    counts = json.loads((out / "teachergen.json").read_text())["counts"]
+    assert counts["promptsDone"] == 8 and counts["samplesGenerated"] == 8 and counts["shards"] == 4, counts
     assert status["metrics"]["promptsDone"] == 8, status["metrics"]
 
 

@@ -4,11 +4,31 @@ Work state lives beside the output in ``<output>.work/`` (same volume, so it sur
 ``spec.json`` (a fingerprint of everything that changes the samples; a different spec starts over) and one
 ``shard-NNNNN/`` per shard (see :mod:`.store`). Prompts go to shards by a hash of their id.
 
-Workers: on Kubernetes an Indexed Job runs one worker per index (``$JOB_COMPLETION_INDEX``), which takes
-the shards ``index, index + W, ...`` (W = ``$BRANCHMERGE_WORKERS``, default: the shard count), then waits for
-the other shards; the worker that sees every shard complete publishes. Locally one process loops over all
-shards. Publishing is deterministic (records sorted by prompt id and sample index), so a second publisher
-writes the very same folder.
+Workers: the stage's rank and world size (``$RANK``/``$WORLD_SIZE``, ``ctx.rank``/``ctx.world_size``)
+decide its shards: worker ``i`` of ``W`` takes ``i, i + W, i + 2W, ...`` (:func:`assigned_shards`), so every
+shard is run by exactly one worker. On Kubernetes the operator runs ``spec.resources.nodes`` pods as an
+Indexed Job and sets RANK from the completion index and WORLD_SIZE to the pod count; locally
+``branchmerge run`` starts one process (rank 0 of 1), which runs every shard. Launching W processes with
+RANK=0..W-1 and WORLD_SIZE=W on one output (as pods on a shared PVC) is the same thing.
+
+- A worker opens only its own shards for writing; it reads other shards without changing them (another
+  pod may be in the middle of a batch there) and never deletes another worker's data: only worker 0
+  starts the work folder over when the spec changed (others wait for its new ``spec.json``), and only
+  worker 0 publishes (``atomic_folder`` clears stale temp folders beside the output: one writer only).
+- Workers other than 0 exit as soon as their shards are complete (releasing their GPUs). Worker 0 then
+  waits for every shard to be complete and publishes. The wait ends with a retryable error (exit 3; a
+  retry resumes from the committed batches) once no shard has made progress (no committed batch, no
+  completed shard) for ``$BRANCHMERGE_SHARD_WAIT_SECONDS`` (default 7200; set it through
+  ``spec.resources.env``): a dead or stuck peer does not hold worker 0's GPUs for ever, a slow but
+  healthy one is waited for.
+- ``teacher.engine.dataParallelSize`` is not a knob of this stage: it names how many engine replicas
+  the run has, and those replicas ARE the workers (one engine per pod, of ``tensorParallelSize`` GPUs).
+  Their number is the world size, i.e. ``spec.resources.nodes`` on Kubernetes; the stage never starts
+  several engines in one process or pod. When the two disagree the stage says so on stderr and goes by
+  the world size. It is left out of the spec fingerprint, so changing it keeps committed work.
+
+Publishing is deterministic (records sorted by prompt id and sample index): a rerun of a published spec
+finds the dataset published and leaves it as it is.
 """
 from __future__ import annotations
 
@@ -17,7 +37,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -32,14 +54,36 @@ from .store import ShardStore
 
 DATASET_FILE = "data.jsonl"
 MANIFEST_FILE = "teachergen.json"
-WORKER_INDEX_ENV = "JOB_COMPLETION_INDEX"
-WORKERS_ENV = "BRANCHMERGE_WORKERS"
-WAIT_ENV = "BRANCHMERGE_SHARD_WAIT_SECONDS"
+WAIT_ENV = "BRANCHMERGE_SHARD_WAIT_SECONDS"  # worker 0 gives up after this long without progress on any shard
+DEFAULT_WAIT_SECONDS = 7200.0
+POLL_ENV = "BRANCHMERGE_SHARD_POLL_SECONDS"  # how often waiting workers look at the shards
+DEFAULT_POLL_SECONDS = 5.0
 MAX_EXTRACTED_CHARS = 512
 
 
 def shard_of(prompt_id: str, shards: int) -> int:
     return int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") % shards
+
+
+def assigned_shards(rank: int, world_size: int, shards: int) -> list[int]:
+    """The shards worker ``rank`` of ``world_size`` runs: ``rank, rank + W, rank + 2W, ...`` -- over all
+    workers, every shard exactly once (a worker beyond the shard count gets none)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InvalidInput(f"worker rank {rank} of world size {world_size}: need 0 <= RANK < WORLD_SIZE")
+    return list(range(rank, shards, world_size))
+
+
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidInput(f"${name}: not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise InvalidInput(f"${name}: must be >= 0, got {text!r}")
+    return value
 
 
 def prompt_seed(base_seed: int, prompt_id: str) -> int:
@@ -121,6 +165,16 @@ class TeacherGenRun:
         self.by_shard: dict[int, list[tuple[str, dict]]] = {s: [] for s in range(spec.shards)}
         for pid, record in prompts:
             self.by_shard[shard_of(pid, spec.shards)].append((pid, record))
+        self.rank = int(getattr(ctx, "rank", 0))
+        self.world_size = int(getattr(ctx, "world_size", 1))
+        self.mine = assigned_shards(self.rank, self.world_size, spec.shards)
+        self.wait_seconds = _env_seconds(WAIT_ENV, DEFAULT_WAIT_SECONDS)
+        self.poll_seconds = _env_seconds(POLL_ENV, DEFAULT_POLL_SECONDS)
+        replicas = spec.teacher.engine.data_parallel_size
+        if replicas > 1 and replicas != self.world_size and self.rank == 0:
+            print(f"teachergen: teacher.engine.dataParallelSize is {replicas} but the run has {self.world_size} "
+                  f"worker(s) (spec.resources.nodes on Kubernetes): the workers are the engine replicas, one "
+                  f"engine per worker", file=sys.stderr)
         self.work = ctx.output_dir.parent / f"{ctx.output_dir.name}.work"
         self._prepare_work_dir()
         self.totals = Totals()
@@ -128,32 +182,51 @@ class TeacherGenRun:
         self.started = time.time()
 
     # ---- work dir ---------------------------------------------------------------------------------------
+    def _marker_sha(self) -> str | None:
+        try:
+            return json.loads((self.work / "spec.json").read_text()).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def _prepare_work_dir(self) -> None:
+        """Make ``<output>.work`` this spec's. A folder of another spec is set aside and deleted by worker 0
+        only (renamed first, so no worker ever sees or writes into a half-deleted folder); the other workers
+        wait for worker 0's new ``spec.json``. A missing one is written by whoever comes first (all write the
+        same bytes, atomically)."""
         fp = fingerprint(self.spec, self.model_uri, self.prompts)
         marker = self.work / "spec.json"
-        if marker.exists():
-            try:
-                same = json.loads(marker.read_text()).get("sha256") == fp["sha256"]
-            except ValueError:
-                same = False
-            if not same:  # a different spec or prompt set: earlier shards are not this run's samples
-                shutil.rmtree(self.work)
-        if not marker.exists():
-            write_json_atomic(marker, fp)
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            found = self._marker_sha()
+            if found == fp["sha256"]:
+                return
+            if not marker.exists():
+                write_json_atomic(marker, fp)
+                continue
+            if self.rank == 0:  # a different spec or prompt set: earlier shards are not this run's samples
+                self._set_aside_work()
+                continue
+            if time.monotonic() >= deadline:
+                raise Retryable(f"{self.work}: still holds another spec's work after {self.wait_seconds:.0f} s "
+                                f"(worker 0 starts it over); retry")
+            time.sleep(self.poll_seconds)
 
-    def shard_store(self, shard: int) -> ShardStore:
-        return ShardStore(self.work / f"shard-{shard:05d}")
+    def _set_aside_work(self) -> None:
+        stale = self.work.parent / f".{self.work.name}.stale-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(self.work, stale)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(stale, ignore_errors=True)
+
+    def shard_store(self, shard: int, writer: bool = False) -> ShardStore:
+        """A shard's store; ``writer=True`` only for this worker's own shards (see :mod:`.store`)."""
+        if writer and shard not in self.mine:
+            raise RuntimeError(f"shard {shard} belongs to another worker (this is {self.rank} of {self.world_size})")
+        return ShardStore(self.work / f"shard-{shard:05d}", writer=writer)
 
     def my_shards(self) -> list[int]:
-        index = os.environ.get(WORKER_INDEX_ENV)
-        if index is None:
-            return list(range(self.spec.shards))
-        try:
-            workers = int(os.environ.get(WORKERS_ENV, self.spec.shards))
-            i = int(index)
-        except ValueError:
-            raise InvalidInput(f"${WORKER_INDEX_ENV}/${WORKERS_ENV}: not integers") from None
-        return list(range(i, self.spec.shards, max(1, workers)))
+        return list(self.mine)
 
     # ---- generation -------------------------------------------------------------------------------------
     def _engine(self) -> TextEngine:
@@ -229,7 +302,7 @@ class TeacherGenRun:
                                  **self.totals.metrics(total))
 
     def run_shard(self, shard: int) -> None:
-        store = self.shard_store(shard)
+        store = self.shard_store(shard, writer=True)
         prompts = self.by_shard[shard]
         if store.complete:
             return
@@ -241,18 +314,54 @@ class TeacherGenRun:
         store.mark_complete({"shard": shard, "prompts": len(prompts)})
 
     # ---- publish ----------------------------------------------------------------------------------------
+    def _complete_path(self, shard: int) -> Path:
+        return self.work / f"shard-{shard:05d}" / "complete.json"
+
+    def missing_shards(self) -> list[int]:
+        return [s for s in range(self.spec.shards) if not self._complete_path(s).exists()]
+
     def all_complete(self) -> bool:
-        return all(self.shard_store(s).complete for s in range(self.spec.shards))
+        return not self.missing_shards()
+
+    def _shard_state(self, shards: list[int]) -> tuple:
+        """What changes when a shard makes progress: its commit log's size and its completion."""
+        state = []
+        for s in shards:
+            try:
+                size = (self.work / f"shard-{s:05d}" / "commits.jsonl").stat().st_size
+            except FileNotFoundError:
+                size = -1
+            state.append((s, size, self._complete_path(s).exists()))
+        return tuple(state)
+
+    def count_committed(self) -> Totals:
+        totals = Totals()
+        for s in range(self.spec.shards):
+            for commit in self.shard_store(s).commits:
+                totals.add(commit["stats"])
+        return totals
 
     def wait_for_other_shards(self) -> None:
-        limit = float(os.environ.get(WAIT_ENV, 86400))
-        waited = 0.0
-        while not self.all_complete():
-            if waited >= limit:
-                raise Retryable(f"shards still running after {limit:.0f} s; retry to resume")
-            self._report("waiting for other shards")
-            time.sleep(5)
-            waited += 5
+        """Worker 0: wait until every shard is complete; Retryable once none made progress for
+        ``wait_seconds``."""
+        missing = self.missing_shards()
+        state = self._shard_state(missing)
+        last_progress = time.monotonic()
+        while missing:
+            now = time.monotonic()
+            if now - last_progress >= self.wait_seconds:
+                owners = sorted({s % self.world_size for s in missing})
+                raise Retryable(
+                    f"shards {_ranges(missing)} of {self.spec.shards} (workers {_ranges(owners)} of "
+                    f"{self.world_size}) not complete and no progress for {self.wait_seconds:.0f} s "
+                    f"(${WAIT_ENV}); retry to resume from the committed batches")
+            self.totals = self.count_committed()
+            self._report(f"waiting for shards {_ranges(missing)}")
+            time.sleep(self.poll_seconds)
+            missing = self.missing_shards()
+            new_state = self._shard_state(missing)
+            if new_state != state:
+                state, last_progress = new_state, time.monotonic()
 
     def publish(self) -> dict:
         totals, records = Totals(), []
@@ -303,27 +412,41 @@ class TeacherGenRun:
 
 
 def run(ctx, *, engine: TextEngine | None = None) -> dict:
-    """The stage. ``engine``: an already open engine to use (benchmarks, tests); it is left open."""
+    """The stage. ``engine``: an already open engine to use (benchmarks, tests); it is left open.
+    Worker 0 returns the published dataset's metrics; the others those of the work they see committed."""
     job = TeacherGenRun(ctx)
     job.engine = engine
     try:
-        for shard in range(job.spec.shards):  # count work committed by earlier attempts and other workers
-            for commit in job.shard_store(shard).commits:
-                job.totals.add(commit["stats"])
+        job.totals = job.count_committed()  # work committed by earlier attempts and other workers
         job._report("resuming", force=True)
         for shard in job.my_shards():
             job.run_shard(shard)
     finally:
         if engine is None:
             job.close()
+    if job.rank != 0:  # worker 0 waits for this worker's shards and publishes
+        return job.totals.metrics(len(job.prompts))
     job.wait_for_other_shards()
     if read_manifest(ctx.output_dir) is not None and _published_sha(ctx.output_dir) == fingerprint(
-            job.spec, job.model_uri, job.prompts)["sha256"] and os.environ.get(WORKER_INDEX_ENV) is not None:
-        metrics = job.totals.metrics(len(job.prompts))  # another worker already published the same dataset
+            job.spec, job.model_uri, job.prompts)["sha256"]:
+        job.totals = job.count_committed()  # a rerun of a published spec: the dataset is already there
+        metrics = job.totals.metrics(len(job.prompts))
     else:
         metrics = job.publish()
     ctx.progress.update(1.0, "published", force=True, **metrics)
     return metrics
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (short enough for a status message)."""
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ",".join(parts)
 
 
 def _published_sha(folder: Path) -> str | None:

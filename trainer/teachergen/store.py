@@ -7,8 +7,11 @@ Layout of a shard folder (under ``<output>.work/``)::
                     "stats": {...}} -- the line IS the batch's done-marker (written after the samples' fsync)
     complete.json   the shard finished (written atomically)
 
-On open, a torn last line of ``commits.jsonl`` is dropped and ``samples.jsonl`` is truncated to the last
-committed ``end``: whatever a kill left half-written disappears, and those prompts are generated again.
+On open by its writer, a torn last line of ``commits.jsonl`` is dropped and ``samples.jsonl`` is truncated to
+the last committed ``end``: whatever a kill left half-written disappears, and those prompts are generated
+again. Only the worker that owns a shard opens it as writer; every other reader (the publisher, progress
+counts) opens it with ``writer=False``, which changes nothing on disk and sees committed batches only:
+the shard may be in the middle of a batch in another pod.
 """
 from __future__ import annotations
 
@@ -32,14 +35,32 @@ def _fsync_dir(path: Path) -> None:
 
 
 class ShardStore:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, writer: bool = True):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.writer = writer
         self.samples_path = self.folder / "samples.jsonl"
         self.commits_path = self.folder / "commits.jsonl"
         self.complete_path = self.folder / "complete.json"
         self.commits: list[dict] = []
-        self._recover()
+        if writer:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._recover()
+        else:
+            self._read_commits()
+
+    def _read_commits(self) -> None:
+        """Committed batches, read only: a torn or half-written last line is skipped, not truncated."""
+        try:
+            data = self.commits_path.read_bytes()
+        except FileNotFoundError:
+            return
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                self.commits.append(json.loads(line))
+            except ValueError:
+                break
 
     def _recover(self) -> None:
         good_bytes = 0
@@ -76,6 +97,8 @@ class ShardStore:
 
     def commit(self, prompt_ids: list[str], records: Iterable[dict], stats: dict) -> None:
         """Append the batch's samples, fsync, then append its commit line, fsync."""
+        if not self.writer:
+            raise RuntimeError(f"{self.folder}: opened read-only")
         with open(self.samples_path, "ab") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
@@ -90,8 +113,17 @@ class ShardStore:
         self.commits.append(entry)
 
     def mark_complete(self, stats: dict) -> None:
+        if not self.writer:
+            raise RuntimeError(f"{self.folder}: opened read-only")
         write_json_atomic(self.complete_path, stats)
 
     def read_samples(self) -> list[dict]:
-        with open(self.samples_path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        """The committed samples (a reader stops at the last commit's ``end``: bytes past it are a batch
+        still being written)."""
+        end = self.commits[-1]["end"] if self.commits else 0
+        try:
+            with open(self.samples_path, "rb") as f:
+                data = f.read(end)
+        except FileNotFoundError:
+            data = b""
+        return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]

@@ -88,21 +88,28 @@ def test_local_run_publishes_chat_dataset_and_resumes_as_noop(tmp_path, tiny_mod
 
 @pytest.mark.slow
 def test_indexed_workers_give_the_same_dataset_as_one_process(tmp_path, tiny_model, monkeypatch):
+    """Workers 1 and 2 of 3 (RANK/WORLD_SIZE as the operator sets them) run their shards and leave without
+    publishing; worker 0 runs its own, finds every shard complete and publishes what one process does."""
     local = tmp_path / "local"
     indexed = tmp_path / "indexed"
     local.mkdir(), indexed.mkdir()
     assert run_stage(write_spec(local, tiny_spec(local, tiny_model)), local, monkeypatch)[0] == 0
-    spec_file = write_spec(indexed, tiny_spec(indexed, tiny_model))
-    monkeypatch.setenv("BRANCHMERGE_SHARD_WAIT_SECONDS", "0")  # earlier workers give up waiting (exit 3)
-    codes = []
-    for index in range(3):
-        monkeypatch.setenv("JOB_COMPLETION_INDEX", str(index))
-        codes.append(run_stage(spec_file, indexed, monkeypatch)[0])
-    assert codes == [3, 3, 0]
+    spec_file = write_spec(indexed, tiny_spec(indexed, tiny_model, shards=5))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    for rank in (2, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        assert stage_entry.run("teachergen", spec_file, indexed / f"result-{rank}.json") == 0
+        assert not (indexed / "out").exists() and not (indexed / f"result-{rank}.json").exists()
+    complete = sorted(p.parent.name for p in (indexed / "out.work").glob("shard-*/complete.json"))
+    assert complete == ["shard-00001", "shard-00002", "shard-00004"]
+    monkeypatch.setenv("RANK", "0")
+    code, result = run_stage(spec_file, indexed, monkeypatch)
+    assert code == 0 and result["metrics"]["promptsDone"] == 8, result
     assert (indexed / "out" / "data.jsonl").read_bytes() == (local / "out" / "data.jsonl").read_bytes()
-    # a late duplicate worker (e.g. a retried pod) finds the dataset published and leaves it alone
-    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    # a late duplicate worker 0 (e.g. a retried pod) finds the dataset published and leaves it alone
+    before = (indexed / "out" / "_manifest.json").stat().st_ino
     assert run_stage(spec_file, indexed, monkeypatch)[0] == 0
+    assert (indexed / "out" / "_manifest.json").stat().st_ino == before
 
 
 def test_changed_spec_starts_over_and_bad_template_is_invalid(tmp_path, tiny_model, monkeypatch):

@@ -13,6 +13,7 @@ from branchmerge.trainer.errors import InvalidInput
 from branchmerge.trainer.grading import Verdict
 from branchmerge.trainer.teachergen.prompts import assign_ids, derived_id, load_records, render
 from branchmerge.trainer.teachergen.selection import decide, has_closed_think
+from branchmerge.trainer.teachergen import stage as teachergen
 from branchmerge.trainer.teachergen.stage import shard_of
 from branchmerge.trainer.teachergen.store import ShardStore
 
@@ -114,3 +115,71 @@ def test_store_commits_and_recovers_from_torn_writes(tmp_path):
     assert not again.complete
     again.mark_complete({"ok": True})
     assert ShardStore(tmp_path / "s").complete
+
+
+def test_reader_of_a_shard_being_written_changes_nothing(tmp_path):
+    """Worker 0 reads every shard (progress, publish) while other pods write theirs: a batch half written
+    by its owner is invisible to the reader and left exactly as it is (no truncation)."""
+    owner = ShardStore(tmp_path / "s")
+    owner.commit(["a"], [{"promptId": "a"}], {"n": 1})
+    with open(owner.samples_path, "ab") as f:  # the owner is between its samples' fsync and its commit line
+        f.write(b'{"promptId": "b"}\n')
+    samples, commits = owner.samples_path.read_bytes(), owner.commits_path.read_bytes()
+    reader = ShardStore(tmp_path / "s", writer=False)
+    assert reader.done_prompts == {"a"} and [r["promptId"] for r in reader.read_samples()] == ["a"]
+    assert owner.samples_path.read_bytes() == samples and owner.commits_path.read_bytes() == commits
+    with pytest.raises(RuntimeError, match="read-only"):
+        reader.commit(["c"], [], {})
+    assert ShardStore(tmp_path / "missing", writer=False).commits == []
+    assert not (tmp_path / "missing").exists()
+
+
+def _run_for(tmp_path, rank: int, world: int, shards: int, prompts: int = 200):
+    """The stage's own view of its shards for worker ``rank`` of ``world`` (no engine is opened)."""
+    from branchmerge.api.validation import parse_resource
+    from branchmerge.trainer.progress import Progress
+    from branchmerge.trainer.stage import StageContext
+
+    data = tmp_path / "prompts.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"id": f"p{i}", "q": str(i)}) + "\n" for i in range(prompts)))
+    spec = {"teacher": {"engine": {"name": "openai", "endpoint": {"baseUrl": "http://127.0.0.1:9", "model": "t"}}},
+            "prompts": {"dataset": {"uri": data.as_uri()}, "idField": "id"}, "template": "{{q}}",
+            "shards": shards, "output": {"uri": (tmp_path / "out").as_uri()}}
+    doc = {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "TeacherGen", "metadata": {"name": "tg"}, "spec": spec}
+    ctx = StageContext(parse_resource(doc), spec["output"]["uri"], tmp_path / "out", Progress(enabled=False),
+                       rank, world)
+    return teachergen.TeacherGenRun(ctx)
+
+
+def test_32_shards_over_4_workers_run_every_shard_exactly_once(tmp_path):
+    assert teachergen.assigned_shards(1, 4, 32) == [1, 5, 9, 13, 17, 21, 25, 29]
+    # worker i of W (RANK/WORLD_SIZE, as the operator sets them) takes i, i + W, ...
+    taken = [s for rank in range(4) for s in _run_for(tmp_path, rank, 4, 32).my_shards()]
+    assert sorted(taken) == list(range(32))
+    assert _run_for(tmp_path, 0, 1, 32).my_shards() == list(range(32))  # one local process: everything
+    assert sorted(s for r in range(5) for s in teachergen.assigned_shards(r, 5, 3)) == [0, 1, 2]
+    with pytest.raises(InvalidInput, match="RANK"):
+        teachergen.assigned_shards(4, 4, 32)
+
+
+def test_teachergen_pods_get_rank_and_world_size_and_no_peer_wait():
+    """An Indexed Job of workers that share files, not a rendezvous: no wait-for-peers init container;
+    RANK is the completion index and WORLD_SIZE the pod count (what the stage reads)."""
+    from branchmerge.operator.builders import COMPLETION_INDEX_ANNOTATION, build_job
+    from branchmerge.operator.options import OperatorOptions
+    from branchmerge.operator.plan import target
+
+    opts = OperatorOptions(image="trainer:1")
+    doc = {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "TeacherGen",
+           "metadata": {"name": "tg", "namespace": "ns", "uid": "u", "generation": 1, "resourceVersion": "1"},
+           "spec": {"teacher": {"model": {"uri": "pvc://models/teacher"}},
+                    "prompts": {"dataset": {"uri": "pvc://data/prompts.jsonl"}}, "shards": 32,
+                    "output": {"uri": "pvc://data/traces"}, "resources": {"nodes": 4, "gpusPerNode": 8}}}
+    job = build_job(target(doc, {}, opts), 1, opts)
+    pod = job["spec"]["template"]["spec"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 4
+    assert "wait-for-peers" not in [c["name"] for c in pod.get("initContainers", [])]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in pod["containers"][0]["env"]}
+    assert env["WORLD_SIZE"] == "4"
+    assert env["RANK"] == {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
