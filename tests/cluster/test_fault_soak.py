@@ -23,18 +23,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from branchmerge.trainer.publish import combined_digest, read_manifest
-from testcluster import images
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 
-from .helpers import diagnose, phases
+from .helpers import NEEDS_IMAGES, diagnose, phases
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not all((images.venv_dir(n) / "bin" / "python").exists()
-                                         for n in ("operator", "trainer-cpu")),
-                                 reason="image environments not built (scripts/install.sh builds them)")]
+pytestmark = NEEDS_IMAGES
 
 NS = "soak"
 MIN_FAULTS = 50
@@ -119,7 +113,7 @@ class Chaos:
         if self._pod_fault_pending():
             weights = [0 if k in self.POD_FAULTS else w for k, w in zip(kinds, weights)]
         kind = self.rng.choices(kinds, weights=weights)[0]
-        stage_pods = f"branchmerge.dev/kind=Merge"
+        stage_pods = "branchmerge.dev/kind=Merge"
         if kind == "operator_killed":
             self.operator.kill()
             time.sleep(self.rng.uniform(0.2, 2.0))

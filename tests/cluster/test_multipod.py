@@ -12,26 +12,22 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import time
 
-import pytest
 import yaml
 
 from branchmerge.trainer.publish import read_manifest
 from branchmerge.trainer.tiny import build_tiny_model
-from testcluster import images
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 
-from .helpers import diagnose, on_claim, phases
+from .helpers import NEEDS_IMAGES, diagnose, on_claim, phases
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not all((images.venv_dir(n) / "bin" / "python").exists()
-                                         for n in ("operator", "trainer-cpu")),
-                                 reason="image environments not built (scripts/install.sh builds them)")]
+pytestmark = NEEDS_IMAGES
 
 NS = "multi"
 
@@ -56,6 +52,30 @@ def _manifest(root) -> dict:
                      "runPolicy": {"backoffLimit": 0}}}
 
 
+def _run_locally(local, doc: dict, expect: int = 0) -> None:
+    """``branchmerge run`` on ``doc`` alone, with ``local`` as its workdir's parent (the reference)."""
+    (local / "manifests").mkdir()
+    (local / "manifests" / "stage.yaml").write_text(yaml.safe_dump(doc))
+    ran = subprocess.run([sys.executable, "-m", "branchmerge.cli", "run", "-f", str(local / "manifests"),
+                          "--workdir", str(local / "work"), "--plain"], capture_output=True, text=True, timeout=600)
+    assert ran.returncode == expect, ran.stdout[-3000:] + ran.stderr[-3000:]
+
+
+@contextlib.contextmanager
+def _on_cluster(tmp_path, local, doc: dict):
+    """The stand-in cluster with ``local``'s models and data on the claim "data", the operator, ``doc``
+    applied (its URIs moved onto the claim); yields (cluster, the claim's folder, the applied doc)."""
+    [cluster_doc] = on_claim([doc], local, "data", cpu="1")
+    with Cluster(tmp_path / "cluster") as cluster:
+        cluster.namespace(NS)
+        claim = cluster.pvc(NS, "data")
+        for sub in ("models", "data"):
+            shutil.copytree(local / sub, claim / sub)
+        cluster.operator(NS, "--image", TRAINER_CPU_IMAGE, "--default-output-root", "pvc://data/outputs")
+        cluster.api.create(cluster_doc, NS)
+        yield cluster, claim, cluster_doc
+
+
 def _content(files: dict) -> dict:
     return {k: v for k, v in files.items() if not k.startswith("branchmerge_")}
 
@@ -64,22 +84,11 @@ def test_two_pod_branchsft_rendezvous_and_matches_branchmerge_run(tmp_path):
     local = tmp_path / "local"
     _inputs(local)
     doc = _manifest(local)
-    (local / "manifests").mkdir()
-    (local / "manifests" / "sft.yaml").write_text(yaml.safe_dump(doc))
-    ran = subprocess.run([sys.executable, "-m", "branchmerge.cli", "run", "-f", str(local / "manifests"),
-                          "--workdir", str(local / "work"), "--plain"], capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    _run_locally(local, doc)
     reference = read_manifest(local / "work" / "outputs" / "branchsft" / "two-ranks")
 
-    [cluster_doc] = on_claim([doc], local, "data", cpu="1")
     started = time.time()
-    with Cluster(tmp_path / "cluster") as cluster:
-        cluster.namespace(NS)
-        claim = cluster.pvc(NS, "data")
-        for sub in ("models", "data"):
-            shutil.copytree(local / sub, claim / sub)
-        cluster.operator(NS, "--image", TRAINER_CPU_IMAGE, "--default-output-root", "pvc://data/outputs")
-        cluster.api.create(cluster_doc, NS)
+    with _on_cluster(tmp_path, local, doc) as (cluster, claim, cluster_doc):
         try:
             cluster.wait(lambda: phases(cluster, NS, [cluster_doc])["BranchSFT/two-ranks"] in ("Succeeded", "Failed"),
                          600, "the 2-pod BranchSFT to finish", 1.0)
@@ -122,21 +131,10 @@ def test_two_worker_teachergen_covers_every_shard_and_matches_branchmerge_run(tm
     local = tmp_path / "local"
     _inputs(local)
     doc = _teachergen(local)
-    (local / "manifests").mkdir()
-    (local / "manifests" / "gen.yaml").write_text(yaml.safe_dump(doc))
-    ran = subprocess.run([sys.executable, "-m", "branchmerge.cli", "run", "-f", str(local / "manifests"),
-                          "--workdir", str(local / "work"), "--plain"], capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    _run_locally(local, doc)
     reference = read_manifest(local / "work" / "outputs" / "teachergen" / "two-workers")
 
-    [cluster_doc] = on_claim([doc], local, "data", cpu="1")
-    with Cluster(tmp_path / "cluster") as cluster:
-        cluster.namespace(NS)
-        claim = cluster.pvc(NS, "data")
-        for sub in ("models", "data"):
-            shutil.copytree(local / sub, claim / sub)
-        cluster.operator(NS, "--image", TRAINER_CPU_IMAGE, "--default-output-root", "pvc://data/outputs")
-        cluster.api.create(cluster_doc, NS)
+    with _on_cluster(tmp_path, local, doc) as (cluster, claim, cluster_doc):
         key = "TeacherGen/two-workers"
         try:
             cluster.wait(lambda: phases(cluster, NS, [cluster_doc])[key] in ("Succeeded", "Failed"), 600,
@@ -173,24 +171,13 @@ def test_invalid_input_under_torchrun_fails_at_once_in_both_control_planes(tmp_p
     doc = _manifest(local)
     doc["metadata"]["name"] = "bad-data"
     doc["spec"]["runPolicy"] = {"backoffLimit": 2, "backoffSeconds": 1}
-    (local / "manifests").mkdir()
-    (local / "manifests" / "sft.yaml").write_text(yaml.safe_dump(doc))
-    ran = subprocess.run([sys.executable, "-m", "branchmerge.cli", "run", "-f", str(local / "manifests"),
-                          "--workdir", str(local / "work"), "--plain"], capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 1, ran.stdout[-3000:] + ran.stderr[-3000:]
+    _run_locally(local, doc, expect=1)
     record = json.loads((local / "work" / "status" / "branchsft" / "bad-data.json").read_text())
     status = record["status"]
     assert status["phase"] == "Failed" and status["attempts"] == 1, status
     assert "missing string field 'response'" in json.dumps(status), status
 
-    [cluster_doc] = on_claim([doc], local, "data", cpu="1")
-    with Cluster(tmp_path / "cluster") as cluster:
-        cluster.namespace(NS)
-        claim = cluster.pvc(NS, "data")
-        for sub in ("models", "data"):
-            shutil.copytree(local / sub, claim / sub)
-        cluster.operator(NS, "--image", TRAINER_CPU_IMAGE, "--default-output-root", "pvc://data/outputs")
-        cluster.api.create(cluster_doc, NS)
+    with _on_cluster(tmp_path, local, doc) as (cluster, claim, cluster_doc):
         cluster.wait(lambda: phases(cluster, NS, [cluster_doc])["BranchSFT/bad-data"] == "Failed", 300,
                      "the 2-pod BranchSFT with invalid data to fail", 1.0)
         status = cluster.api.get("BranchSFT", NS, "bad-data")["status"]

@@ -24,18 +24,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import pytest
 import yaml
 
-from testcluster import images
 from testcluster.cluster import REPO, TRAINER_CPU_IMAGE, Cluster, OperatorProcess
 
-from .helpers import diagnose
+from .helpers import NEEDS_IMAGES, diagnose
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not all((images.venv_dir(n) / "bin" / "python").exists()
-                                         for n in ("operator", "trainer-cpu")),
-                                 reason="image environments not built (scripts/install.sh builds them)")]
+pytestmark = NEEDS_IMAGES
 
 NS = "lc"
 RERUN = "branchmerge.dev/rerun"

@@ -11,18 +11,12 @@ sat at Running/Started forever.
 """
 from __future__ import annotations
 
-import pytest
-
-from testcluster import images
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 
-from .helpers import diagnose
+from .helpers import NEEDS_IMAGES, diagnose
 from .test_fault_soak import _merge, _models
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not all((images.venv_dir(n) / "bin" / "python").exists()
-                                         for n in ("operator", "trainer-cpu")),
-                                 reason="image environments not built (scripts/install.sh builds them)")]
+pytestmark = NEEDS_IMAGES
 
 NS = "soak"  # _merge's models live on the claim "soak"
 QUOTA_NS = "quota"  # the quota applies to every pod of its namespace: a namespace of its own

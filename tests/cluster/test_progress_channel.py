@@ -13,18 +13,12 @@ import shutil
 import socket
 import time
 
-import pytest
-
-from testcluster import images
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 
-from .helpers import diagnose, on_claim, phases
+from .helpers import NEEDS_IMAGES, diagnose, on_claim, phases
 from .test_multipod import _inputs, _teachergen
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not all((images.venv_dir(n) / "bin" / "python").exists()
-                                         for n in ("operator", "trainer-cpu")),
-                                 reason="image environments not built (scripts/install.sh builds them)")]
+pytestmark = NEEDS_IMAGES
 
 NS = "progress"
 AUDIENCE = "branchmerge.dev/progress"

@@ -16,19 +16,14 @@ import json
 import shutil
 import time
 
-import pytest
 import yaml
 
 from branchmerge.trainer.publish import combined_digest, read_manifest
-from testcluster import images
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 
-from .helpers import diagnose, on_claim, phases
+from .helpers import NEEDS_IMAGES, diagnose, on_claim, phases
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not all((images.venv_dir(n) / "bin" / "python").exists()
-                                         for n in ("operator", "trainer-cpu")),
-                                 reason="image environments not built (scripts/install.sh builds them)")]
+pytestmark = NEEDS_IMAGES
 
 NS = "qs"
 CLAIM = "qs"

@@ -26,7 +26,6 @@ from branchmerge.operator.local import runner as local_runner
 from branchmerge.operator.local.runner import RunOptions, Runner
 from branchmerge.operator.local.store import StatusStore
 from branchmerge.operator.local.workdir import Workdir
-from branchmerge.operator.naming import ANNOTATION_RESULT
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import Observed, plan, upstream_view
 
