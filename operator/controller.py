@@ -304,6 +304,9 @@ class Operator:
         latest = next((j for j in observed.jobs if j["metadata"]["name"] == name), None)
         if latest is None or (latest.get("status") or {}).get("ready") or (latest.get("spec") or {}).get("suspend"):
             return
+        created = parse_time(latest["metadata"].get("creationTimestamp"))
+        if created is not None and time.time() - created < self.opts.pending_recheck_seconds:
+            return  # a Job just created is starting: the first look is the recheck plan() schedules
         job_uid = latest["metadata"].get("uid")
         pods = [p for p in await self.client.list("Pod", want.namespace, {LABEL_JOB: name}) if owned_by(p, job_uid)]
         observed.starting_pods = pods
