@@ -105,6 +105,7 @@ class Operator:
         self._tasks = [asyncio.create_task(self._work(), name=f"reconcile-{i}") for i in range(self.workers)]
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
         self._tasks.append(asyncio.create_task(self._resume_loop(), name="resume"))
+        self._tasks.append(asyncio.create_task(self._requeue_loop(), name="requeue"))
         await self.leadership.start()
         if self.progress_listen:
             await self.progress.start(*self.progress_listen)
@@ -176,6 +177,18 @@ class Operator:
         """kopf is (re)listing a resource: a watch started or restarted, maybe after a gap."""
         if self._resync_wanted is not None:
             self._resync_wanted.set()
+
+    REQUEUE_PERIOD = 60.0
+
+    async def _requeue_loop(self) -> None:
+        """Look at every unfinished CR again every minute (as controller-runtime's SyncPeriod): decisions are
+        level-triggered, so a wake-up lost to a fault (a killed operator between a write and its timer, a
+        dropped event) costs at most this long instead of leaving a CR waiting for an event that never comes."""
+        while True:
+            await asyncio.sleep(self.REQUEUE_PERIOD)
+            for key, cr in list(self.store.crs.items()):
+                if not finished_for_good(cr):
+                    self._enqueue(key)
 
     async def _resync_loop(self) -> None:
         assert self._resync_wanted is not None
