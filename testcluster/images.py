@@ -112,8 +112,13 @@ class ImageConfig:
         return [*(self.entrypoint or []), *(args if args else (self.cmd or []))]
 
     def mounts(self) -> list[tuple[str, str]]:
-        """(host env folder, path in the image) for the sandbox to bind (read-only: it is shared)."""
-        return [(str(self.venv), self.venv_mount)] if self.venv and self.venv_mount else []
+        """(host env folder, path in the image) for the sandbox to bind (read-only: it is shared). pip wrote
+        the env's host path into its scripts' shebangs, so the env is bound at that path too: a pod's volume
+        may hide it otherwise (a checkout under /tmp, where every stage pod mounts its own emptyDir)."""
+        if not (self.venv and self.venv_mount):
+            return []
+        return [(str(self.venv), self.venv_mount)] + \
+            ([(str(self.venv), str(self.venv))] if str(self.venv) != self.venv_mount else [])
 
     @property
     def uid_gid(self) -> tuple[int, int | None]:
