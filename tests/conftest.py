@@ -2,22 +2,27 @@
 
 The environment is set before anything imports torch, deepspeed or vllm (ENVIRONMENT.md): CPU accelerator,
 one OpenMP thread per process (2 cores), offline hubs, a small vLLM KV cache, and a persistent cache for
-DeepSpeed's JIT-compiled ops so they are built once per machine.
+DeepSpeed's JIT-compiled ops so they are built once per virtual environment.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("BRANCHMERGE_TEST_CACHE", REPO / ".cache"))
+# One build folder per virtual environment: op builds embed the venv's include paths, so two checkouts
+# sharing one folder would rebuild over each other's ops (and contend for one build lock).
+VENV_KEY = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
 
 for key, value in {
     "DS_ACCELERATOR": "cpu",
     "OMP_NUM_THREADS": "1",
-    "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions"),
+    "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions" / VENV_KEY),
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",

@@ -33,6 +33,7 @@ from .engine import (check_same_tokenizer, deepspeed_config, load_model, load_to
 from .losses import divergence, taid_weight, token_cross_entropy
 from .packing import IGNORE, collate
 from .plan import Plan, make_plan
+from .build_locks import watch_build_locks
 from .runtime import choose_precision, clean_shm, prepare_env
 
 log = logging.getLogger("branchmerge.sft")
@@ -186,6 +187,7 @@ def train(ctx) -> dict:
     ctx.progress.update(0.0, f"{stats.samples} samples, {plan.total_steps} steps", force=True,
                         steps=plan.total_steps, samples=stats.samples)
 
+    watch_build_locks()  # DeepSpeed JIT-builds ops from here on; a killed earlier run may have left a lock
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
