@@ -25,6 +25,9 @@ Uri = Annotated[
     ),
 ]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=253)]
+# An extended resource: a domain-prefixed name (rdma/ib, nvidia.com/hostdev); cpu/memory/GPUs have own fields.
+ExtendedResourceName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+                                            max_length=253)]
 Quantity = Annotated[
     str,
     Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$", max_length=64,
@@ -143,6 +146,16 @@ class Resources(ApiModel):
     """Container image; defaults to the operator's trainer image."""
     env: Annotated[list[EnvVar], Field(max_length=128)] = Field(default_factory=list)
     """Extra environment variables of the stage's containers."""
+    extra_resources: Annotated[dict[ExtendedResourceName, Quantity], Field(max_length=16)] = Field(default_factory=dict)
+    """Further extended resources per pod, requested and limited alike: an RDMA device for NCCL over
+    InfiniBand/RoCE (e.g. ``rdma/ib: "1"`` or ``nvidia.com/hostdev: "8"``, named by your device plugin)."""
+    pod_annotations: Annotated[dict[Annotated[str, Field(max_length=316)], Annotated[str, Field(max_length=65536)]],
+                               Field(max_length=64)] = Field(default_factory=dict)
+    """Annotations on the pods, e.g. ``k8s.v1.cni.cncf.io/networks`` for Multus secondary networks."""
+    ipc_lock: bool = False
+    """Add the IPC_LOCK capability (RDMA registers pinned memory); every other capability stays dropped."""
+    image_pull_secrets: Annotated[list[Name], Field(max_length=16)] = Field(default_factory=list)
+    """Secrets (in the CR's namespace) used to pull the stage image from a private registry."""
     queue_name: Name | None = None
     """Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the Job."""
     suspend: bool = False
@@ -190,8 +203,12 @@ class Endpoint(ApiModel):
     """Secret key holding the API key (sent as a bearer token)."""
     max_concurrency: Annotated[int, Field(ge=1, le=4096)] = 32
     """Requests in flight at once (per worker)."""
+    stream: bool = True
+    """Stream answers (server-sent events): a long reasoning trace is never cut by a timeout while tokens
+    keep arriving. false: one response per request (for servers without streaming)."""
     timeout_seconds: Annotated[float, Field(gt=0)] = 600
-    """Timeout of one request."""
+    """Streaming: the longest silence (no token) before the request is retried, the wait for the first
+    token included. Without streaming: the timeout of the whole request."""
     max_retries: Annotated[int, Field(ge=0, le=100)] = 8
     """Retries on 429, 5xx and timeouts, with exponential backoff and jitter (Retry-After honoured)."""
 

@@ -8,6 +8,7 @@ pydantic's JSON Schema is rewritten into a Kubernetes *structural* OpenAPI v3 sc
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,9 @@ class _Converter:
             node["type"] = "object"
             props = node.get("properties")
             extra = node.pop("additionalProperties", None)
+            extra, key_rule = _map_keys(node, extra)
+            if key_rule:  # OpenAPI's propertyNames/patternProperties are not structural: keys are checked by CEL
+                node.setdefault("x-kubernetes-validations", []).append(key_rule)
             if props is not None:
                 node["properties"] = {k: self.convert(v) for k, v in props.items()}
             elif isinstance(extra, dict) and extra:
@@ -98,12 +102,33 @@ class _Converter:
                 for key, value in _factory_defaults(model).items():
                     node["properties"][key].setdefault("default", value)
                 if model.rules:
-                    node["x-kubernetes-validations"] = [_rule(r) for r in model.rules]
+                    node.setdefault("x-kubernetes-validations", []).extend(_rule(r) for r in model.rules)
         elif kind == "array":
             node["items"] = self.convert(node.get("items", {}))
         elif kind is None and "enum" not in node:
             node["x-kubernetes-preserve-unknown-fields"] = True
         return node
+
+
+def _map_keys(node: dict, values: Any) -> tuple[Any, dict | None]:
+    """Move a map's key constraints (pydantic's propertyNames, patternProperties) out of ``node``:
+    (the values' schema, one CEL rule checking every key, or None)."""
+    keys = dict(node.pop("propertyNames", {}))
+    patterns = node.pop("patternProperties", None)
+    if patterns:
+        (pattern, values), = patterns.items()
+        keys["pattern"] = pattern
+    checks, what = [], []
+    if "maxLength" in keys:
+        checks.append(f"size(k) <= {keys['maxLength']}")
+        what.append(f"be at most {keys['maxLength']} characters long")
+    if "pattern" in keys:
+        checks.append(f"k.matches({json.dumps(keys['pattern'])})")
+        what.append(f"match {keys['pattern']}")
+    if not checks:
+        return values, None
+    return values, {"rule": f"self.all(k, {' && '.join(checks)})", "message": f"every key must {' and '.join(what)}",
+                    "reason": "FieldValueInvalid"}
 
 
 def _rule(rule) -> dict:

@@ -60,7 +60,10 @@ def test_schema_is_structural(kind):
     for path, node in _walk_schema(version["schema"]["openAPIV3Schema"]):
         assert "type" in node, f"{path}: every schema node needs a type"
         assert not ("additionalProperties" in node and "properties" in node), path
-        for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "title", "const"):
+        # propertyNames is no JSONSchemaProps field (apply fails with "unknown field"); patternProperties,
+        # dependencies, definitions are refused for CRDs: map key constraints are CEL rules instead
+        for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "title", "const", "propertyNames", "patternProperties",
+                          "dependencies", "definitions"):
             assert forbidden not in node, f"{path}: {forbidden} is not structural here"
         if "exclusiveMinimum" in node:
             assert node["exclusiveMinimum"] is True and "minimum" in node, path
@@ -167,3 +170,17 @@ def test_committed_api_reference_matches_models():
 
     path = CRD_DIR.parent / "docs" / "api-reference.md"
     assert path.read_text() == render_reference(), "run `branchmerge crds --out crds --docs docs/api-reference.md`"
+
+
+@pytest.mark.parametrize("evaluate", [_eval_python, _eval_rust], ids=["cel-python", "cel-rust"])
+def test_map_keys_are_checked_by_cel_rules(evaluate):
+    """Map key constraints cannot be OpenAPI in a CRD (propertyNames/patternProperties); a CEL rule has them."""
+    doc = valid("BranchSFT")
+    doc["spec"]["resources"] = {"extraResources": {"rdma/ib": "1", "nvidia.com/hostdev": "8"},
+                                "podAnnotations": {"k8s.v1.cni.cncf.io/networks": "ib-sriov"}}
+    assert server_side_rule_errors(doc, evaluate) == []
+    doc["spec"]["resources"] = {"extraResources": {"rdma ib": "1"}, "podAnnotations": {"a" * 317: "x"}}
+    assert server_side_rule_errors(doc, evaluate) == [
+        "spec.resources.extraResources: every key must be at most 253 characters long and match "
+        "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        "spec.resources.podAnnotations: every key must be at most 316 characters long"]
