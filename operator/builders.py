@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from urllib.parse import urlparse
 
-from ..api.common import API_VERSION
+from ..api.common import API_VERSION, GROUP
 from ..api.resources import KIND_INFO
 from ..api import progress_channel as progress
 from ..trainer.uris import staged_name
@@ -32,6 +32,7 @@ STAGING_ROOT = "/mnt/staging"
 MAIN_CONTAINER = "stage"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 RENDEZVOUS_PORT = 29500  # torchrun / torch.distributed on pod 0
+GPU_RESOURCE = "nvidia.com/gpu"
 
 # Init container: wait until pod 0 of the gang resolves through the headless Service (instead of a
 # fixed sleep); publishNotReadyAddresses makes it resolvable as soon as the pod has an IP.
@@ -316,19 +317,61 @@ def stage_command(run: Run) -> list[str]:
     return command
 
 
-def _container_security() -> dict:
+def _container_security(ipc_lock: bool = False) -> dict:
+    """Pod Security Standard "restricted": non-root, no privilege escalation, every capability dropped.
+    ``ipc_lock`` (spec.resources.ipcLock, the stage container only) adds IPC_LOCK back, which RDMA memory
+    registration may need: the documented exception, which needs a namespace at the "privileged" level
+    (neither "restricted" nor "baseline" allows adding IPC_LOCK; docs/operations.md)."""
+    capabilities: dict = {"drop": ["ALL"]}
+    if ipc_lock:
+        capabilities["add"] = ["IPC_LOCK"]
     return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+            "capabilities": capabilities, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def container_resources(resources: dict, opts: OperatorOptions, gpus: bool = True) -> dict:
+# Pod annotation prefixes owned by someone else: the operator's own group, and the Job controller's (it
+# writes batch.kubernetes.io/job-completion-index, which the pods read their rank from).
+RESERVED_ANNOTATION_PREFIXES = (f"{GROUP}/", "batch.kubernetes.io/")
+
+
+def check_pod_settings(resources: dict) -> None:
+    """UnsupportedSpec (the CR fails with InvalidSpec) for pod settings the operator will not pass on, found
+    here rather than as a Job the API server refuses: a podAnnotations key in a reserved namespace (refused
+    rather than silently dropped or overwritten), and extraResources the API server would not accept."""
+    for key in resources.get("podAnnotations") or {}:
+        if key.startswith(RESERVED_ANNOTATION_PREFIXES):
+            raise UnsupportedSpec(f"spec.resources.podAnnotations: {key!r} is reserved (keys under "
+                                  f"{' and '.join(RESERVED_ANNOTATION_PREFIXES)} are set by the operator and "
+                                  "the Job controller)")
+    for name, amount in (resources.get("extraResources") or {}).items():
+        where = f"spec.resources.extraResources[{name}]"
+        if name == GPU_RESOURCE:  # it also sizes torchrun: two sources would disagree
+            raise UnsupportedSpec(f"{where}: set {GPU_RESOURCE} with gpusPerNode")
+        if "kubernetes.io/" in name:  # Kubernetes' own resource names are not extended resources
+            raise UnsupportedSpec(f"{where}: not an extended resource name (kubernetes.io is reserved)")
+        if quantity(amount).denominator != 1:  # devices are counted, never shared by fractions
+            raise UnsupportedSpec(f"{where}: {amount!r} must be a whole number (extended resources are integers)")
+
+
+def device_resources(resources: dict) -> dict[str, str]:
+    """The extended resources of the stage container: nvidia.com/gpu from gpusPerNode, then extraResources."""
+    devices = {}
+    if int(resources.get("gpusPerNode", 0)) > 0:
+        devices[GPU_RESOURCE] = str(resources["gpusPerNode"])
+    devices.update(resources.get("extraResources") or {})
+    return devices
+
+
+def container_resources(resources: dict, opts: OperatorOptions, devices: bool = True) -> dict:
     """Requests and limits of a stage container. spec.resources.cpu/memory are request and limit; where
     absent, the operator's default requests apply (no limit), so no stage pod is BestEffort: a GPU pod
     without requests would be the first evicted under memory pressure and could be packed onto a node with
     no CPU left. The default memory request includes /dev/shm, which is charged to the pod's memory.
-    ``gpus=False``: the same amounts for init containers (which never hold a GPU), which keeps the pod
-    Guaranteed when cpu and memory are both set and does not change what the pod requests (init containers
-    run before the stage, so the pod requests the larger of the two, not the sum)."""
+    GPUs and spec.resources.extraResources (RDMA devices...) are requested and limited alike: extended
+    resources cannot be overcommitted, so Kubernetes requires both to be equal.
+    ``devices=False``: the same amounts for init containers (which never hold a GPU or RDMA device), which
+    keeps the pod Guaranteed when cpu and memory are both set and does not change what the pod requests
+    (init containers run before the stage, so the pod requests the larger of the two, not the sum)."""
     limits: dict[str, str] = {}
     if resources.get("cpu"):
         limits["cpu"] = resources["cpu"]
@@ -339,8 +382,9 @@ def container_resources(resources: dict, opts: OperatorOptions, gpus: bool = Tru
         requests["cpu"] = opts.default_cpu_request
     if "memory" not in requests and opts.default_memory_request:
         requests["memory"] = _mebibytes(quantity(opts.default_memory_request) + quantity(shm_size(resources)))
-    if gpus and int(resources.get("gpusPerNode", 0)) > 0:
-        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(resources["gpusPerNode"])
+    if devices:
+        for name, amount in device_resources(resources).items():
+            requests[name] = limits[name] = amount
     out = {}
     if requests:
         out["requests"] = requests
@@ -372,7 +416,7 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
         mounts.append({"name": vol, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writable})
     init: list[dict] = []
-    init_resources = container_resources(run.resources, opts, gpus=False)
+    init_resources = container_resources(run.resources, opts, devices=False)
 
     def base_container() -> dict:
         return {"image": image, "imagePullPolicy": opts.image_pull_policy, "securityContext": _container_security()}
@@ -411,6 +455,8 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
         })
     container = {
         **base_container(),
+        # only the stage itself registers RDMA memory: init containers keep every capability dropped
+        "securityContext": _container_security(ipc_lock=bool(run.resources.get("ipcLock"))),
         "name": MAIN_CONTAINER,
         "command": stage_command(run),
         "env": _env(run, attempt, opts),
@@ -437,6 +483,8 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
     }
     if init:
         pod["initContainers"] = init
+    if run.resources.get("imagePullSecrets"):  # pod-level: init containers pull the same image
+        pod["imagePullSecrets"] = [{"name": name} for name in run.resources["imagePullSecrets"]]
     if multi:
         pod["subdomain"] = service_name(run, attempt)
     if run.resources.get("nodeSelector"):
@@ -446,6 +494,15 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
     if run.resources.get("priorityClassName"):
         pod["priorityClassName"] = run.resources["priorityClassName"]
     return pod
+
+
+def pod_metadata(run: Run, labels: dict[str, str]) -> dict:
+    """The pod template's metadata: the operator's labels, and spec.resources.podAnnotations (e.g. a Multus
+    k8s.v1.cni.cncf.io/networks attachment) as written; check_pod_settings keeps them off reserved keys."""
+    meta: dict = {"labels": labels}
+    if run.resources.get("podAnnotations"):
+        meta["annotations"] = dict(run.resources["podAnnotations"])
+    return meta
 
 
 def build_job(run: Run, attempt: int, opts: OperatorOptions, suspend: bool = False) -> dict:
@@ -463,7 +520,7 @@ def build_job(run: Run, attempt: int, opts: OperatorOptions, suspend: bool = Fal
         "parallelism": run.pods,
         # Kueue admits queued Jobs by unsuspending them, so they are created suspended.
         "suspend": bool(suspend or queue),
-        "template": {"metadata": {"labels": pod_labels}, "spec": build_pod_spec(run, attempt, opts)},
+        "template": {"metadata": pod_metadata(run, pod_labels), "spec": build_pod_spec(run, attempt, opts)},
     }
     if run.pods > 1:
         spec["completionMode"] = "Indexed"

@@ -43,7 +43,8 @@ from ..api.resources import KIND_INFO, CustomResource
 from ..api.validation import InvalidManifest, _schema_errors
 from . import conditions as C
 from . import pending
-from .builders import Run, UnsupportedSpec, build_children, build_job, build_service, hf_secret_for, storage_plan
+from .builders import (Run, UnsupportedSpec, build_children, build_job, build_service, check_pod_settings,
+                       hf_secret_for, storage_plan)
 from .failures import ACTIVE, FAILED, SUCCEEDED, SUSPENDED, classify_failure, finished_at, job_state, stage_result
 from .naming import ANNOTATION_RERUN, ANNOTATION_RESULT, LABEL_ATTEMPT, LABEL_RUN, owned_by
 from .options import OperatorOptions
@@ -227,6 +228,7 @@ def target(cr: dict, upstreams: dict[str, dict], opts: OperatorOptions) -> Run |
               labels=dict(meta.get("labels") or {}), hf_secret=hf_secret_for(cr, opts))
     try:
         storage_plan(run)
+        check_pod_settings(run.resources)
     except UnsupportedSpec as err:
         return Blocked("Failed", C.INVALID_SPEC, str(err))
     return run

@@ -21,7 +21,8 @@ InternalIP and every pod's ``hostIP`` is the gateway. For each pod, the kubelet:
   ``kubernetes`` Service variables: ``KUBERNETES_SERVICE_HOST`` = the gateway, where the API server must
   also listen, see ``ApiServer.listen``, and the port of ``url``; ``envFrom``, ``env`` with
   ``valueFrom``; errors: ``CreateContainerConfigError``), ``$(VAR)``-expanded command/args over the image's ENTRYPOINT/CMD, its user (``runAsUser``/``runAsGroup``/
-  ``fsGroup``, ``runAsNonRoot`` checks), ``allowPrivilegeEscalation``, dropped capabilities and
+  ``fsGroup``, ``runAsNonRoot`` checks), ``allowPrivilegeEscalation``, dropped and added capabilities (the
+  bounding set; a non-root process holds none, as on containerd) and
   ``readOnlyRootFilesystem``, a managed /etc/hosts and /etc/hostname, the termination-message file;
 - reports what the kubelet reports: container states (waiting/running/terminated with exit code, reason
   Completed/Error/OOMKilled/StartError, termination message incl. FallbackToLogsOnError), ``lastState``,

@@ -473,6 +473,7 @@ class PodWorker:
                     cwd=spec.get("workingDir") or cfg.workdir or "/", mounts=mounts, uid=uid, gid=gid,
                     groups=groups, no_new_privs=sc.get("allowPrivilegeEscalation") is False,
                     cap_drop=list((sc.get("capabilities") or {}).get("drop") or []),
+                    cap_add=list((sc.get("capabilities") or {}).get("add") or []),
                     read_only_root=bool(sc.get("readOnlyRootFilesystem")), hostname=hostname(self.pod),
                     netns=f"/run/netns/{self.netns}" if self.netns else "")
 

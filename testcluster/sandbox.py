@@ -74,6 +74,7 @@ class Spec:
     groups: list[int] = field(default_factory=list)   # supplementary groups (fsGroup, supplementalGroups)
     no_new_privs: bool = False
     cap_drop: list[str] = field(default_factory=list)  # "ALL" or capability names (without CAP_)
+    cap_add: list[str] = field(default_factory=list)   # kept in the bounding set even under "ALL" (as runc)
     read_only_root: bool = False
     hostname: str = ""
     netns: str = ""                   # a network namespace to join (/run/netns/<name>); "": the host's
@@ -236,8 +237,9 @@ def _setup_root(spec: Spec) -> str:
 
 def _drop_privileges(spec: Spec) -> None:
     drop = {c.upper().removeprefix("CAP_") for c in spec.cap_drop}
+    add = {c.upper().removeprefix("CAP_") for c in spec.cap_add}
     for number, cap in enumerate(CAPS):
-        if "ALL" in drop or cap in drop:
+        if ("ALL" in drop or cap in drop) and cap not in add:
             try:
                 _call("prctl", PR_CAPBSET_DROP, number, 0, 0, 0)
             except OSError:

@@ -74,6 +74,17 @@ def test_user_groups_and_privileges_are_dropped(tmp_path):
     assert log.split() == ["1000", "3000", "[2000]", "1", "0000000000000000"]
 
 
+def test_added_capabilities_stay_in_the_bounding_set_only(tmp_path):
+    """drop ALL + add IPC_LOCK keeps IPC_LOCK (bit 14) in the bounding set; a non-root process still holds
+    no capability (no ambient set: what containerd and CRI-O do, kubernetes/kubernetes#56374)."""
+    code, log = run(tmp_path, """
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        print(status["CapBnd"].strip(), status["CapEff"].strip())
+    """, uid=1000, gid=1000, no_new_privs=True, cap_drop=["ALL"], cap_add=["IPC_LOCK"])
+    assert code == 0, log
+    assert log.split() == [f"{1 << 14:016x}", "0000000000000000"]
+
+
 def test_read_only_root_filesystem(tmp_path):
     vol = tmp_path / "vol"
     vol.mkdir()
