@@ -4,17 +4,27 @@ A dataset is a .jsonl, .json (a list of objects) or .parquet file, or a folder o
 recursively in path order. In a folder, names starting with "_" or "." are metadata, not records (a published
 folder's _manifest.json), and .json files are left out (a TeacherGen output's teachergen.json is its manifest).
 Every error is InvalidInput (exit 2) and starts with ``what``, the spec field the dataset came from (if given).
+
+Column selection: a reader that knows its fields passes ``columns``, either the names it wants or a function
+that picks them from a Parquet file's column names (a layout check). Parquet then reads those columns only, in
+batches, so a published file's large extra columns (OpenR1-Math's ``generations``: several full traces per row)
+are never decoded. JSON text cannot be read in part: its records keep every field.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Union
 
 from .errors import InvalidInput
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 FOLDER_SUFFIXES = (".jsonl", ".parquet")
+PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: bounded memory, and ``limit`` stops early
+
+# the names to read, or a function choosing them from the file's column names (raises ValueError with the
+# reason when none of its layouts fits)
+Columns = Union[Iterable[str], Callable[[list[str]], list[str]], None]
 
 
 def _invalid(what: str, message: str) -> InvalidInput:
@@ -34,15 +44,42 @@ def dataset_files(path: Path, what: str) -> list[Path]:
     return files
 
 
-def _file_records(file: Path, what: str) -> Iterator[tuple[str, object]]:
-    if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
+def parquet_columns(file: Path, columns: Columns, what: str) -> list[str] | None:
+    """The columns of ``file`` to read (None: all), chosen from its schema before any row is read."""
+    import pyarrow.parquet as pq
 
+    if columns is None:
+        return None
+    try:
+        names = pq.read_schema(file).names
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise _invalid(what, f"{file}: cannot read Parquet ({err})") from None
+    if callable(columns):
         try:
-            rows = pq.read_table(file).to_pylist()
-        except Exception as err:  # pyarrow raises several types for a corrupt file
-            raise _invalid(what, f"{file}: cannot read Parquet ({err})") from None
-        yield from ((f"{file}[{i}]", row) for i, row in enumerate(rows))
+            return columns(names)
+        except ValueError as err:
+            raise _invalid(what, f"{file}: {err} (columns: {', '.join(names)})") from None
+    wanted = [columns] if isinstance(columns, str) else list(dict.fromkeys(columns))
+    present = [name for name in wanted if name in names]
+    # a missing field is reported by the reader that needs it; with none present it sees every column, so
+    # its message can list what the file has
+    return present or None
+
+
+def _parquet_rows(file: Path, columns: Columns, what: str) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    chosen = parquet_columns(file, columns, what)
+    try:
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=chosen):
+            yield from batch.to_pylist()
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise _invalid(what, f"{file}: cannot read Parquet ({err})") from None
+
+
+def _file_records(file: Path, what: str, columns: Columns = None) -> Iterator[tuple[str, object]]:
+    if file.suffix == ".parquet":
+        yield from ((f"{file}[{i}]", row) for i, row in enumerate(_parquet_rows(file, columns, what)))
     elif file.suffix == ".json":
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
@@ -61,18 +98,21 @@ def _file_records(file: Path, what: str) -> Iterator[tuple[str, object]]:
                         raise _invalid(what, f"{file}:{lineno}: invalid JSON ({err})") from None
 
 
-def iter_records(path: Path, what: str) -> Iterator[tuple[str, dict]]:
-    """(location, record) for every record; location is file:line or file[row], for error messages."""
+def iter_records(path: Path, what: str, columns: Columns = None) -> Iterator[tuple[str, dict]]:
+    """(location, record) for every record; location is file:line or file[row], for error messages.
+
+    ``columns``: what to read from Parquet files (module docstring); None reads every column.
+    """
     for file in dataset_files(path, what):
-        for where, record in _file_records(file, what):
+        for where, record in _file_records(file, what, columns):
             if not isinstance(record, dict):
                 raise _invalid(what, f"{where}: a record must be a JSON object")
             yield where, record
 
 
-def read_records(path: Path, what: str, limit: int | None = None) -> list[dict]:
+def read_records(path: Path, what: str, limit: int | None = None, columns: Columns = None) -> list[dict]:
     records = []
-    for _, record in iter_records(path, what):
+    for _, record in iter_records(path, what, columns):
         if limit is not None and len(records) >= limit:
             break
         records.append(record)

@@ -56,8 +56,7 @@ def build_samples(spec, tokenizer, input_path) -> tuple[list[Sample], DataStats]
     kept_per_dataset: list[list[Sample]] = []
     for i, ref in enumerate(spec.data):
         what = f"spec.data[{i}]"
-        layout = Layout(ref.format, ref.messages_field, ref.prompt_field, ref.response_field)
-        conversations = load_dataset(input_path(ref, what), layout, what)
+        conversations = load_dataset(input_path(ref, what), Layout.of(ref), what)
         stats.records += len(conversations)
         kept = []
         for messages in conversations:

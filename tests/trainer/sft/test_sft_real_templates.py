@@ -1,6 +1,6 @@
 """Real chat-template structures: Qwen2.5's ChatML (default system prompt) and DeepSeek-R1-Distill-Qwen's.
 
-Both templates are written here as Jinja strings that reproduce the STRUCTURE of the published ones (not
+Both templates are written (sft_helpers.py) as Jinja strings that reproduce the STRUCTURE of the published ones (not
 copies): R1-Distill's ``<｜User｜>``/``<｜Assistant｜>`` markers, BOS, the system prompt hoisted to the front,
 ``<｜Assistant｜><think>\\n`` as its generation prompt, and ``</think>`` reasoning stripped from assistant turns.
 They run on a tiny local tokenizer with those markers as special tokens (no hub).
@@ -9,70 +9,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from branchmerge.api.sft import BranchSFTSpec
 from branchmerge.trainer.sft.chat import encode
 from branchmerge.trainer.sft.dataset import build_samples
 
-BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+from sft_helpers import ASSISTANT, BOS, EOS, QWEN25_SYSTEM, QWEN25_TEMPLATE, RAW, REASONING, TRACE, USER
 
-QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-QWEN25_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\n" + QWEN25_SYSTEM + "<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
-    "(message.role == 'assistant') %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-R1_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(system_prompt='') %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
-    "{%- if message['role'] == 'assistant' and message['content'] is not none %}"
-    "{% set content = message['content'] %}"
-    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
-    "{%- endif %}{%- endfor -%}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
-)
-
-REASONING = "2 + 3 = 5, so the sum is 5."
-TRACE = f"<think>\n{REASONING}\n</think>\n\nThe answer is \\boxed{{5}}."  # what the engines write
-RAW = f"{REASONING}\n</think>\n\nThe answer is \\boxed{{5}}."  # what vLLM generates after R1's prompt
-
-
-def _save(tok, folder, template):
-    tok.chat_template = template
-    tok.save_pretrained(folder)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def r1_tokenizer(tmp_path_factory):
-    from branchmerge.trainer.tiny import build_tokenizer
-
-    tok = build_tokenizer()
-    tok.add_special_tokens({"bos_token": BOS, "eos_token": EOS, "additional_special_tokens": [USER, ASSISTANT]})
-    return _save(tok, tmp_path_factory.mktemp("r1tok"), R1_TEMPLATE)
-
-
-@pytest.fixture(scope="module")
-def qwen_tokenizer(tmp_path_factory):
-    from branchmerge.trainer.tiny import build_tokenizer
-
-    return _save(build_tokenizer(), tmp_path_factory.mktemp("qwentok"), QWEN25_TEMPLATE)
+# templates and the r1_tokenizer / qwen_tokenizer fixtures: sft_helpers.py and conftest.py (shared with
+# test_sft_layouts.py)
 
 
 def labelled(tok, enc) -> str:
