@@ -153,7 +153,9 @@ class Resources(ApiModel):
                                Field(max_length=64)] = Field(default_factory=dict)
     """Annotations on the pods, e.g. ``k8s.v1.cni.cncf.io/networks`` for Multus secondary networks."""
     ipc_lock: bool = False
-    """Add the IPC_LOCK capability (RDMA registers pinned memory); every other capability stays dropped."""
+    """Add the IPC_LOCK capability to the stage container (every other capability stays dropped). RDMA pins
+    memory; a non-root process usually gets no added capability from the runtime, so the node's memlock limit
+    decides (docs/operations.md, "NCCL over InfiniBand/RoCE"). Needs the privileged Pod Security level."""
     image_pull_secrets: Annotated[list[Name], Field(max_length=16)] = Field(default_factory=list)
     """Secrets (in the CR's namespace) used to pull the stage image from a private registry."""
     queue_name: Name | None = None

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from .base import ApiModel, Rule
-from .common import DatasetRef, ModelRef, Output, Resources, RunPolicy
+from .common import DatasetRef, ModelRef, Output, Resources, RunPolicy, Uri
 
 FieldName = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -86,10 +86,21 @@ class DeepSpeed(ApiModel):
 
 
 class Checkpointing(ApiModel):
+    """Resumable checkpoints. Each holds the DeepSpeed state: with Adam and bf16 about 14 bytes per parameter
+    (bf16 weights, fp32 master weights, two fp32 moments), ~460 GB for a 32.8B model; the volume needs room
+    for ``keep`` + 1 of them while a new one is written. They are deleted once the model is published."""
+
+    rules = (
+        Rule("!has(self.uri) || self.uri.startsWith('pvc://') || self.uri.startsWith('file:///')",
+             "checkpoints need a writable location: pvc://claim/path or file:///path", ".uri", "FieldValueInvalid"),
+    )
     every_steps: Annotated[int, Field(ge=0)] = 0
     """Save a resumable checkpoint every N optimizer steps (0: only at epoch ends)."""
     keep: Annotated[int, Field(ge=1, le=1000)] = 2
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    uri: Uri | None = None
+    """Where checkpoints go, e.g. a scratch PVC apart from the models volume (one folder per BranchSFT);
+    default: beside the output, in ``.<output name>.checkpoints``."""
 
 
 class BranchSFTSpec(ApiModel):

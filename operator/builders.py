@@ -130,6 +130,10 @@ def _uris(node, path: str = "") -> list[tuple[str, str]]:
     return found
 
 
+# Inputs are mounted read-only; these locations are written by the stage besides spec.output.
+WRITTEN_URIS = ("spec.checkpointing",)
+
+
 def storage_plan(run: Run) -> tuple[dict[str, bool], list[str]]:
     """(claims -> mounted writable, hf:// input URIs to stage); UnsupportedSpec for what pods cannot do."""
     output_uri = run.spec.get("output", {}).get("uri")
@@ -147,7 +151,9 @@ def storage_plan(run: Run) -> tuple[dict[str, bool], list[str]]:
         if path == "spec.output":
             continue
         scheme = urlparse(uri).scheme
-        if scheme == "pvc":
+        if scheme == "pvc" and path in WRITTEN_URIS:
+            claims[urlparse(uri).netloc] = True
+        elif scheme == "pvc":
             claims.setdefault(urlparse(uri).netloc, False)
         elif scheme == "hf":
             if uri not in staged:

@@ -94,6 +94,7 @@ CASES = [
     ("BranchSFT", {"spec.resources": {"env": [{"name": "K"}]}}, "spec.resources.env[0]", "exactly one of value"),
     ("BranchSFT", {"spec.resources": {"env": [{"name": "1BAD", "value": "x"}]}}, "spec.resources.env[0].name",
      "must match"),
+    ("BranchSFT", {"spec.checkpointing": {"uri": "hf://org/ckpt"}}, "spec.checkpointing.uri", "writable location"),
     ("BranchSFT", {"spec.resources": {"tolerations": [{"operator": "Maybe"}]}},
      "spec.resources.tolerations[0].operator", "must be one of"),
     ("BranchSFT", {"spec.runPolicy": {"backoffLimit": -1}}, "spec.runPolicy.backoffLimit", "must be >= 0"),

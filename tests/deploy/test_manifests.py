@@ -29,6 +29,13 @@ THIRD_PARTY_REQUIRED = {
     ("kueue.x-k8s.io/v1beta1", "LocalQueue"): ("spec.clusterQueue",),
     ("kopf.dev/v1", "ClusterKopfPeering"): ("metadata.name",),
     ("kopf.dev/v1", "KopfPeering"): ("metadata.name", "metadata.namespace"),
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): ("spec.leaderWorkerTemplate.size",
+                                                         "spec.leaderWorkerTemplate.workerTemplate.spec.containers"),
+}
+# Pod templates inside third-party kinds, validated as Kubernetes PodTemplates.
+THIRD_PARTY_POD_TEMPLATES = {
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): ("spec.leaderWorkerTemplate.leaderTemplate",
+                                                         "spec.leaderWorkerTemplate.workerTemplate"),
 }
 # YAML 1.1 booleans as Go's sigs.k8s.io/yaml (kubectl, Helm) reads them: an unquoted key `n:` becomes "false".
 GO_YAML_BOOLS = {"y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "true", "True", "TRUE", "false",
@@ -67,6 +74,10 @@ def check_object(doc: dict, where: str) -> None:
                 _get(doc, field)
             except (KeyError, TypeError):
                 pytest.fail(f"{where}: {key[1]} lacks {field}")
+        for field in THIRD_PARTY_POD_TEMPLATES.get(key, ()):
+            template = _get(doc, field)
+            check_object({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
+                         f"{where} {field}")
         return
     for version in K8S_VERSIONS:
         try:

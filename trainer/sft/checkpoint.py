@@ -1,6 +1,6 @@
 """Resumable checkpoints: DeepSpeed engine state (weights, optimizer, scheduler) + our own client state.
 
-Layout: ``<output parent>/.<output name>.checkpoints/step-<N>/`` with a ``complete.json`` written by rank 0
+Layout: ``<root>/step-<N>/`` (root: ``spec.checkpointing.uri``, else ``<output parent>/.<output name>.checkpoints``) with a ``complete.json`` written by rank 0
 only after every rank has finished writing, so a kill mid-save leaves an incomplete folder that is ignored
 (and removed by the next save). The fingerprint ties checkpoints to the spec that produced them: a rerun
 with a different spec starts fresh instead of resuming someone else's run.
@@ -16,12 +16,35 @@ from pathlib import Path
 import torch
 
 from ..publish import write_json_atomic
+from ..uris import local_path
 
 COMPLETE = "complete.json"
 
 
-def checkpoint_root(output_dir: Path) -> Path:
-    return output_dir.parent / f".{output_dir.name}.checkpoints"
+def checkpoint_root(output_dir: Path, uri: str | None = None) -> Path:
+    """``spec.checkpointing.uri`` when set, else a hidden folder beside the output."""
+    return local_path(uri) if uri else output_dir.parent / f".{output_dir.name}.checkpoints"
+
+
+# DeepSpeed copies its offline weight-recovery scripts beside the checkpoint folders on every save.
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
+def remove_all(root: Path) -> None:
+    """Delete this run's checkpoints, then ``root`` if nothing else is in it (a user-given location may
+    hold other things: only the step-* folders and DeepSpeed's scripts are ours)."""
+    for folder in root.glob("step-*") if root.is_dir() else []:
+        shutil.rmtree(folder, ignore_errors=True)
+    for script in RECOVERY_SCRIPTS:
+        (root / script).unlink(missing_ok=True)
+    try:
+        root.rmdir()
+    except OSError:
+        pass
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def fingerprint(spec, world_size: int) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -210,7 +209,8 @@ def train(ctx) -> dict:
     if teacher is not None:
         teacher = place_teacher(teacher, engine.device)
 
-    root, fp = ckpt.checkpoint_root(ctx.output_dir), ckpt.fingerprint(spec, env.world_size)
+    root = ckpt.checkpoint_root(ctx.output_dir, spec.checkpointing.uri)
+    fp = ckpt.fingerprint(spec, env.world_size)
     state, resumed_from = RunState(), None
     found = ckpt.complete_checkpoints(root, fp)
     if found:
@@ -223,7 +223,7 @@ def train(ctx) -> dict:
     objective = spec.objective
     w = objective.kd_weight if kd else 0.0
     scale = env.world_size * plan.accumulation
-    loop_started, session_tokens = time.time(), 0
+    loop_started, session_tokens, checkpoint_bytes = time.time(), 0, 0
     bar = _ProgressBar(env.rank, plan.total_steps, state.step)
     for step in range(state.step, plan.total_steps):
         real_tokens, n_labels = _row_counts(plan.step_rows(step), samples)
@@ -246,11 +246,14 @@ def train(ctx) -> dict:
         ctx.progress.update(state.step / plan.total_steps, f"step {state.step}/{plan.total_steps}",
                             force=state.step == plan.total_steps, step=state.step,
                             epoch=round(plan.epoch_float(state.step), 4), loss=round(loss, 6), lr=lr,
-                            tokensPerSecond=round(tps, 1))
+                            tokensPerSecond=round(tps, 1),
+                            **({"checkpointBytes": checkpoint_bytes} if checkpoint_bytes else {}))
         bar.update(state.step, loss)
         if _is_checkpoint_step(plan, spec.checkpointing.every_steps, state.step):
-            ckpt.save(engine, root, state.step, state.client_state(), fp, spec.checkpointing.keep, env.rank,
-                      dist.barrier)
+            saved = ckpt.save(engine, root, state.step, state.client_state(), fp, spec.checkpointing.keep,
+                              env.rank, dist.barrier)
+            if env.rank == 0:  # what the checkpoint volume must hold (keep + 1 of these while saving)
+                checkpoint_bytes = max(checkpoint_bytes, ckpt.folder_bytes(saved))
     bar.close()
     train_seconds = time.time() - loop_started
 
@@ -266,6 +269,8 @@ def train(ctx) -> dict:
         "gradientAccumulation": plan.accumulation, "warmupSteps": warmup, "zeroStage": spec.deepspeed.zero_stage,
         "precision": precision, "resumedFromStep": resumed_from,
     }
+    if checkpoint_bytes:
+        metrics["checkpointBytes"] = checkpoint_bytes
     if precision_note:
         metrics["precisionNote"] = precision_note
     if kd:
@@ -274,7 +279,7 @@ def train(ctx) -> dict:
     publish_model(ctx, engine, tokenizer, base, spec, env.rank, dist.barrier, metrics, state)
     metrics["wallSeconds"] = round(time.time() - started, 3)
     if env.rank == 0:  # the run is complete: its resumable state is no longer needed
-        shutil.rmtree(root, ignore_errors=True)
+        ckpt.remove_all(root)
     dist.barrier()
     clean_shm(env)
     del zero3_handle

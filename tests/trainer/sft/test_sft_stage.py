@@ -141,8 +141,14 @@ def test_two_ranks_torchrun_match_one_rank(tmp_path, tiny_model, data48, zero2_r
 
 @pytest.mark.slow
 def test_resume_after_kill_reaches_the_same_weights(tmp_path, tiny_model, data48, zero2_run):
-    spec = make_spec(tmp_path, tiny_model, data48, **REFERENCE)
-    root = checkpoint_root(tmp_path / "out")
+    """Killed after a checkpoint, rerun: the same weights. The checkpoints live apart from the output
+    (``checkpointing.uri``, a scratch volume in production) in a folder that holds other things too."""
+    scratch = tmp_path / "scratch"
+    (scratch / "other-run").mkdir(parents=True)
+    spec = make_spec(tmp_path, tiny_model, data48, **{**REFERENCE, "checkpointing": {
+        **REFERENCE["checkpointing"], "uri": (scratch / "math").as_uri()}})
+    root = checkpoint_root(tmp_path / "out", (scratch / "math").as_uri())
+    assert root == scratch / "math"
     proc = subprocess.Popen(stage_command(spec, tmp_path / "result.json"), env=stage_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
@@ -157,6 +163,9 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, tiny_model, data48
     assert code == 0, output[-3000:]
     m, ref = result["metrics"], zero2_run[1]["metrics"]
     assert m["resumedFromStep"] >= 2 and m["steps"] == ref["steps"] and m["tokensSeen"] == ref["tokensSeen"]
+    assert m["checkpointBytes"] > sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
+    assert not root.exists() and (scratch / "other-run").is_dir()  # only our checkpoints are removed
+    assert not checkpoint_root(tmp_path / "out").exists()
     resumed, uninterrupted = weights(tmp_path / "out"), weights(zero2_run[0] / "out")
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
