@@ -17,10 +17,14 @@ class TrainingData(DatasetRef):
     weight: Annotated[float, Field(gt=0)] = 1.0
     """Relative sampling weight among the datasets (1.0 each = plain concatenation)."""
     format: Literal["auto", "messages", "prompt-response"] = "auto"
-    """auto: `messages` when the record has the messages field, else prompt/response."""
+    """auto: the `messages` field (OpenAI role/content turns), else `conversations` (ShareGPT from/value, with a
+    separate `system` column as in OpenThoughts), else prompt/response."""
     messages_field: FieldName = "messages"
     prompt_field: FieldName = "prompt"
     response_field: FieldName = "response"
+    require_true: FieldName | None = None
+    """Keep only records whose field is true (a list: any element true; null: dropped), e.g.
+    ``correctness_math_verify`` for OpenR1-Math."""
 
 
 class Training(ApiModel):

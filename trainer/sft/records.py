@@ -63,9 +63,8 @@ class Layout:
 
     @classmethod
     def of(cls, ref) -> "Layout":
-        """The layout of spec.data[i]; ``requireTrue`` is a proposed API field (absent: no filter)."""
-        return cls(ref.format, ref.messages_field, ref.prompt_field, ref.response_field,
-                   getattr(ref, "require_true", None))
+        """The layout of spec.data[i]."""
+        return cls(ref.format, ref.messages_field, ref.prompt_field, ref.response_field, ref.require_true)
 
     def conversation_field(self, fields: Collection[str]) -> str | None:
         """The field holding the turns of a record (or file) with these fields; None: prompt/response."""

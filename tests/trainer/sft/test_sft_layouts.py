@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from branchmerge.api.sft import BranchSFTSpec
 from branchmerge.trainer.datasets import iter_records, read_records
@@ -139,9 +140,10 @@ def test_correctness_filter_keeps_rows_math_verify_accepted(tmp_path):
     kept = load_dataset(path, layout, "spec.data[0]")
     # correctness_math_verify = [i % 3 != 0, False, i % 2 == 0]: only i = 3 has none true
     assert [c[1]["content"] for c in kept] == [openr1_trace(i) for i in (0, 1, 2, 4, 5)]
-    # off by default: the spec has no field for it yet (requireTrue is proposed), so every row trains
+    # off by default (the dataset as published); spec.data[i].requireTrue turns it on
     assert Layout.of(spec_for(path).data[0]) == Layout()
     assert len(load_dataset(path, Layout.of(spec_for(path).data[0]), "spec.data[0]")) == 6
+    assert Layout.of(spec_for(path, requireTrue="correctness_math_verify").data[0]) == layout
     with pytest.raises(InvalidInput, match="no column 'verified' to filter on"):
         load_dataset(path, Layout(require_true="verified"), "spec.data[0]")
 
@@ -262,8 +264,12 @@ def test_readers_that_name_their_fields_skip_the_other_columns(tmp_path):
 def test_stage_trains_on_an_openr1_parquet_file(tmp_path, tiny_model):
     data = write_openr1(tmp_path / "data" / "openr1.parquet", n=8)
     spec = make_spec(tmp_path, tiny_model, data, training={"epochs": 1, "maxSeqLen": 256})
+    doc = yaml.safe_load(spec.read_text())
+    doc["spec"]["data"][0]["requireTrue"] = "correctness_math_verify"  # as OpenR1 users filter it
+    spec.write_text(yaml.safe_dump(doc))
     code, result, output = run_stage(spec)
     assert code == 0, output[-3000:]
     assert result["phase"] == "Succeeded", result.get("error")
-    assert result["metrics"]["records"] == 8 and result["metrics"]["droppedSamples"] == 0
+    # correctness_math_verify = [i % 3 != 0, False, i % 2 == 0]: rows 3 (none true) is left out
+    assert result["metrics"]["samples"] == 7 and result["metrics"]["droppedSamples"] == 0
     assert (tmp_path / "out" / "model.safetensors").exists()
