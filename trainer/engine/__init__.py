@@ -23,7 +23,7 @@ def open_engine(engine: Engine, model_path: Path | None, *, system_prompt: str |
     if engine.name == "openai":
         from .openai_engine import OpenAIEngine
 
-        return OpenAIEngine(engine, system_prompt=system_prompt)
+        return OpenAIEngine(engine, system_prompt=system_prompt, model_path=model_path)  # a tokenizer, if local
     if model_path is None:
         raise InvalidInput(f"engine {engine.name}: a local model path is required")
     model_path = Path(model_path)

@@ -16,7 +16,7 @@ from ...api.common import Sampling
 
 Conversation = list[dict]
 ProgressCallback = Callable[[int, int], None]  # (requests done, requests total)
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "rejected"]
 
 
 @dataclass
@@ -25,6 +25,11 @@ class Completion:
     token_ids: list[int] | None
     num_tokens: int
     finish_reason: FinishReason
+    rejected: str | None = None
+    """Why the engine gave no text for this sample (a stable code such as ``http_400`` or
+    ``prompt_too_long``); the sample counts as rejected, the stage goes on."""
+    error: str | None = None
+    """The rejection's detail: the status and the server's message (truncated), or what did not fit."""
 
     @property
     def truncated(self) -> bool:

@@ -2,7 +2,9 @@
 
 Code answers run in the graders' sandbox (a subprocess per test run), so they are graded from a thread pool
 sized to the machine: the threads only wait on subprocesses. Math, mcq and exact grading are fast and stay on
-the calling thread (math-verify's own timeouts use signals, which only work on the main thread).
+the calling thread (math-verify's own timeouts use signals, which only work on the main thread). A sample the
+engine rejected (the server refused the request, the prompt did not fit) is not graded: it is wrong, with
+the reason ``engine:<code>``.
 """
 from __future__ import annotations
 
@@ -22,18 +24,21 @@ def code_workers() -> int:
 def grade_all(kind: str, questions: Sequence[Question], completions: Sequence[Sequence[Any]],
               code_timeout: float, on_progress: ProgressCallback | None = None) -> list[list[Any]]:
     """Per question, one Verdict per completion (same order)."""
-    from ..grading import grade
+    from ..grading import Verdict, grade
 
     jobs = []
     for q, comps in zip(questions, completions):
         for i, completion in enumerate(comps):
             graded = q.graded[i] if len(q.graded) > 1 else q.graded[0]
-            jobs.append((completion.text, graded))
+            jobs.append((completion, graded))
     total = len(jobs)
     done = 0
 
     def one(job):
-        text, record = job
+        completion, record = job
+        text = completion.text
+        if getattr(completion, "rejected", None):  # no answer to grade: wrong, with the engine's reason
+            return Verdict(False, f"engine:{completion.rejected}")
         if kind == "code":
             return grade(kind, text, record, timeout_seconds=code_timeout)
         return grade(kind, text, record)

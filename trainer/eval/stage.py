@@ -6,7 +6,9 @@ aggregate pass@1 / stderr / pass@k / output length per benchmark, and publish th
     records/<benchmark>.jsonl  per question: prompt(s), reference, every sample with its verdict
 
 The returned metrics (status.metrics) hold ``score`` (mean pass@1 over benchmarks: the printer column) and
-``benchmarks: {name: {pass1, stderr, passAtK, n, meanTokens, p95Tokens, truncated}}``.
+``benchmarks: {name: {pass1, stderr, passAtK, n, meanTokens, p95Tokens, truncated}}``. A sample the engine
+rejected (a request the endpoint refused, a prompt longer than the context) counts as wrong; results.json
+gives their number per benchmark (``rejected``, reasons ``engine:<code>``) and the records their message.
 """
 from __future__ import annotations
 
@@ -92,6 +94,8 @@ def sample_record(index: int, completion, verdict, graded: dict, order: list[int
               "correct": bool(verdict.correct), "reason": verdict.reason, "extracted": verdict.extracted}
     if order is not None:
         record.update(order=order, reference=graded["answer"])
+    if completion.rejected:
+        record.update(rejected=completion.rejected, error=completion.error)
     return record
 
 
@@ -133,7 +137,10 @@ def score_benchmark(r: BenchmarkRun, completions: list[list[Any]], spec, report)
         outcomes.append([SampleOutcome(bool(v.correct), c.num_tokens, c.truncated) for c, v in zip(comps, verds)])
         rows.append(question_record(r, q, samples))
     reasons = Counter(s["reason"] for row in rows for s in row["samples"])
-    return {"kind": r.spec.kind, **summarize(outcomes), "reasons": dict(sorted(reasons.items()))}, rows, tokens
+    rejected = sum(1 for row in rows for s in row["samples"] if s.get("rejected"))
+    summary = {"kind": r.spec.kind, **summarize(outcomes), "rejected": rejected,
+               "reasons": dict(sorted(reasons.items()))}
+    return summary, rows, tokens
 
 
 def run(ctx) -> dict:

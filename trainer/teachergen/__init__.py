@@ -6,7 +6,8 @@ Published folder (``spec.output.uri``)::
                       {"promptId", "sampleIndex", "messages": [system?, user, assistant] (BranchSFT-ready),
                        "verdict": {"correct", "reason", "extracted"} | null, "numTokens", "finishReason",
                        "meta": {<prompts.fields>}?}
-    teachergen.json   counts, acceptance (kept fraction, rejections by reason, verdicts), token totals,
+    teachergen.json   counts, acceptance (kept fraction, rejections by reason, verdicts, one example message
+                      per engine rejection reason, e.g. the server's 400), token totals,
                       teacher engine/model, template, system prompt, sampling, verify/select/filters, spec digest
     _manifest.json    sha256 of every file (trainer/publish.py)
 

@@ -1,7 +1,8 @@
 """Which samples of one prompt are kept, and why the others are not.
 
-Cheap filters run first (truncated, too long, no closed think block), then verification (only where the
-mode needs it or the verdict is stored), then dedup and the per-prompt caps. Every sample gets either
+Samples the engine rejected come first (``engine:<code>``: ``engine:http_400``, ``engine:prompt_too_long``),
+then cheap filters (truncated, too long, no closed think block), then verification (only where the mode
+needs it or the verdict is stored), then dedup and the per-prompt caps. Every sample gets either
 ``kept`` or exactly one rejection reason; reasons are stable strings counted in the manifest.
 """
 from __future__ import annotations
@@ -44,7 +45,9 @@ def decide(completions: list[Completion], *, select: Select, filters: Filters, v
     decisions = [Decision(i, c) for i, c in enumerate(completions)]
     for d in decisions:
         c = d.completion
-        if c.truncated:
+        if c.rejected:  # the engine gave no text (the server refused the request, the prompt did not fit)
+            d.rejected = f"engine:{c.rejected}"
+        elif c.truncated:
             d.rejected = "truncated"
         elif filters.max_response_tokens is not None and c.num_tokens > filters.max_response_tokens:
             d.rejected = "too_long"

@@ -124,6 +124,7 @@ class Totals:
         self.kept_tokens = 0
         self.verdicts: Counter = Counter()
         self.gen_seconds = 0.0
+        self.engine_errors: dict[str, str] = {}  # engine rejection reason -> the first message seen
 
     def add(self, stats: dict) -> None:
         self.prompts += stats["prompts"]
@@ -134,6 +135,8 @@ class Totals:
         self.kept_tokens += stats["keptTokens"]
         self.verdicts.update(stats.get("verdicts", {}))
         self.gen_seconds += stats["genSeconds"]
+        for reason, message in stats.get("engineErrors", {}).items():
+            self.engine_errors.setdefault(reason, message)
 
     def metrics(self, total_prompts: int) -> dict:
         return {"promptsDone": self.prompts, "promptsTotal": total_prompts, "samplesGenerated": self.generated,
@@ -265,7 +268,7 @@ class TeacherGenRun:
                 decisions = list(pool.map(one, range(len(batch))))
         else:  # math-verify's timeouts need the main thread
             decisions = [one(i) for i in range(len(batch))]
-        records, rejected, verdicts = [], Counter(), Counter()
+        records, rejected, verdicts, engine_errors = [], Counter(), Counter(), {}
         tokens = kept_tokens = 0
         for (pid, record), user, prompt_decisions in zip(batch, users, decisions):
             for d in prompt_decisions:
@@ -274,6 +277,8 @@ class TeacherGenRun:
                     verdicts[d.verdict.reason] += 1
                 if d.rejected:
                     rejected[d.rejected] += 1
+                    if d.completion.rejected:  # keep why the server refused it (one example per reason)
+                        engine_errors.setdefault(d.rejected, d.completion.error or "")
                     continue
                 kept_tokens += d.completion.num_tokens
                 verdict = None
@@ -291,6 +296,8 @@ class TeacherGenRun:
         stats = {"prompts": len(batch), "generated": sum(len(o) for o in outputs), "kept": len(records),
                  "rejected": dict(rejected), "tokens": tokens, "keptTokens": kept_tokens,
                  "verdicts": dict(verdicts), "genSeconds": round(gen_seconds, 4)}
+        if engine_errors:
+            stats["engineErrors"] = engine_errors
         store.commit([pid for pid, _ in batch], records, stats)
         self.totals.add(stats)
         self._report()
@@ -383,7 +390,8 @@ class TeacherGenRun:
                        "promptsWithSamples": len({r["promptId"] for r in records}), "shards": spec.shards},
             "acceptance": {"keptFraction": round(totals.kept / totals.generated, 6) if totals.generated else 0.0,
                            "rejectedByReason": dict(sorted(totals.rejected.items())),
-                           "verdicts": dict(sorted(totals.verdicts.items()))},
+                           "verdicts": dict(sorted(totals.verdicts.items())),
+                           "engineErrors": dict(sorted(totals.engine_errors.items()))},
             "tokens": {"generated": totals.tokens, "kept": totals.kept_tokens,
                        "meanKept": round(totals.kept_tokens / totals.kept, 2) if totals.kept else 0.0,
                        "tokensPerSecond": metrics["tokensPerSecond"]},

@@ -60,3 +60,22 @@ def test_math_mcq_verdicts_follow_question_and_sample_order():
     comps = [[Completion(f"\\boxed{{{g['answer']}}}", None, 2, "stop") for g in q.graded]]
     comps[0][2] = Completion("\\boxed{" + ("A" if q.graded[2]["answer"] != "A" else "B") + "}", None, 2, "stop")
     assert [v.correct for v in grade_all("mcq", [q], comps, code_timeout=1)[0]] == [True, True, False]
+
+
+def test_a_sample_the_engine_rejected_is_wrong_ungraded_and_counted():
+    from types import SimpleNamespace
+
+    from branchmerge.trainer.eval.stage import BenchmarkRun, score_benchmark
+
+    math = Benchmark.model_validate({"name": "m", "kind": "math", "samples": 2, "dataset": {"uri": "file:///x.jsonl"}})
+    q = build_question({"id": "half", "prompt": "1/2?", "answer": "0.5"}, "half", math, seed=0)
+    refused = Completion("", None, 0, "rejected", rejected="http_400", error="HTTP 400: prompt too long")
+    summary, rows, tokens = score_benchmark(BenchmarkRun(math, 0, [q]), [[Completion("\\boxed{0.5}", None, 3, "stop"),
+                                                                         refused]],
+                                            SimpleNamespace(code_timeout_seconds=2), lambda fraction: None)
+    assert summary["pass1"] == 0.5 and summary["rejected"] == 1
+    assert summary["reasons"] == {"correct": 1, "engine:http_400": 1}
+    sample = rows[0]["samples"][1]
+    assert sample["correct"] is False and sample["finishReason"] == "rejected"
+    assert sample["rejected"] == "http_400" and sample["error"] == "HTTP 400: prompt too long"
+    assert "rejected" not in rows[0]["samples"][0] and tokens == 3

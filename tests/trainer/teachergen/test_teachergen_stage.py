@@ -170,6 +170,35 @@ def test_openai_teacher_with_code_verification(tmp_path, server, monkeypatch):
     assert "sk-stage-secret" not in manifest and "sk-stage-secret" not in json.dumps(result)
 
 
+def _endpoint_spec(tmp_path: Path, url: str) -> dict:
+    return {"teacher": {"engine": {"name": "openai", "endpoint": {"baseUrl": url, "model": "teacher",
+                                                                   "maxRetries": 0}}},
+            "prompts": {"dataset": {"uri": write_prompts(tmp_path / "prompts.jsonl", 4).as_uri()}},
+            "template": "{{problem}}", "sampling": {"samplesPerPrompt": 2, "maxTokens": 64, "seed": 0},
+            "verify": {"kind": "none"}, "batchSize": 2, "output": {"uri": (tmp_path / "out").as_uri()}}
+
+
+def test_a_request_the_endpoint_refuses_rejects_its_samples_and_the_stage_goes_on(tmp_path, server, monkeypatch):
+    server.refuse = lambda body: ((400, "This model's maximum context length is 8 tokens.")
+                                  if body["messages"][-1]["content"] == "what is 2 + 2 ?" else None)
+    code, result = run_stage(write_spec(tmp_path, _endpoint_spec(tmp_path, server.url)), tmp_path, monkeypatch)
+    assert code == 0, result
+    assert result["metrics"]["samplesRejected"] == {"engine:http_400": 2}
+    assert result["metrics"]["samplesKept"] == 6 and result["metrics"]["samplesGenerated"] == 8
+    records = [json.loads(line) for line in (tmp_path / "out" / "data.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all("2 + 2" not in r["messages"][0]["content"] for r in records)
+    manifest = json.loads((tmp_path / "out" / "teachergen.json").read_text())
+    assert manifest["acceptance"]["engineErrors"] == {
+        "engine:http_400": "HTTP 400: This model's maximum context length is 8 tokens."}
+
+
+def test_an_endpoint_that_refuses_every_request_fails_the_stage_as_invalid(tmp_path, server, monkeypatch):
+    server.status_override, server.status_message = 401, "invalid api key"
+    code, result = run_stage(write_spec(tmp_path, _endpoint_spec(tmp_path, server.url)), tmp_path, monkeypatch)
+    assert code == 2 and "HTTP 401: invalid api key" in result["error"], result
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_stage_on_the_vllm_engine_matches_the_engine_output(tmp_path, tiny_model, tiny_vllm):
     """The stage with the session's vLLM engine: each kept sample is exactly what the engine gives that prompt."""

@@ -91,6 +91,15 @@ def test_selection_filters_and_modes():
     assert calls == [] and all(x.verdict is None and x.rejected is None for x in d)
 
 
+def test_samples_the_engine_rejected_are_never_verified():
+    refused = Completion(text="", token_ids=None, num_tokens=0, finish_reason="rejected", rejected="http_400",
+                         error="HTTP 400: too long")
+    calls: list = []
+    d = decide([refused, C("<think>a</think> right", 5)], select=Select(mode="all-correct"), filters=Filters(),
+               verify_kind="math", verify=grader(calls))
+    assert [x.rejected for x in d] == ["engine:http_400", None] and len(calls) == 1
+
+
 def test_closed_think():
     assert has_closed_think("<think>reason</think>answer")
     assert has_closed_think("reason</think>answer")  # the template opened the block
