@@ -12,6 +12,7 @@ import sys
 # module paths whose register(subparsers) adds a command; order = order in --help
 COMMAND_MODULES = [
     "branchmerge.commands.validate",
+    "branchmerge.commands.render",
     "branchmerge.commands.crds",
     "branchmerge.commands.stage",
     "branchmerge.commands.run",

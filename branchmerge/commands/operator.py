@@ -28,6 +28,23 @@ def register(sub) -> None:
                    help="kopf peering object for leader election between replicas (default: standalone)")
     p.add_argument("--priority", type=int,
                    help="peering priority; the highest live replica works (default: random, so replicas differ)")
+    add_children_flags(p)
+    p.add_argument("--progress-port", type=int, default=8082, help="port of the progress endpoint")
+    p.add_argument("--progress-addr", default="0.0.0.0")
+    p.add_argument("--pending-deadline", type=float, default=900.0, metavar="SECONDS",
+                   help="fail an attempt whose pods a problem (quota, unschedulable, image pull, missing Secret) "
+                        "kept from starting this long (0: never)")
+    p.add_argument("--pending-recheck", type=float, default=10.0, metavar="SECONDS",
+                   help="how often a CR whose pods are held up looks at them again")
+    p.add_argument("--workers", type=int, default=8, help="concurrent reconciles")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account, then $KUBECONFIG)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=run)
+
+
+def add_children_flags(p) -> None:
+    """The flags that shape the children (images, storage, requests, progress), shared with
+    ``branchmerge render``, which must build what this operator builds."""
     p.add_argument("--image", help="trainer image for pods whose spec has none")
     p.add_argument("--default-output-root", metavar="pvc://CLAIM/PREFIX",
                    help="where outputs go when spec.output.uri is absent")
@@ -38,8 +55,6 @@ def register(sub) -> None:
     p.add_argument("--progress-url", metavar="URL",
                    help="live progress: the URL pods reach this operator's progress endpoint at, e.g. "
                         "http://branchmerge-operator.branchmerge-system.svc:8082/progress (default: off)")
-    p.add_argument("--progress-port", type=int, default=8082, help="port of the progress endpoint")
-    p.add_argument("--progress-addr", default="0.0.0.0")
     p.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
                    help="seconds between two progress reports of one pod")
     p.add_argument("--default-cpu-request", metavar="QUANTITY",
@@ -48,15 +63,6 @@ def register(sub) -> None:
     p.add_argument("--default-memory-request", metavar="QUANTITY",
                    help="memory request of stage containers whose CR sets no spec.resources.memory, to which "
                         "the /dev/shm size is added (default: 2Gi; 'none': no request)")
-    p.add_argument("--pending-deadline", type=float, default=900.0, metavar="SECONDS",
-                   help="fail an attempt whose pods a problem (quota, unschedulable, image pull, missing Secret) "
-                        "kept from starting this long (0: never)")
-    p.add_argument("--pending-recheck", type=float, default=10.0, metavar="SECONDS",
-                   help="how often a CR whose pods are held up looks at them again")
-    p.add_argument("--workers", type=int, default=8, help="concurrent reconciles")
-    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account, then $KUBECONFIG)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=run)
 
 
 def namespace_errors(namespaces: list[str]) -> list[str]:
@@ -98,7 +104,9 @@ def options_from_args(args):
         image=args.image or defaults.image, default_output_root=args.default_output_root,
         hf_token_secret=args.hf_token_secret, staging_claim=args.staging_claim,
         progress_url=args.progress_url, progress_interval_seconds=args.progress_interval,
-        pending_deadline_seconds=args.pending_deadline, pending_recheck_seconds=args.pending_recheck, **requests)
+        # render has no pending flags: they decide when to give up on pods, not what the children are
+        pending_deadline_seconds=getattr(args, "pending_deadline", defaults.pending_deadline_seconds),
+        pending_recheck_seconds=getattr(args, "pending_recheck", defaults.pending_recheck_seconds), **requests)
 
 
 def _connector(kubeconfig: str | None):

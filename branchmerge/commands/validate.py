@@ -12,17 +12,23 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def rejection(result) -> list[str]:
+    """What validate writes to stderr about a manifest set it rejects (empty: valid and not empty); shared
+    with ``branchmerge render`` so both say the same."""
+    if not result.ok:
+        return [f"error: {problem}" for problem in result.problems] + [f"{len(result.problems)} error(s)"]
+    if not result.resources:
+        return ["error: no branchmerge.dev manifests found"]
+    return []
+
+
 def run(args) -> int:
     from branchmerge.api.manifests import load
 
     result = load(args.filename)
-    for problem in result.problems:
-        print(f"error: {problem}", file=sys.stderr)
-    if not result.ok:
-        print(f"{len(result.problems)} error(s)", file=sys.stderr)
-        return 1
-    if not result.resources:
-        print("error: no branchmerge.dev manifests found", file=sys.stderr)
+    lines = rejection(result)
+    if lines:
+        print("\n".join(lines), file=sys.stderr)
         return 1
     if not args.quiet:
         order = result.dag().order()
