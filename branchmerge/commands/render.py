@@ -93,7 +93,8 @@ def to_yaml(rendered, opts) -> str:
     import yaml
 
     class Dumper(yaml.SafeDumper):
-        pass
+        def ignore_aliases(self, data) -> bool:  # objects sharing a dict print it twice, not as &id001/*id001
+            return True
 
     def text(dumper, value: str):  # the ConfigMap's spec.yaml stays readable: a block, not one escaped line
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)

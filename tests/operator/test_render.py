@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from pathlib import Path
 
@@ -170,7 +171,9 @@ def test_yaml_and_json_hold_the_same_objects_in_pipeline_order(capsys):
         assert [o["kind"] for o in mine] == ["ConfigMap"] + ["Service"] * (pods > 1) + ["Job"]
         assert job["metadata"]["name"].endswith("-1") and job["metadata"]["labels"]["branchmerge.dev/attempt"] == "1"
         assert all(o["metadata"]["namespace"] == "default" for o in mine)
-    assert "A retry creates the same Job" in render(capsys, "-f", TINYR1)[1]
+    text = render(capsys, "-f", TINYR1)[1]
+    assert "A retry creates the same Job" in text
+    assert not re.search(r"[&*]id\d+", text), "YAML anchors/aliases (kubectl reads them, people do not)"
 
 
 def test_namespace_is_applied_and_a_conflicting_one_refused(capsys, tmp_path):
