@@ -4,8 +4,8 @@ multi-pod runs a headless Service. Pure functions over plain dicts (unit-tested 
 Pod shape: ``branchmerge stage <stage> --spec /etc/branchmerge/spec.yaml --result /tmp/result.json``;
 the stage writes a compact result to the termination message (``BRANCHMERGE_TERMINATION_LOG``), which
 the operator reads from the pods when the Job ends. Multi-node BranchSFT runs under torchrun (configured
-through its PET_* environment variables) and data-parallel TeacherGen gets RANK/WORLD_SIZE from the
-completion index; both use an Indexed Job whose pod 0 is reachable as ``<job>-0.<service>``.
+through its PET_* environment variables) and data-parallel TeacherGen and Eval get RANK/WORLD_SIZE from the
+completion index; all use an Indexed Job whose pod 0 is reachable as ``<job>-0.<service>``.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class Run:
     @property
     def pods(self) -> int:
         """Pods per attempt: multi-node SFT and data-parallel generation spread over resources.nodes."""
-        if self.kind in ("BranchSFT", "TeacherGen"):
+        if self.kind in ("BranchSFT", "TeacherGen", "Eval"):
             return int(self.resources.get("nodes", 1))
         return 1
 
@@ -310,6 +310,9 @@ def threads_per_process(run: Run) -> int | None:
     return max(1, int(cores // processes))
 
 
+FILE_SHARING_KINDS = ("TeacherGen", "Eval")  # their workers share files, not a rendezvous: no peer wait
+
+
 def uses_torchrun(run: Run) -> bool:
     gpus = int(run.resources.get("gpusPerNode", 0))
     return run.kind == "BranchSFT" and (run.pods > 1 or gpus > 1)
@@ -452,7 +455,7 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
                 "volumeMounts": [staging_mount, {"name": "tmp", "mountPath": "/tmp"}],
                 **({"resources": init_resources} if init_resources else {}),
             })
-    if multi and run.kind != "TeacherGen":  # TeacherGen workers share files, not a rendezvous
+    if multi and run.kind not in FILE_SHARING_KINDS:
         init.append({
             **base_container(),
             "name": "wait-for-peers",

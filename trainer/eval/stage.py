@@ -9,10 +9,22 @@ The returned metrics (status.metrics) hold ``score`` (mean pass@1 over benchmark
 ``benchmarks: {name: {pass1, stderr, passAtK, n, meanTokens, p95Tokens, truncated}}``. A sample the engine
 rejected (a request the endpoint refused, a prompt longer than the context) counts as wrong; results.json
 gives their number per benchmark (``rejected``, reasons ``engine:<code>``) and the records their message.
+
+Workers and resuming (:mod:`.work`, the TeacherGen design of ``trainer/workers.py``): worker ``i`` of ``W``
+(``$RANK``/``$WORLD_SIZE``; on Kubernetes the pods of an Indexed Job of ``spec.resources.nodes``) sends a
+disjoint share of the requests in chunks and commits each answered chunk under ``<output>.work/``; a retried
+pod resumes from the committed chunks, a changed spec starts over. ``engine.dataParallelSize`` is not a knob
+of its own: the workers ARE the engine replicas (one engine of ``tensorParallelSize`` GPUs per pod; several
+engines in one pod are not started), so set ``spec.resources.nodes``. Each worker closes its engine as soon as
+its share is committed (workers other than 0 then exit, releasing their GPUs); worker 0 waits for every
+share (giving up retryably after ``$BRANCHMERGE_SHARD_WAIT_SECONDS`` without progress), then grades
+everything with the engine closed -- code tests run in the sandbox pool with the GPU memory freed -- and
+publishes. One grader sees every sample of a question, so the scores are those of a single-process run.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,11 +34,14 @@ from ...api.eval import Benchmark
 from ..engine import open_engine, request_seed  # light: backends are imported when opened
 from ..errors import InvalidInput
 from ..publish import atomic_folder, write_json_atomic
+from ..workers import (DEFAULT_POLL_SECONDS, DEFAULT_WAIT_SECONDS, POLL_ENV, WAIT_ENV, check_rank, env_seconds,
+                       prepare_work_dir, ranges, wait_until_done, work_folder)
 from .aggregate import SampleOutcome, overall_score, summarize
 from .data import DataError, load_records, question_id
 from .questions import Question, QuestionError, build_question
 from .report import RESULTS_JSON, RESULTS_MD, results_markdown
 from .scoring import grade_all
+from .work import EvalWork, Request, assigned, chunk_size, fingerprint
 
 GENERATION_SHARE = 0.85  # of the progress bar; grading takes the rest
 STATUS_KEYS = ("pass1", "stderr", "passAtK", "n", "samples", "meanTokens", "p95Tokens", "truncated")
@@ -62,29 +77,52 @@ def conversation(benchmark: Benchmark, prompt: str) -> list[dict]:
     return messages + [{"role": "user", "content": prompt}]
 
 
-def sample_requests(runs: list[BenchmarkRun], base_seed: int) -> tuple[list[list[dict]], list[int]]:
+def sample_requests(runs: list[BenchmarkRun], base_seed: int) -> list[Request]:
     """Every sample of every benchmark as its own request (n = 1), in run/question/sample order.
 
-    One engine call for all benchmarks keeps the engine's batch full (separate calls per benchmark ran ~1.9x
+    Chunks mix benchmarks, which keeps the engine's batch full (separate calls per benchmark ran ~1.9x
     slower on the tiny model: each call decodes to its longest answer). Sample j of a prompt gets seed
     request_seed + j, so samples differ even when shuffled options repeat an order, and the draw does not
-    depend on batching.
+    depend on batching, chunking or the worker.
     """
-    conversations, seeds = [], []
+    requests = []
     for r in runs:
         for q in r.questions:
             for j in range(r.spec.samples):
                 conv = conversation(r.spec, q.prompts[j] if len(q.prompts) > 1 else q.prompts[0])
-                conversations.append(conv)
-                seeds.append((request_seed(base_seed, conv) + j) & 0x7FFFFFFF)
-    return conversations, seeds
+                requests.append(Request(len(requests), r.spec.name, q.id, j, conv,
+                                        (request_seed(base_seed, conv) + j) & 0x7FFFFFFF))
+    return requests
 
 
-def generate(engine, runs: list[BenchmarkRun], sampling, on_progress) -> list[list[list[Any]]]:
-    """Per benchmark, per question, its k completions in sample order."""
-    conversations, seeds = sample_requests(runs, sampling.seed)
-    outputs = engine.generate(conversations, sampling, n=1, seeds=seeds, on_progress=on_progress)
-    flat = iter(completions[0] for completions in outputs)
+def generate_share(open_model, work: EvalWork, requests: list[Request], todo: list[int], sampling,
+                   on_progress, timing: dict) -> None:
+    """Send this worker's uncommitted requests chunk by chunk, committing each; the engine is opened only
+    when there is something to send and closed before returning (grading never runs beside it)."""
+    engine = None
+    size = chunk_size()
+    try:
+        for start in range(0, len(todo), size):
+            chunk = [requests[k] for k in todo[start:start + size]]
+            if engine is None:
+                t0 = time.time()
+                engine = open_model()
+                timing["load"] = time.time() - t0
+            base = len(work.committed())
+            t0 = time.time()
+            outputs = engine.generate([r.conversation for r in chunk], sampling, n=1, seeds=[r.seed for r in chunk],
+                                      on_progress=lambda done, _total, _base=base: on_progress(_base + done))
+            work.commit(chunk, [completions[0] for completions in outputs], time.time() - t0)
+    finally:
+        if engine is not None:
+            t0 = time.time()
+            engine.close()
+            timing["shutdown"] = time.time() - t0
+
+
+def arrange(runs: list[BenchmarkRun], requests: list[Request], answers: dict) -> list[list[list[Any]]]:
+    """Per benchmark, per question, its k completions in sample order (requests are in that order)."""
+    flat = iter(answers[r.index] for r in requests)
     return [[[next(flat) for _ in range(r.spec.samples)] for _ in r.questions] for r in runs]
 
 
@@ -112,6 +150,24 @@ def question_record(run: BenchmarkRun, q: Question, samples: list[dict]) -> dict
         record["reference"] = q.record.get("answer")
     record.update(correct=sum(s["correct"] for s in samples), samples=samples)
     return record
+
+
+def wait_for_workers(ctx, work: EvalWork, total: int, world: int, wait_seconds: float, poll_seconds: float) -> None:
+    """Worker 0: until every request is committed; Retryable once no worker committed for ``wait_seconds``."""
+    def missing() -> list[int]:
+        return sorted(set(range(total)) - work.committed())
+
+    def on_wait(todo: list[int]) -> None:
+        ctx.progress.update(GENERATION_SHARE * (total - len(todo)) / max(total, 1),
+                            f"waiting for workers {ranges(sorted({k % world for k in todo}))}: "
+                            f"{total - len(todo)}/{total} samples")
+
+    def stalled(todo: list[int]) -> str:
+        owners = sorted({k % world for k in todo})
+        return (f"{len(todo)} of {total} samples (workers {ranges(owners)} of {world}) not committed and no "
+                f"progress for {wait_seconds:.0f} s (${WAIT_ENV}); retry to resume from the committed chunks")
+
+    wait_until_done(missing, lambda _todo: work.state(), wait_seconds, poll_seconds, on_wait, stalled)
 
 
 def _rounded(value: Any) -> Any:
@@ -145,31 +201,44 @@ def score_benchmark(r: BenchmarkRun, completions: list[list[Any]], spec, report)
 
 def run(ctx) -> dict:
     spec = ctx.spec
-    if not ctx.is_main:  # one process drives the engine (tensor parallelism lives inside it); others idle
-        return {}
+    rank, world = int(ctx.rank), int(ctx.world_size)
+    check_rank(rank, world)
     started = time.time()
     model_path = ctx.input_path(spec.model, "spec.model") if spec.model is not None else None
     runs = [load_benchmark(ctx, i, b) for i, b in enumerate(spec.benchmarks)]
-    total_samples = max(sum(len(r.questions) * r.spec.samples for r in runs), 1)
-    ctx.progress.update(0.0, f"loading the model ({spec.engine.name})", force=True,
-                        questions=sum(len(r.questions) for r in runs), benchmarks=len(runs))
+    requests = sample_requests(runs, spec.sampling.seed)
+    total_samples = max(len(requests), 1)
+    replicas = spec.engine.data_parallel_size
+    if replicas > 1 and replicas != world and rank == 0:
+        print(f"eval: engine.dataParallelSize is {replicas} but the run has {world} worker(s) "
+              f"(spec.resources.nodes on Kubernetes): the workers are the engine replicas, one engine per worker",
+              file=sys.stderr)
+    wait_seconds = env_seconds(WAIT_ENV, DEFAULT_WAIT_SECONDS)
+    poll_seconds = env_seconds(POLL_ENV, DEFAULT_POLL_SECONDS)
+    work_dir = work_folder(ctx.output_dir)
+    prepare_work_dir(work_dir, fingerprint(spec, model_path, requests), rank, wait_seconds, poll_seconds)
+    work = EvalWork(work_dir, rank)
+    committed = work.committed()
+    todo = [k for k in assigned(len(requests), rank, world) if k not in committed]
+    ctx.progress.update(GENERATION_SHARE * len(committed) / total_samples,
+                        f"{len(committed)} of {len(requests)} samples committed; {len(todo)} to generate here",
+                        force=True, questions=sum(len(r.questions) for r in runs), benchmarks=len(runs))
 
     summaries: dict[str, dict] = {}
     records: dict[str, list[dict]] = {}
-    timing = {"prepare": time.time() - started, "load": 0.0, "generation": 0.0, "grading": 0.0}
+    timing = {"prepare": time.time() - started, "load": 0.0, "generation": 0.0, "grading": 0.0, "shutdown": 0.0}
     t0 = time.time()
-    engine = open_engine(spec.engine, model_path)
-    try:
-        timing["load"] = time.time() - t0
-        ctx.progress.update(0.0, f"generating {total_samples} samples for {len(runs)} benchmark(s)", force=True)
-        t0 = time.time()
-        completions = generate(engine, runs, spec.sampling, lambda done, total: ctx.progress.update(
-            GENERATION_SHARE * done / max(total, 1), f"generating: {done}/{total} samples"))
-        timing["generation"] = time.time() - t0
-    finally:
-        t0 = time.time()
-        engine.close()
-        timing["shutdown"] = time.time() - t0
+
+    def generated(done: int) -> None:
+        ctx.progress.update(GENERATION_SHARE * done / total_samples, f"generating: {done}/{len(requests)} samples")
+
+    generate_share(lambda: open_engine(spec.engine, model_path), work, requests, todo, spec.sampling, generated,
+                   timing)
+    if rank != 0:  # worker 0 waits for this share, grades and publishes
+        return {"samplesGenerated": len(todo), "samplesTotal": len(requests)}
+    wait_for_workers(ctx, work, len(requests), world, wait_seconds, poll_seconds)
+    timing["generation"] = time.time() - t0 - timing["load"] - timing["shutdown"]
+    completions = arrange(runs, requests, work.answers())
 
     generated_tokens = graded = 0
     t0 = time.time()

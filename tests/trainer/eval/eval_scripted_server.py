@@ -44,11 +44,14 @@ def answer(messages: list[dict], max_tokens: int) -> tuple[str, int, str]:
 
 
 SEEN: list[dict] = []  # every request body, for assertions
+DELAY = [0.0]  # seconds before each answer (a test sets DELAY[0] to have time to kill a worker mid-run)
 
 
 async def _chat(request: web.Request) -> web.Response:
     body = await request.json()
     SEEN.append(body)
+    if DELAY[0]:
+        await asyncio.sleep(DELAY[0])
     text, tokens, reason = answer(body["messages"], body["max_tokens"])
     return web.json_response({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                            "finish_reason": reason}],
