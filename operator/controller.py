@@ -311,11 +311,16 @@ class Operator:
         return next((w for w in found if owned_by(w, uid)), None)
 
     async def _observe_starting(self, want: Run, observed: Observed) -> None:
-        """While the running attempt has no ready pod: its pods, and the Events that say why they do not run
-        (quota, admission, scheduling, image pull, mounts: operator/pending.py). Nothing when it runs."""
+        """While some pod of the running attempt is not ready: its pods, and the Events that say why they do
+        not run (quota, admission, scheduling, image pull, mounts: operator/pending.py). Nothing once every
+        pod runs: a gang with some pods ready and others unschedulable is still looked at (its running pods
+        only wait in the rendezvous)."""
         name = running_job(want.run_hash, observed.jobs)
         latest = next((j for j in observed.jobs if j["metadata"]["name"] == name), None)
-        if latest is None or (latest.get("status") or {}).get("ready") or (latest.get("spec") or {}).get("suspend"):
+        if latest is None or (latest.get("spec") or {}).get("suspend"):
+            return
+        status = latest.get("status") or {}
+        if int(status.get("ready") or 0) + int(status.get("succeeded") or 0) >= want.pods:
             return
         created = parse_time(latest["metadata"].get("creationTimestamp"))
         if created is not None and time.time() - created < self.opts.pending_recheck_seconds:

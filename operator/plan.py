@@ -48,7 +48,7 @@ from .builders import (Run, UnsupportedSpec, build_children, build_job, build_se
 from .failures import ACTIVE, FAILED, SUCCEEDED, SUSPENDED, classify_failure, finished_at, job_state, stage_result
 from .naming import ANNOTATION_RERUN, ANNOTATION_RESULT, LABEL_ATTEMPT, LABEL_RUN, owned_by
 from .options import OperatorOptions
-from .policy import after_failure, effective_phase, waiting
+from .policy import Failure, after_failure, effective_phase, waiting
 from .resolve import blockers, resolve, spec_hash
 
 QUEUED = "Queued"  # Job created suspended, waiting for Kueue to admit it
@@ -424,28 +424,31 @@ def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: O
         if suspend:
             phase, reason, message = "Suspended", C.SUSPENDED, f"attempt {attempt} suspended"
         elif job_suspended:
-            phase, reason, message = "Pending", QUEUED, f"attempt {attempt} waits for admission by queue " \
-                                                        f"{run.resources.get('queueName')}"
-        elif (latest.get("status") or {}).get("ready") or pending.running(observed.starting_pods or []):
-            phase, reason, message = "Running", C.RUNNING, f"attempt {attempt} running"
-        else:
-            phase, reason, message = "Running", C.STARTED, f"attempt {attempt} starting"
-            held = pending.problem(observed.starting_pods or [], observed.job_events, observed.pod_events) \
-                if observed.starting_pods is not None else None
-            if held is not None:
-                created = parse_time((latest.get("metadata") or {}).get("creationTimestamp")) or now
-                deadline = opts.pending_deadline_seconds
-                if deadline and now - created > deadline:  # give up: the attempt's pods never started
-                    record = {"phase": "Failed", "attempt": attempt, "reason": held.reason,
-                              "message": f"attempt {attempt} did not start within {deadline:.0f}s: {held.message}"[:1024],
-                              "completionTime": C.format_time(now), "generation": generation}
-                    out.delete.append(("Job", name))
-                    _finish(out, old, run, record, generation, record=True)
-                    out.events = transition_events(old, out.status)
-                    return out
-                phase, reason, message = "Running", held.reason, f"attempt {attempt} cannot start: {held.message}"
-            if observed.starting_pods is not None:  # pods are not watched: look again until one runs
+            queue = run.resources.get("queueName")
+            never = pending.over_capacity(observed.workload) if queue else None
+            if never is not None:  # Kueue will never admit it: fail now, not at a deadline
+                failure = Failure(False, never.reason, f"attempt {attempt} can never be admitted by queue {queue}: "
+                                                       f"it {never.message}")
+                return _give_up(out, old, run, latest, attempt, failure, generation, now)
+            phase, reason, message = "Pending", QUEUED, f"attempt {attempt} waits for admission by queue {queue}"
+            wait = pending.queue_wait(observed.workload) if queue else None
+            if wait:
+                message += f": {wait}"  # Kueue's words: what is missing; waiting in a queue has no deadline
+            elif queue:  # Kueue has not looked at it yet: soon it says whether (and why not) it fits
                 out.requeue_after = opts.pending_recheck_seconds
+        else:
+            phase, reason, why = _starting(out, latest, observed, opts)
+            message = f"attempt {attempt} {why}"
+            # The clock runs from when the Job may make pods: its startTime (set when it is unsuspended, reset
+            # on resume), not its creation -- time spent queued in Kueue or suspended does not count.
+            started = parse_time((latest.get("status") or {}).get("startTime")) or \
+                parse_time((latest.get("metadata") or {}).get("creationTimestamp")) or now
+            deadline = opts.pending_deadline_seconds
+            if reason in pending.REASONS and deadline and now - started > deadline:
+                # give up: the attempt's pods (or some of its gang) never started
+                failure = Failure(False, reason, f"attempt {attempt} did not start within {deadline:.0f}s: "
+                                                 f"{why.removeprefix('cannot start: ')}")
+                return _give_up(out, old, run, latest, attempt, failure, generation, now)
         out.status = transition(old, phase, reason, message, generation)
         out.status["attempts"] = attempt
         out.events = transition_events(old, out.status)
@@ -487,6 +490,40 @@ def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: O
     out.status["attempts"] = attempt + 1
     out.events = transition_events(old, out.status)
     out.requeue_after = None if suspend else opts.pending_recheck_seconds  # as for attempt 1
+    return out
+
+
+def _starting(out: Plan, latest: dict, observed: Observed, opts: OperatorOptions) -> tuple[str, str, str]:
+    """(phase, reason, what it does) of an admitted attempt: running, starting, or held by a problem of its pods
+    (operator/pending.py). A gang is held while any of its pods is: the running ones only wait in the
+    rendezvous for the others (a partially placed multi-pod attempt would otherwise look Running until the
+    rendezvous times out)."""
+    pods = observed.starting_pods
+    started = bool((latest.get("status") or {}).get("ready")) or pending.running(pods or [])
+    if pods is not None:  # pods are not watched: look again until they all run
+        out.requeue_after = opts.pending_recheck_seconds
+    held = pending.problem(pods, observed.job_events, observed.pod_events) if pods is not None else None
+    if held is not None and (not started or pending.stragglers(pods)):
+        gang = f"{pending.started_count(pods)} of {len(pods)} pods running, the rest cannot start: " \
+            if started else ""
+        return "Running", held.reason, f"cannot start: {gang}{held.message}"
+    if started:
+        return "Running", C.RUNNING, "running"
+    return "Running", C.STARTED, "starting"
+
+
+def _give_up(out: Plan, old: dict, run: Run, job: dict, attempt: int, failure: Failure, generation: int | None,
+             now: float) -> Plan:
+    """End the run with a permanent failure of an attempt that never started (its Job is deleted, so its
+    pods, or its place in Kueue's queue, go too), recorded in the run's ConfigMap: a restarted operator keeps
+    the verdict, and only an edit of the spec (or a new rerun value) starts another run."""
+    then = after_failure(failure, attempt, 0, 0.0, now, now)  # not retryable: Failed, whatever the backoff
+    record = {"phase": "Failed", "attempt": attempt, "reason": then.reason, "message": then.message[:1024],
+              "completionTime": C.format_time(now), "generation": generation}
+    out.delete.append(("Job", job["metadata"]["name"]))
+    _finish(out, old, run, record, generation, record=True)
+    out.events = transition_events(old, out.status)
+    out.requeue_after = None
     return out
 
 

@@ -6,6 +6,9 @@ one table of event sequences against both drivers.
 - Failure classes: exit 2 is permanent (``InvalidSpec``); 3 (``StageRetryable``), a signal (``Signal``),
   an OOM kill, an eviction or a preemption, and any other code (``Error``) are retryable. The class a
   stage reports in its result wins over a launcher's exit code (trainer/errors.stage_exit_code).
+- Attempts that never start (Kubernetes only, operator/plan.py): past the pending deadline (the reason of
+  what held the pods, e.g. ``Unschedulable``) or at once when Kueue can never admit the run
+  (``ExceedsQueueCapacity``), a non-retryable ``Failure``: another attempt would meet the same wall.
 - Retries: a retryable failure of attempt N is retried while N <= ``runPolicy.backoffLimit``, after
   ``backoffSeconds * 2**(N-1)`` seconds, capped (``MAX_BACKOFF_SECONDS``). While it waits the stage is
   ``Running`` with reason ``Retrying``; the next attempt starts ``Running``/``Started``. Past the limit it is

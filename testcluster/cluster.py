@@ -107,10 +107,13 @@ class Cluster:
     the Job controller's pod backoff base (10 s on a real cluster; the operator's Jobs use backoffLimit 0,
     so it only matters for Jobs that retry pods themselves). ``kueue``: also run the Kueue stand-in
     (testcluster.kueue: the Workload CRD, Workloads for Jobs labelled ``kueue.x-k8s.io/queue-name``,
-    admission, ``spec.active``), as ``cluster.kueue``."""
+    admission, ``spec.active``), as ``cluster.kueue``; ``kueue_quota``: its ClusterQueue's quota (e.g.
+    ``{"cpu": 4, "memory": "16Gi", "nvidia.com/gpu": 32}``; implies ``kueue``; None: every Workload is
+    admitted at once)."""
 
     def __init__(self, root: Path, *, gc: str = "background", images: dict | None = None,
-                 job_backoff: float = 10.0, node_capacity: dict | None = None, kueue: bool = False):
+                 job_backoff: float = 10.0, node_capacity: dict | None = None, kueue: bool = False,
+                 kueue_quota: dict | None = None):
         self.root = Path(root)
         self.server = ApiServer(REPO / "crds", gc=gc)
         self.image_map = images
@@ -118,7 +121,8 @@ class Cluster:
         self.node_capacity = node_capacity
         self.jobs: JobController | None = None
         self.ttl: TTLController | None = None
-        self.with_kueue = kueue
+        self.with_kueue = kueue or kueue_quota is not None
+        self.kueue_quota = kueue_quota
         self.kueue: KueueController | None = None
         self.node: Node | None = None
         self.network: PodNetwork | None = None
@@ -135,7 +139,7 @@ class Cluster:
             self.jobs = JobController(self.server.url, backoff_base=self.job_backoff).start()
             self.ttl = TTLController(self.server.url).start()
             if self.with_kueue:
-                self.kueue = KueueController(self.server.url).start()
+                self.kueue = KueueController(self.server.url, quota=self.kueue_quota).start()
             self.node = Node(self.server.url, self.root / "node", images=self.image_map,
                              capacity=self.node_capacity, network=self.network).start()
         except BaseException:
