@@ -1,18 +1,26 @@
 """Benchmark the TeacherGen stage against a raw ``vllm.LLM.generate`` call on the same prompts and sampling.
 
     .venv/bin/python bench/teachergen.py [--model DIR] [--prompts 256] [--n 4] [--max-tokens 128] [--repeats 3]
+        [--tail 4] [--tail-tokens 768]
 
 One vLLM engine is started once (startup is the same for both and excluded). Each repeat times:
   raw       tokenize with the chat template + ``llm.generate(prompts, SamplingParams(...))`` in one call;
   stage     the TeacherGen stage end to end in-process (load prompts, template, generate, select, commit
-            batches with fsync, publish data.jsonl + manifest atomically) with verification off, and again with
-            math verification on; batchSize = all prompts (one generate call, as raw) and batchSize = 64.
-Prints median seconds, generated tokens/s and overhead ratios stage / raw. Goal: <= 1.05 with verification off.
+            with fsync, publish data.jsonl + manifest atomically) with verification off, and again with math
+            verification on. ``stream``: the default path (a window of prompts in the engine, each committed as
+            it finishes); ``batch``: the old path (one generate call per batchSize prompts, all prompts or 64).
+  long tail the same prompts, but ``--tail`` of them may write ``--tail-tokens`` tokens instead of
+            ``--max-tokens`` (R1 traces: a few answers far longer than the rest), stream vs batch=64: the batch
+            path waits for each batch's slowest prompt with the engine nearly empty, the stream refills it.
+            (The stage's sampling has one maxTokens; the bench raises it for those prompts' requests only.)
+Prints median seconds, generated tokens/s and overhead ratios stage / raw (goal: <= 1.05 with verification
+off), and the long-tail wall-time ratio stream / batch=64 measured in the same run.
 Without --model a tiny Qwen2 model is built (branchmerge.trainer.tiny) in a temp folder.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +36,7 @@ for _key, _value in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMER
 from branchmerge.api.common import Engine  # noqa: E402
 from branchmerge.api.teachergen import TINYR1_MATH_TEMPLATE  # noqa: E402
 from branchmerge.api.validation import parse_resource  # noqa: E402
-from branchmerge.trainer.engine import open_engine  # noqa: E402
+from branchmerge.trainer.engine import open_engine, vllm_engine  # noqa: E402
 from branchmerge.trainer.engine.chat import prompt_token_ids  # noqa: E402
 from branchmerge.trainer.progress import Progress  # noqa: E402
 from branchmerge.trainer.stage import StageContext  # noqa: E402
@@ -73,15 +81,40 @@ def time_raw(engine, prompts_file: Path, args) -> tuple[float, int]:
     return elapsed, sum(len(o.token_ids) for out in outputs for o in out.outputs)
 
 
-def time_stage(engine, doc: dict, out: Path) -> tuple[float, int, float]:
-    """(wall seconds, tokens, seconds spent outside engine.generate: what the stage adds)."""
+@contextlib.contextmanager
+def long_tail(prompts_file: Path, args):
+    """``--tail`` prompts (every len/tail-th) get ``--tail-tokens`` as max_tokens: the engine builds its
+    SamplingParams with ``vllm_engine.sampling_params`` on both paths, keyed here by the prompt's seed."""
+    pairs = assign_ids(load_records(prompts_file), None)
+    step = max(1, len(pairs) // max(1, args.tail))
+    long_seeds = {teachergen.prompt_seed(0, pid) for pid, _ in pairs[::step][:args.tail]}
+    plain = vllm_engine.sampling_params
+
+    def params(sampling, n, seed):
+        if seed in long_seeds:
+            sampling = sampling.model_copy(update={"max_tokens": args.tail_tokens})
+        return plain(sampling, n, seed)
+
+    vllm_engine.sampling_params = params
+    try:
+        yield
+    finally:
+        vllm_engine.sampling_params = plain
+
+
+def time_stage(engine, doc: dict, out: Path, streaming: bool = True) -> tuple[float, int, float]:
+    """(wall seconds, tokens, seconds not spent waiting on the engine: what the stage adds)."""
     work = out.parent / f"{out.name}.work"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     started = time.perf_counter()
     resource = parse_resource(doc)
     ctx = StageContext(resource, doc["spec"]["output"]["uri"], out, Progress(enabled=False))
-    metrics = teachergen.run(ctx, engine=engine)
+    teachergen.TeacherGenRun.streaming = streaming
+    try:
+        metrics = teachergen.run(ctx, engine=engine)
+    finally:
+        teachergen.TeacherGenRun.streaming = True
     wall = time.perf_counter() - started
     generating = sum(json.loads(line)["stats"]["genSeconds"] for commits in work.rglob("commits.jsonl")
                      for line in commits.read_text().splitlines())
@@ -95,6 +128,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tail", type=int, default=4, help="prompts with a long answer in the long-tail case")
+    parser.add_argument("--tail-tokens", type=int, default=768, help="their max_tokens (within maxModelLen 1024)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bm-bench-teachergen-"))
     try:
@@ -108,8 +143,15 @@ def main() -> None:
         engine = open_engine(Engine.model_validate(ENGINE), model)
         try:
             time_raw(engine, prompts, args)  # warm-up
-            variants = {"raw": None, "stage verify=off batch=all": (False, args.prompts),
-                        "stage verify=off batch=64": (False, 64), "stage verify=math batch=all": (True, args.prompts)}
+            # name -> (verify, batchSize, streaming, long tail); None: the raw call
+            variants = {"raw": None,
+                        "stage stream verify=off": (False, 64, True, False),
+                        "stage batch verify=off batch=all": (False, args.prompts, False, False),
+                        "stage batch verify=off batch=64": (False, 64, False, False),
+                        "stage stream verify=math": (True, 64, True, False),
+                        "stage batch verify=math batch=all": (True, args.prompts, False, False),
+                        "long tail: stage stream": (False, 64, True, True),
+                        "long tail: stage batch=64": (False, 64, False, True)}
             times: dict[str, list[float]] = {k: [] for k in variants}
             added: dict[str, list[float]] = {k: [] for k in variants}
             tokens: dict[str, int] = {}
@@ -119,8 +161,11 @@ def main() -> None:
                         t, tok = time_raw(engine, prompts, args)
                         extra = 0.0
                     else:
+                        verify, batch, streaming, tail = variant
                         out = work / "out"
-                        t, tok, extra = time_stage(engine, stage_doc(model, prompts, out, args, *variant), out)
+                        doc = stage_doc(model, prompts, out, args, verify, batch)
+                        with long_tail(prompts, args) if tail else contextlib.nullcontext():
+                            t, tok, extra = time_stage(engine, doc, out, streaming)
                     added[name].append(extra)
                     times[name].append(t)
                     tokens[name] = tok
@@ -129,16 +174,21 @@ def main() -> None:
         raw = statistics.median(times["raw"])
         print(f"\n{args.prompts} prompts x n={args.n}, max_tokens={args.max_tokens}, {args.repeats} repeats "
               f"(median), model {model}")
-        print("ratio = stage wall / raw wall (noisy on a shared machine); added = stage seconds outside "
-              "engine.generate / raw wall (what the stage itself costs)")
-        print(f"{'variant':32s} {'seconds':>9s} {'tokens':>8s} {'tok/s':>9s} {'ratio':>7s} {'added':>7s}")
+        print("ratio = stage wall / raw wall (noisy on a shared machine); added = stage seconds not spent waiting "
+              "on the engine / raw wall (what the stage itself costs; the stream verifies while the engine runs)")
+        print(f"{'variant':36s} {'seconds':>9s} {'tokens':>8s} {'tok/s':>9s} {'ratio':>7s} {'added':>7s}")
         for name in variants:
             med = statistics.median(times[name])
             extra = statistics.median(added[name]) / raw
-            print(f"{name:32s} {med:9.3f} {tokens[name]:8d} {tokens[name] / med:9.1f} {med / raw:7.3f} "
+            print(f"{name:36s} {med:9.3f} {tokens[name]:8d} {tokens[name] / med:9.1f} {med / raw:7.3f} "
                   f"{extra:7.3f}")
-        same = len({tokens[k] for k in variants}) == 1
-        print(f"same generated token count in every variant: {same}")
+        plain = [k for k in variants if not k.startswith("long tail")]
+        same = len({tokens[k] for k in plain}) == 1
+        print(f"same generated token count in every variant without the long tail: {same}; with it: "
+              f"{tokens['long tail: stage stream'] == tokens['long tail: stage batch=64']}")
+        stream, batch = (statistics.median(times[f"long tail: stage {k}"]) for k in ("stream", "batch=64"))
+        print(f"long tail ({args.tail} of {args.prompts} prompts up to {args.tail_tokens} tokens): stream / batch=64 "
+              f"wall time = {stream / batch:.3f} ({stream:.2f} s vs {batch:.2f} s)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,7 +1,8 @@
 """The engine interface shared by TeacherGen and Eval: chat conversations in, n completions each out.
 
 Every backend (offline vLLM, an OpenAI-compatible endpoint, transformers on CPU) answers
-``generate(conversations, sampling, n)`` with one list of ``n`` :class:`Completion` per conversation, in order.
+``generate(conversations, sampling, n)`` with one list of ``n`` :class:`Completion` per conversation, in order;
+``generate_iter`` gives the same completions per conversation as each finishes (a bounded window in flight).
 Seeds are derived per request from ``sampling.seed`` and the conversation itself (not its position in the call),
 so the same prompt gets the same samples however the prompts are batched, sharded or resumed.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 from ...api.common import Sampling
 
@@ -35,6 +36,9 @@ class Completion:
     def truncated(self) -> bool:
         """The sample hit max_tokens (or the context length) before it finished."""
         return self.finish_reason == "length"
+
+
+Finished = tuple[int, list[Completion]]  # (conversation index, its n completions) from generate_iter
 
 
 class EngineError(RuntimeError):
@@ -75,6 +79,28 @@ class TextEngine:
                  on_progress: ProgressCallback | None = None,
                  seeds: Sequence[int] | None = None) -> list[list[Completion]]:
         """n completions per conversation, in input order. ``seeds`` overrides the derived per-request seeds."""
+        full, seeds = self._prepare(conversations, sampling, n, seeds)
+        if not full:
+            return []
+        return self._generate(full, sampling, n, seeds, on_progress)
+
+    def generate_iter(self, conversations: list[Conversation], sampling: Sampling, n: int = 1,
+                      seeds: Sequence[int] | None = None, window: int | None = None,
+                      tick: float | None = None) -> Iterator[Finished | None]:
+        """Like :meth:`generate`, but yields ``(index, n completions)`` for each conversation as soon as all of
+        its samples are done, in completion order, so a caller can commit while slower prompts still run.
+        ``window``: at most that many conversations in flight (the backend's default when None); new ones go
+        in as old ones finish. ``tick``: also yield ``None`` when that many seconds pass with nothing finished
+        (lets a caller act on time while only stragglers remain). Same completions as ``generate``."""
+        full, seeds = self._prepare(conversations, sampling, n, seeds)
+        if window is not None and window < 1:
+            raise ValueError("window must be >= 1")
+        if not full:
+            return iter(())
+        return self._generate_iter(full, sampling, n, seeds, window, tick)
+
+    def _prepare(self, conversations: list[Conversation], sampling: Sampling, n: int,
+                 seeds: Sequence[int] | None) -> tuple[list[Conversation], list[int]]:
         check_conversations(conversations)
         if n < 1:
             raise ValueError("n must be >= 1")
@@ -83,9 +109,15 @@ class TextEngine:
         full = [with_system_prompt(c, self.system_prompt) for c in conversations]
         if seeds is None:
             seeds = [request_seed(sampling.seed, c) for c in full]
-        if not full:
-            return []
-        return self._generate(full, sampling, n, list(seeds), on_progress)
+        return full, list(seeds)
+
+    def _generate_iter(self, conversations: list[Conversation], sampling: Sampling, n: int, seeds: list[int],
+                       window: int | None, tick: float | None) -> Iterator[Finished | None]:
+        """Fallback for backends without a step-wise API: windows of whole calls, yielded in order."""
+        size = window or len(conversations)
+        for start in range(0, len(conversations), size):
+            outputs = self._generate(conversations[start:start + size], sampling, n, seeds[start:start + size], None)
+            yield from enumerate(outputs, start)
 
     def _generate(self, conversations: list[Conversation], sampling: Sampling, n: int, seeds: list[int],
                   on_progress: ProgressCallback | None) -> list[list[Completion]]:

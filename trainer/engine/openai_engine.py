@@ -10,9 +10,11 @@
   is the longest silence allowed (the wait for the response and its first token included). Without
   streaming it is the timeout of the whole request. A server that answers a streaming request with one JSON
   response is read as such.
-- At most ``endpoint.maxConcurrency`` requests in flight; 429, 408, 409, 425, 5xx, timeouts, connection
-  errors, cut-off streams and malformed answers are retried (from scratch) with exponential backoff and full
-  jitter, honouring ``Retry-After``, at most ``endpoint.maxRetries`` times; then the stage fails retryable.
+- At most ``endpoint.maxConcurrency`` requests in flight (``generate_iter``: a window of prompts worth twice
+  that many samples is started, the next prompt as one finishes, each prompt yielded when its n are done);
+  429, 408, 409, 425, 5xx, timeouts, connection errors, cut-off streams and malformed answers are retried
+  (from scratch) with exponential backoff and full jitter, honouring ``Retry-After``, at most
+  ``endpoint.maxRetries`` times; then the stage fails retryable.
 - Any other 4xx concerns that one request (a prompt the server will not take, a parameter it refuses): the
   sample comes back *rejected* (``Completion.rejected = "http_<status>"``, ``Completion.error`` = status and
   the server's message, truncated) and the stage goes on, counting it. Configuration errors must still fail
@@ -41,19 +43,22 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
+import itertools
 import json
 import os
+import queue
 import random
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ...api.common import Engine, Sampling
 from ..errors import InvalidInput, Retryable
-from .base import Completion, Conversation, ProgressCallback, TextEngine
+from .base import Completion, Conversation, Finished, ProgressCallback, TextEngine
 from .chat import join_reasoning
 from .sse import SSEDecoder, StreamedAnswer, StreamError
 
@@ -66,6 +71,7 @@ DETAIL_CHARS = 300  # of a server's error message kept in a rejection
 SIDE_TIMEOUT = 30.0  # seconds for small reads: GET /models (the context length), an error body
 PROMPT_ALLOWANCE, MESSAGE_ALLOWANCE = 64, 8  # tokens a chat template may add (default system prompt, tags)
 MAX_LOGGED_REJECTIONS = 20
+_END = object()  # generate_iter's queue: the request loop has ended
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -173,6 +179,82 @@ class OpenAIEngine(TextEngine):
         # called from inside an event loop (e.g. an async caller): run on a private loop in a thread
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             return pool.submit(lambda: asyncio.run(coro_factory())).result()
+
+    def _generate_iter(self, conversations: list[Conversation], sampling: Sampling, n: int, seeds: list[int],
+                       window: int | None, tick: float | None) -> Iterator[Finished | None]:
+        """Requests run on a private event loop in a thread; finished prompts come back through a queue, so
+        requests keep going while the caller verifies and commits. Closing the iterator cancels the rest."""
+        finished: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        window = window or self.default_window(n)
+
+        def run() -> None:
+            try:
+                asyncio.run(self._stream_async(conversations, sampling, n, seeds, window, finished.put, stop))
+            except BaseException as err:  # noqa: BLE001 -- handed to the caller's thread, raised there
+                finished.put(err)
+            finally:
+                finished.put(_END)
+
+        thread = threading.Thread(target=run, name="openai-engine", daemon=True)
+        thread.start()
+        try:
+            while True:
+                try:
+                    item = finished.get(timeout=tick)
+                except queue.Empty:
+                    yield None
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+    def default_window(self, n: int) -> int:
+        """Prompts in flight: enough samples for twice ``maxConcurrency``, so a finished request's slot is
+        taken at once by a request already waiting (more would only hold prompts that nobody commits)."""
+        return max(1, -(-2 * self.endpoint.max_concurrency // n))
+
+    async def _stream_async(self, conversations, sampling, n, seeds, window, emit, stop) -> None:
+        """Keep ``window`` prompts going; ``emit((index, completions))`` each one once its n samples are done."""
+        limit = asyncio.Semaphore(self.endpoint.max_concurrency)
+        async with self._session() as session:
+            if not self._looked_up_len:
+                await self._look_up_max_model_len(session)
+            budgets = self._budgets(conversations, sampling.max_tokens)
+            to_send = sum(n for b in budgets if isinstance(b, int))
+
+            async def sample(i: int, j: int) -> Completion:
+                budget = budgets[i]
+                if isinstance(budget, tuple):
+                    return self._reject(*budget)
+                body = self._body(conversations[i], sampling, (seeds[i] + j) & 0x7FFFFFFF, budget)
+                async with limit:
+                    return await self._request(session, body, to_send)
+
+            async def prompt(i: int) -> Finished:
+                return i, list(await asyncio.gather(*(sample(i, j) for j in range(n))))
+
+            todo = iter(range(len(conversations)))
+            running: set = set()
+            try:
+                while not stop.is_set():
+                    running.update(asyncio.ensure_future(prompt(i))
+                                   for i in itertools.islice(todo, window - len(running)))
+                    if not running:
+                        return
+                    # the timeout only lets a closed iterator (stop) be noticed while requests run
+                    done, running = await asyncio.wait(running, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        emit(task.result())  # a failed prompt raises here and ends the call
+            finally:
+                for task in running:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
 
     # ---- request bodies and the context budget ------------------------------------------------------
     def _body(self, conversation: Conversation, sampling: Sampling, seed: int, max_tokens: int) -> dict[str, Any]:

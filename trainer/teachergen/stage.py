@@ -27,8 +27,17 @@ RANK=0..W-1 and WORLD_SIZE=W on one output (as pods on a shared PVC) is the same
   several engines in one process or pod. When the two disagree the stage says so on stderr and goes by
   the world size. It is left out of the spec fingerprint, so changing it keeps committed work.
 
-Publishing is deterministic (records sorted by prompt id and sample index): a rerun of a published spec
-finds the dataset published and leaves it as it is.
+Generation streams: a worker hands all its unfinished prompts (its shards in order) to the engine's
+``generate_iter``, which keeps a bounded window of prompts in flight and returns each prompt once its n
+samples are done, so one long trace holds back neither the engine (new prompts take the freed slots) nor
+the commits of the prompts beside it. Finished prompts are verified and committed per shard in groups of at
+most ``batchSize`` prompts, or as soon as the oldest has waited ``$BRANCHMERGE_COMMIT_SECONDS`` (default 10;
+0 commits every prompt). Each group is one atomic commit: a kill loses only finished, uncommitted prompts,
+which the resumed run generates again with the same per-prompt seeds (``TeacherGenRun.streaming = False``
+keeps the older path, one generate call per batch, for benchmarks).
+
+Publishing is deterministic (records sorted by prompt id and sample index, whatever order they were
+committed in): a rerun of a published spec finds the dataset published and leaves it as it is.
 """
 from __future__ import annotations
 
@@ -58,7 +67,10 @@ WAIT_ENV = "BRANCHMERGE_SHARD_WAIT_SECONDS"  # worker 0 gives up after this long
 DEFAULT_WAIT_SECONDS = 7200.0
 POLL_ENV = "BRANCHMERGE_SHARD_POLL_SECONDS"  # how often waiting workers look at the shards
 DEFAULT_POLL_SECONDS = 5.0
+COMMIT_ENV = "BRANCHMERGE_COMMIT_SECONDS"  # a finished prompt waits at most this long for its commit
+DEFAULT_COMMIT_SECONDS = 10.0
 MAX_EXTRACTED_CHARS = 512
+_DONE = object()
 
 
 def shard_of(prompt_id: str, shards: int) -> int:
@@ -146,6 +158,8 @@ class Totals:
 
 
 class TeacherGenRun:
+    streaming = True  # False: the batch path (one generate call per batch), kept for benchmarks
+
     def __init__(self, ctx):
         self.ctx = ctx
         self.spec: TeacherGenSpec = ctx.spec
@@ -173,6 +187,7 @@ class TeacherGenRun:
         self.mine = assigned_shards(self.rank, self.world_size, spec.shards)
         self.wait_seconds = _env_seconds(WAIT_ENV, DEFAULT_WAIT_SECONDS)
         self.poll_seconds = _env_seconds(POLL_ENV, DEFAULT_POLL_SECONDS)
+        self.commit_seconds = _env_seconds(COMMIT_ENV, DEFAULT_COMMIT_SECONDS)
         replicas = spec.teacher.engine.data_parallel_size
         if replicas > 1 and replicas != self.world_size and self.rank == 0:
             print(f"teachergen: teacher.engine.dataParallelSize is {replicas} but the run has {self.world_size} "
@@ -248,6 +263,7 @@ class TeacherGenRun:
         return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
 
     def run_batch(self, store: ShardStore, batch: list[tuple[str, dict]]) -> None:
+        """The batch path: one generate call for the batch, then verify and commit it."""
         spec = self.spec
         users = [render(spec.template, record, pid) for pid, record in batch]
         conversations = [[{"role": "user", "content": u}] for u in users]
@@ -255,8 +271,63 @@ class TeacherGenRun:
         engine = self._engine()  # opened lazily (a rerun with nothing to do never loads the model), not timed
         started = time.time()
         outputs = engine.generate(conversations, sampling, n=sampling.samples_per_prompt,
-                                          seeds=[prompt_seed(sampling.seed, pid) for pid, _ in batch])
-        gen_seconds = time.time() - started
+                                  seeds=[prompt_seed(sampling.seed, pid) for pid, _ in batch])
+        self._commit_group(store, batch, users, outputs, time.time() - started)
+
+    def run_stream(self, stores: dict[int, ShardStore], todo: list[tuple[int, str, dict]],
+                   left: dict[int, int]) -> None:
+        """The streaming path over all of this worker's unfinished prompts ``(shard, id, record)``: the engine
+        keeps a window of prompts in flight and hands each back when its samples are done; finished prompts
+        are verified and committed per shard in groups of at most ``batchSize`` prompts, or sooner once the
+        oldest has waited ``$BRANCHMERGE_COMMIT_SECONDS``. A slow prompt no longer holds back the commits of
+        the prompts beside it, nor leaves the engine half empty until it ends. ``left``: uncommitted prompts
+        per shard (a shard is marked complete when it reaches 0)."""
+        spec, sampling = self.spec, self.spec.sampling
+        users = [render(spec.template, record, pid) for _, pid, record in todo]
+        finished = self._engine().generate_iter(
+            [[{"role": "user", "content": u}] for u in users], sampling, n=sampling.samples_per_prompt,
+            seeds=[prompt_seed(sampling.seed, pid) for _, pid, _ in todo],
+            tick=self.commit_seconds if self.commit_seconds > 0 else None)
+        groups: dict[int, list[tuple[int, list]]] = {}  # shard -> (index in todo, completions), finish order
+        since: dict[int, float] = {}  # shard -> when its oldest uncommitted prompt finished
+        waited = 0.0  # seconds spent waiting on the engine since the last commit (that commit's genSeconds)
+
+        def commit(shard: int) -> None:
+            nonlocal waited
+            group = groups.pop(shard)
+            since.pop(shard)
+            self._commit_group(stores[shard], [todo[i][1:] for i, _ in group], [users[i] for i, _ in group],
+                               [completions for _, completions in group], waited)
+            waited = 0.0
+            left[shard] -= len(group)
+            if not left[shard]:
+                self._mark_complete(shard, stores[shard])
+
+        try:
+            while True:
+                started = time.time()
+                item = next(finished, _DONE)
+                waited += time.time() - started
+                if item is _DONE:
+                    break
+                if item is not None:
+                    shard = todo[item[0]][0]
+                    groups.setdefault(shard, []).append(item)
+                    since.setdefault(shard, time.monotonic())
+                for shard in [s for s in groups if len(groups[s]) >= spec.batch_size
+                              or time.monotonic() - since[s] >= self.commit_seconds]:
+                    commit(shard)
+            for shard in list(groups):
+                commit(shard)
+        finally:
+            close = getattr(finished, "close", None)
+            if close is not None:  # stop the engine's requests when a commit or verification failed
+                close()
+
+    def _commit_group(self, store: ShardStore, batch: list[tuple[str, dict]], users: list[str], outputs: list,
+                      gen_seconds: float) -> None:
+        """Verify and select the samples of these prompts, then commit them (one atomic commit line)."""
+        spec = self.spec
 
         def one(i: int):
             pid, record = batch[i]
@@ -308,17 +379,43 @@ class TeacherGenRun:
                                  f"{message}: {self.totals.prompts}/{total} prompts", force=force,
                                  **self.totals.metrics(total))
 
+    def run_shards(self, shards: list[int]) -> None:
+        """Generate this worker's shards: streamed through one engine window across all of them (shard by
+        shard in order), or batch by batch (``streaming = False``)."""
+        if not self.streaming:
+            for shard in shards:
+                self.run_shard(shard)
+            return
+        stores: dict[int, ShardStore] = {}
+        todo: list[tuple[int, str, dict]] = []
+        left: dict[int, int] = {}
+        for shard in shards:
+            store = self.shard_store(shard, writer=True)
+            if store.complete:
+                continue
+            done = store.done_prompts
+            mine = [(shard, pid, record) for pid, record in self.by_shard[shard] if pid not in done]
+            stores[shard], left[shard] = store, len(mine)
+            todo.extend(mine)
+            if not mine:  # every prompt committed before a kill, the completion marker not yet written
+                self._mark_complete(shard, store)
+        if todo:
+            self.run_stream(stores, todo, left)
+
     def run_shard(self, shard: int) -> None:
+        """One shard on the batch path."""
         store = self.shard_store(shard, writer=True)
-        prompts = self.by_shard[shard]
         if store.complete:
             return
         done = store.done_prompts
-        todo = [p for p in prompts if p[0] not in done]
+        todo = [p for p in self.by_shard[shard] if p[0] not in done]
         size = self.spec.batch_size
         for start in range(0, len(todo), size):
             self.run_batch(store, todo[start:start + size])
-        store.mark_complete({"shard": shard, "prompts": len(prompts)})
+        self._mark_complete(shard, store)
+
+    def _mark_complete(self, shard: int, store: ShardStore) -> None:
+        store.mark_complete({"shard": shard, "prompts": len(self.by_shard[shard])})
 
     # ---- publish ----------------------------------------------------------------------------------------
     def _complete_path(self, shard: int) -> Path:
@@ -427,8 +524,7 @@ def run(ctx, *, engine: TextEngine | None = None) -> dict:
     try:
         job.totals = job.count_committed()  # work committed by earlier attempts and other workers
         job._report("resuming", force=True)
-        for shard in job.my_shards():
-            job.run_shard(shard)
+        job.run_shards(job.my_shards())
     finally:
         if engine is None:
             job.close()

@@ -13,7 +13,8 @@ What it does as vLLM serve does:
 Scripted behaviour: ``fail_plan`` (statuses served first, e.g. 429 with Retry-After), ``status_override``
 (every request, e.g. 401), ``refuse`` (a status and message for chosen bodies, e.g. 400 for one prompt),
 ``delay`` (silence before the response headers), ``chunk_delay`` (between events: a slow but live stream),
-``stall_plan`` (silence after the first event, one entry per request: a stuck stream), ``ignore_stream``.
+``stall_plan`` (silence after the first event, one entry per request: a stuck stream), ``ignore_stream``,
+``hold`` (chosen bodies wait, unanswered, until ``released`` is set: a prompt much slower than the rest).
 
 What it does not emulate: real tokenization (prompt tokens are whitespace words plus a few per message,
 always fewer than the engine's byte-based bound; an answer's tokens are its ``:``-separated parts), answers
@@ -71,6 +72,9 @@ class FakeServer:
         self.reasoning = False
         self.answer: Callable[[dict], str] | None = None  # body -> content, replaces the echo
         self.message: Callable[[dict], dict] | None = None  # body -> the whole message (reasoning fields too)
+        self.hold: Callable[[dict], bool] | None = None  # bodies that get no answer until `released` is set
+        self.released = threading.Event()
+        self.held = 0  # requests waiting in `hold` now
 
     # ---- routes -----------------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
@@ -87,6 +91,8 @@ class FakeServer:
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
+            if self.hold and self.hold(body):
+                await self._held()
             if self.status_override:
                 return error_body(self.status_override, self.status_message)
             if self.fail_plan:
@@ -105,6 +111,15 @@ class FakeServer:
                                       "usage": {"completion_tokens": tokens}})
         finally:
             self.in_flight -= 1
+
+    async def _held(self) -> None:
+        """A slow request (a long trace): no headers until the test sets ``released``."""
+        self.held += 1
+        try:
+            while not self.released.is_set():
+                await asyncio.sleep(0.01)
+        finally:
+            self.held -= 1
 
     # ---- answers ----------------------------------------------------------------------------------------
     def _refusal(self, body: dict) -> tuple[int, str] | None:

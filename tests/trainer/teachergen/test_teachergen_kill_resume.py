@@ -49,7 +49,7 @@ def test_random_kills_lose_and_duplicate_nothing(tmp_path, server):
         return f"<think>box {i}</think> \\boxed{{{i if body['seed'] % 3 else i + 1}}}"
 
     server.answer = answer
-    server.delay = 0.02
+    server.delay = 0.05  # the streamed run is quick: slow enough that kills land mid-run
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"problem": f"apples in box {i}", "answer": str(i)}) + "\n"
                                for i in range(30)))
@@ -64,7 +64,8 @@ def test_random_kills_lose_and_duplicate_nothing(tmp_path, server):
     seed = int(os.environ.get("BRANCHMERGE_KILL_SEED", time.time_ns() % 100000))
     rng = random.Random(seed)
     cmd = [sys.executable, "-m", "branchmerge", "stage", "teachergen", "--spec", str(spec)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # a commit per finished prompt (as a slow endpoint makes it): kills land between many small commits
+    env = dict(os.environ, OMP_NUM_THREADS="1", BRANCHMERGE_COMMIT_SECONDS="0")
     env.pop("BRANCHMERGE_PROGRESS_FILE", None)
     kills_mid_run = 0
     for attempt in range(KILLS):
