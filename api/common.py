@@ -13,7 +13,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KINDS = ("TeacherGen", "BranchSFT", "Merge", "Eval")
 
 URI_SCHEMES = ("hf", "pvc", "s3", "file")
-URI_PATTERN = r"^(hf://[^/@\s]+/[^@\s]+(@[^\s]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[^/\s]+(/[^\s]*)?|file:///[^\s]*)$"
+# hf://[models/|datasets/|spaces/]org/name[@revision][/path] (trainer/uris.py parse_hf_uri: the rest of the rules)
+URI_PATTERN = r"^(hf://((models|datasets|spaces)/)?[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(@[^/\s]+)?(/[^\s]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[^/\s]+(/[^\s]*)?|file:///[^\s]*)$"
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 Uri = Annotated[
@@ -21,7 +22,8 @@ Uri = Annotated[
     Field(
         pattern=URI_PATTERN,
         max_length=2048,
-        description="hf://org/name[@revision], pvc://claim/path, s3://bucket/key or file:///absolute/path.",
+        description="hf://[datasets/]org/name[@revision][/path], pvc://claim/path, s3://bucket/key or "
+                    "file:///absolute/path.",
     ),
 ]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=253)]

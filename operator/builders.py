@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from ..api.common import API_VERSION, GROUP
 from ..api.resources import KIND_INFO
 from ..api import progress_channel as progress
-from ..trainer.uris import staged_name
+from ..trainer.uris import InvalidHfUri, parse_hf_uri, staged_name
 from .naming import (ANNOTATION_HF_SECRET, KUEUE_QUEUE, LABEL_ATTEMPT, LABEL_JOB, LABEL_RUN, child_name,
                      owner_labels)
 from .options import OperatorOptions
@@ -156,6 +156,10 @@ def storage_plan(run: Run) -> tuple[dict[str, bool], list[str]]:
         elif scheme == "pvc":
             claims.setdefault(urlparse(uri).netloc, False)
         elif scheme == "hf":
+            try:
+                parse_hf_uri(uri)  # what the API's pattern cannot say (hf://datasets/org, a '..' in the path)
+            except InvalidHfUri as err:
+                raise UnsupportedSpec(f"{path}.uri: {err}") from None
             if uri not in staged:
                 staged.append(uri)
         elif scheme == "s3":
@@ -164,10 +168,17 @@ def storage_plan(run: Run) -> tuple[dict[str, bool], list[str]]:
     return claims, staged
 
 
-def _hf_parts(uri: str) -> tuple[str, str]:
-    rest = uri[len("hf://"):]
-    repo, _, revision = rest.partition("@")
-    return repo, revision
+def staging_command(uri: str) -> list[str]:
+    """The stage-input init container's command for one hf:// input (trainer/staging.py); a model repository
+    without a subpath keeps the first form (REPO REVISION DEST), which older trainer images run too."""
+    hf = parse_hf_uri(uri)
+    command = ["python", "-m", "branchmerge.trainer.staging", hf.repo_id, hf.revision or "",
+               f"{STAGING_ROOT}/{staged_name(uri)}"]
+    if hf.repo_type != "model":
+        command += ["--repo-type", hf.repo_type]
+    if hf.subpath:
+        command += ["--subpath", hf.subpath]
+    return command
 
 
 def _volume_name(prefix: str, text: str) -> str:
@@ -442,16 +453,17 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
             name, _, key = run.hf_secret.partition("/")
             token_env = [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": key or "token"}}}]
         for i, uri in enumerate(staged):
-            repo, revision = _hf_parts(uri)
             init.append({
                 **base_container(),
                 "name": f"stage-input-{i}",
                 # once per input even on a staging PVC shared by pods and CRs (a lock; atomic publish)
-                "command": ["python", "-m", "branchmerge.trainer.staging", repo, revision,
-                            f"{STAGING_ROOT}/{staged_name(uri)}"],
-                "terminationMessagePolicy": "FallbackToLogsOnError",  # its error, not an empty message
+                "command": staging_command(uri),
+                # the command writes one line of why it failed there (the log tail if it could not)
+                "terminationMessagePath": "/dev/termination-log",
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 "env": token_env + [{"name": "HOME", "value": "/tmp"},
-                                    {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}],
+                                    {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+                                    {"name": "BRANCHMERGE_TERMINATION_LOG", "value": "/dev/termination-log"}],
                 "volumeMounts": [staging_mount, {"name": "tmp", "mountPath": "/tmp"}],
                 **({"resources": init_resources} if init_resources else {}),
             })

@@ -1,7 +1,8 @@
 """Atomic outputs: write into a temp folder next to the destination, digest it, rename it into place.
 
 A killed stage leaves at most a ``.tmp-*`` folder beside the output, never a half-written output.
-Every published folder holds ``_manifest.json`` (sha256 and size of each file), so readers can verify it.
+Every published folder holds ``_manifest.json`` (sha256 and size of each file), so readers can verify it,
+and the resolved commit of each hf:// input the stage read (``inputs``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 MANIFEST = "_manifest.json"
+_manifest_fields: dict = {}  # see manifest_fields
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -60,6 +62,18 @@ def clean_stale_temps(dest: Path) -> None:
 
 
 @contextlib.contextmanager
+def manifest_fields(**fields) -> Iterator[None]:
+    """Add ``fields`` to every manifest written meanwhile: trainer/stage.py records the commits of the run's
+    hf:// inputs there. One stage per process, so a module setting (stages may publish from any thread)."""
+    global _manifest_fields
+    before, _manifest_fields = _manifest_fields, {**_manifest_fields, **fields}
+    try:
+        yield
+    finally:
+        _manifest_fields = before
+
+
+@contextlib.contextmanager
 def atomic_folder(dest: Path, known_digests: dict[str, str] | None = None) -> Iterator[Path]:
     """Yield a temp folder; on success write the manifest and swap it into ``dest`` (replacing it).
     ``known_digests`` (file name -> sha256, filled by the caller inside the block) spares reading those files
@@ -71,7 +85,7 @@ def atomic_folder(dest: Path, known_digests: dict[str, str] | None = None) -> It
     tmp.mkdir()
     try:
         yield tmp
-        write_json_atomic(tmp / MANIFEST, {"files": folder_digests(tmp, known_digests)})
+        write_json_atomic(tmp / MANIFEST, {"files": folder_digests(tmp, known_digests), **_manifest_fields})
         old = None
         if dest.exists():
             old = dest.parent / f".tmp-{dest.name}-old-{uuid.uuid4().hex[:8]}"

@@ -7,6 +7,7 @@ combined digest and metrics. Exit codes: 0 success, 2 invalid spec or input, 3 r
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -27,7 +28,8 @@ from ..api.resources import KIND_INFO, CustomResource
 from ..api.validation import InvalidManifest, parse_resource
 from .errors import EXIT_INVALID, EXIT_OK, EXIT_RETRYABLE, InvalidInput, StageError
 from .progress import Progress
-from .publish import combined_digest, read_manifest, write_json_atomic
+from .publish import combined_digest, manifest_fields, read_manifest, write_json_atomic
+from .staging import staged_sources
 from .uris import UnresolvableUri, local_path
 
 STAGES = {info.stage: kind for kind, info in KIND_INFO.items()}
@@ -142,7 +144,13 @@ def run(stage: str, spec_file: str | Path, result_file: str | Path | None = None
 
             progress.add_sink(ReportSink.from_env())
         ctx = StageContext(resource, output_uri, output_dir, progress, rank, world)
-        metrics = module.run(ctx) or {}
+        # the commit each hf:// input was staged at: in the output's manifest, the result and status.metrics
+        inputs = staged_sources(resource.spec.model_dump(mode="json", by_alias=True))  # type: ignore
+        with manifest_fields(inputs=inputs) if inputs else contextlib.nullcontext():
+            metrics = module.run(ctx) or {}
+        if inputs:
+            result["inputs"] = inputs
+            metrics = {**metrics, "inputCommits": {s["uri"]: s["commit"] for s in inputs}}
         if rank == 0:
             files = read_manifest(output_dir)
             if files is None:

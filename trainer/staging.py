@@ -1,8 +1,10 @@
 """Stage one hf:// input into a folder, once, however many pods ask at the same time.
 
-``python -m branchmerge.trainer.staging REPO REVISION DEST``: the command of the operator's
-``stage-input-N`` init containers. With a staging PVC shared by the pods of a gang and by concurrent
-CRs, many of them stage the same input into the same ``DEST`` at once. Rules:
+``python -m branchmerge.trainer.staging REPO REVISION DEST [--repo-type TYPE] [--subpath PATH]``: the
+command of the operator's ``stage-input-N`` init containers, from the input's URI
+``hf://[datasets/|spaces/]org/name[@revision][/subpath]`` (trainer/uris.py parses it for both sides).
+With a staging PVC shared by the pods of a gang and by concurrent CRs, many of them stage the same input
+into the same ``DEST`` at once. Rules:
 
 - ``DEST`` only ever appears whole: each downloader writes into a folder of its own
   (``DEST.partial-<host>-<random>``) and renames it into place (atomic within one filesystem);
@@ -13,11 +15,20 @@ CRs, many of them stage the same input into the same ``DEST`` at once. Rules:
   (two waiters breaking it at once may download twice; both still publish atomically, one rename wins);
 - leftovers of dead downloaders (``DEST.partial-*`` older than ``STALE``) are removed by the next holder.
 
-Exit codes as the stages': 0 staged, 2 the repository or revision does not exist or is not accessible
-(permanent), 3 anything else (retried).
+The downloader resolves the revision to a commit first and downloads that commit (a branch that moves
+during the download cannot mix two commits), only the subpath's files when the URI names one; the commit is
+recorded in ``DEST/.branchmerge-source.json``, which the stage copies into its output manifest.
+
+Exit codes as the stages': 0 staged, 2 permanent (the repository, revision or subpath does not exist, or is
+gated or private and the token is missing or not granted: HTTP 401/403/404), 3 anything else (retried).
+The reason goes to ``$BRANCHMERGE_TERMINATION_LOG`` (the init container's termination message, which the
+operator puts in the CR's condition) as one line, the token never in it.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import os
 import shutil
 import socket
@@ -26,6 +37,8 @@ import threading
 import time
 import uuid
 from pathlib import Path
+
+from .uris import HF_TYPES, HfUri, staged_name, staging_root
 
 STALE = float(os.environ.get("BRANCHMERGE_STAGING_STALE_SECONDS", "120"))
 HEARTBEAT = float(os.environ.get("BRANCHMERGE_STAGING_HEARTBEAT_SECONDS", "15"))
@@ -96,22 +109,142 @@ def stage(download, dest: Path) -> bool:
     return False
 
 
-def main(argv: list[str]) -> int:
-    repo, revision, dest = argv[0], argv[1] or None, Path(argv[2])
+SOURCE_FILE = ".branchmerge-source.json"  # hidden: readers of a staged folder skip dot files
+MESSAGE_LIMIT = 300  # the operator keeps the last 300 characters of an init container's message
+# huggingface_hub's errors that no retry can fix (class names: the hub client is imported only to download)
+PERMANENT_ERRORS = {"RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError", "DisabledRepoError",
+                    "RemoteEntryNotFoundError", "EntryNotFoundError", "HFValidationError", "SubpathNotFound"}
 
-    def download(tmp: Path) -> None:
-        from huggingface_hub import snapshot_download
 
-        snapshot_download(repo_id=repo, revision=revision, local_dir=str(tmp))
+class SubpathNotFound(Exception):
+    """The URI's subpath names no file or folder at the resolved commit."""
 
+
+def download_commit(hf: HfUri, tmp: Path) -> dict:
+    """Resolve the revision to a commit, download that commit's files (the subpath's only) into ``tmp`` and
+    return the source record written beside them."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    info = HfApi().repo_info(hf.repo_id, repo_type=hf.repo_type, revision=hf.revision)
+    tmp.mkdir(parents=True, exist_ok=True)
+    snapshot_download(repo_id=hf.repo_id, repo_type=hf.repo_type, revision=info.sha, local_dir=str(tmp),
+                      allow_patterns=hf.allow_patterns())
+    shutil.rmtree(tmp / ".cache" / "huggingface", ignore_errors=True)  # the client's resume state, not the repo's
+    with contextlib.suppress(OSError):
+        (tmp / ".cache").rmdir()  # unless the repository has a .cache of its own
+    if hf.subpath and not (tmp / hf.subpath).exists():  # snapshot_download only warns when nothing matched
+        raise SubpathNotFound(f"no file or folder {hf.subpath!r} in {hf.repo_id} at commit {info.sha}")
+    record = {"uri": hf.uri(), "repoType": hf.repo_type, "repo": hf.repo_id, "revision": hf.revision,
+              "subpath": hf.subpath, "commit": info.sha,
+              "stagedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def read_source(dest: Path) -> dict | None:
+    """The source record of a staged folder (None: staged before records were kept, or not staged)."""
     try:
-        did = stage(download, dest)
+        return json.loads((dest / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def staged_sources(spec) -> list[dict]:
+    """The staged hf:// inputs of a resolved spec (a dict) with their recorded commits, in spec order."""
+    uris: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "uri" and isinstance(value, str) and value.startswith("hf://") and value not in uris:
+                    uris.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(spec)
+    sources = []
+    for uri in uris:
+        record = read_source(staging_root() / staged_name(uri)) or {}
+        sources.append({"uri": uri, "commit": record.get("commit"),
+                        **{k: record[k] for k in ("repoType", "repo", "revision") if k in record}})
+    return sources
+
+
+def _http_status(err: BaseException) -> int | None:
+    """The hub's HTTP status behind an error: its own, or its explicit cause's (huggingface_hub raises some as
+    LocalEntryNotFoundError ``from`` the HTTP error; an error merely raised while handling another is not it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+        err = err.__cause__
+    return None
+
+
+def is_permanent(err: BaseException) -> bool:
+    return type(err).__name__ in PERMANENT_ERRORS or _http_status(err) in (401, 403, 404)
+
+
+def _scrub(text: str) -> str:
+    """Never a token in a message (huggingface_hub does not print it; this holds if that changes)."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        token = os.environ.get(name)
+        if token:
+            text = text.replace(token, "***")
+    return text
+
+
+HINTS = {401: "a private or gated repository needs a token: the branchmerge.dev/hf-token-secret annotation "
+                "or the operator's trainer.hfTokenSecret",
+         403: "the token's account has not been granted access to this repository"}
+
+
+def failure_reason(hf: HfUri, err: BaseException) -> str:
+    """One line for the CR's condition: the input, the HTTP status and the hub's own words (then a hint)."""
+    status = _http_status(err)
+    detail = getattr(err, "server_message", None) or str(err)  # the Hub's X-Error-Message when it sent one
+    line = f"staging {hf.uri()} failed: {f'HTTP {status} ' if status else ''}{type(err).__name__}: {detail}"
+    if status in HINTS:
+        line += f" ({HINTS[status]})"
+    return _scrub(" ".join(line.split()))[:MESSAGE_LIMIT]
+
+
+def _write_termination_log(text: str) -> None:
+    path = os.environ.get("BRANCHMERGE_TERMINATION_LOG")
+    if path:
+        try:
+            Path(path).write_text(text)
+        except OSError:
+            pass
+
+
+def parse_args(argv: list[str]) -> tuple[HfUri, Path]:
+    p = argparse.ArgumentParser(prog="python -m branchmerge.trainer.staging")
+    p.add_argument("repo", help="org/name")
+    p.add_argument("revision", help="branch, tag or commit; empty: the default branch")
+    p.add_argument("dest", type=Path)
+    p.add_argument("--repo-type", choices=sorted(HF_TYPES.values()), default="model")
+    p.add_argument("--subpath", default="", help="stage only this file or folder of the repository")
+    args = p.parse_args(argv)
+    return HfUri(args.repo_type, args.repo, args.revision or None, args.subpath.strip("/")), args.dest
+
+
+def main(argv: list[str]) -> int:
+    hf, dest = parse_args(argv)
+    try:
+        did = stage(lambda tmp: download_commit(hf, tmp), dest)
     except Exception as err:  # noqa: BLE001 -- classified for the operator below
-        name = type(err).__name__
-        permanent = name in ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError")
-        print(f"staging {repo}@{revision or 'main'} failed: {name}: {err}", file=sys.stderr)
-        return 2 if permanent else 3
-    print(f"{'staged' if did else 'already staged'}: {repo}@{revision or 'main'} -> {dest}")
+        reason = failure_reason(hf, err)
+        print(_scrub(f"{reason}\n{type(err).__name__}: {err}"), file=sys.stderr)  # the full text in the log
+        _write_termination_log(reason)
+        return 2 if is_permanent(err) else 3
+    commit = (read_source(dest) or {}).get("commit") or "unknown (staged before commits were recorded)"
+    print(f"{'staged' if did else 'already staged'}: {hf.uri()} at commit {commit} -> {dest}")
     return 0
 
 

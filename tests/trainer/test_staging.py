@@ -1,78 +1,91 @@
-"""hf:// staging on a shared folder (operator/builders.py's stage-input init containers run
-trainer/staging.py): many pods at once download once, the folder only ever appears whole, a dead
-downloader's lock and leftovers are taken over, and a missing repository is a permanent failure.
+"""hf:// staging (operator/builders.py's stage-input init containers run trainer/staging.py) against a local
+Hub: many pods at once download once, the folder only ever appears whole, a dead downloader's lock and
+leftovers are taken over; dataset repositories, revisions and subpaths; the commit each input was staged at,
+recorded beside it and in the output manifest of the stage that read it; failures classed as the Hub answers
+(401/403/404 permanent with the Hub's words in the termination message, 500 retried), as the operator
+reads them.
 
-The pods' real command (taken from the Job the operator builds) runs as separate processes on one
-folder, as pods do on a ReadWriteMany PVC. ``huggingface_hub`` is replaced by a stand-in package on
-PYTHONPATH (no hub here): its ``snapshot_download`` writes a few files slowly into ``local_dir`` and
-counts its calls; it does not emulate the hub's cache, resumable downloads or authentication."""
+The pods' real command (taken from the Job the operator builds) runs as separate processes on one folder, as
+pods do on a ReadWriteMany PVC, with the real ``huggingface_hub`` talking to ``hub_standin.HubStandIn`` through
+``HF_ENDPOINT`` (what it does not emulate: its docstring)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from branchmerge.operator.builders import STAGING_ROOT, Run, build_job
+import pytest
+from hub_standin import HubStandIn
+
+from branchmerge.operator.builders import STAGING_ROOT, build_job
 from branchmerge.operator.failures import classify_failure
 from branchmerge.operator.options import OperatorOptions
-from branchmerge.trainer.uris import staged_name
+from branchmerge.operator.plan import target
+from branchmerge.trainer.staging import SOURCE_FILE
+from branchmerge.trainer.uris import local_path, staged_name
 
-FAKE_HUB = '''
-import os, time
-from pathlib import Path
-
-class RepositoryNotFoundError(Exception):
-    pass
-
-def snapshot_download(repo_id, revision=None, local_dir=None):
-    with open(os.environ["FAKE_HUB_CALLS"], "a") as f:
-        f.write(f"{repo_id}@{revision}\\n")
-    if repo_id.endswith("missing"):
-        raise RepositoryNotFoundError(f"404 Client Error: Repository Not Found for url: {repo_id}")
-    out = Path(local_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for i in range(int(os.environ.get("FAKE_HUB_FILES", "4"))):
-        (out / f"model-{i:02d}.safetensors").write_bytes(bytes([i]) * 1000)
-        time.sleep(float(os.environ.get("FAKE_HUB_DELAY", "0.2")))
-    return str(out)
-'''
-FILES = {f"model-{i:02d}.safetensors" for i in range(4)}
+FILES = {f"model-{i:02d}.safetensors": bytes([i]) * 1000 for i in range(4)}
+TOKEN = "hf_standin_secret_token_0123456789"
+OPTS = OperatorOptions(staging_claim="hf-cache")
 
 
-def _init_command(uri: str) -> list[str]:
-    spec = {"method": "linear", "models": [{"uri": uri}, {"uri": uri}], "output": {"uri": "pvc://out/m"}}
-    run = Run(kind="Merge", name="m", namespace="ns", uid="u", run_hash="h" * 16,
-              resolved={"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Merge", "metadata": {"name": "m"},
-                        "spec": spec})
-    pod = build_job(run, 1, OperatorOptions(staging_claim="hf-cache"))["spec"]["template"]["spec"]
-    [init] = [c for c in pod["initContainers"] if c["name"].startswith("stage-input")]
-    return init["command"]
+def _cr(kind: str, spec: dict) -> dict:
+    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": kind,
+            "metadata": {"name": "x", "namespace": "ns", "uid": "u"}, "spec": spec}
 
 
-def _env(tmp_path: Path, **extra) -> dict:
-    hub = tmp_path / "fakehub" / "huggingface_hub"
-    hub.mkdir(parents=True, exist_ok=True)
-    (hub / "__init__.py").write_text(FAKE_HUB)
-    return {**os.environ, "PYTHONPATH": str(tmp_path / "fakehub"), "FAKE_HUB_CALLS": str(tmp_path / "calls"),
-            "BRANCHMERGE_STAGING_POLL_SECONDS": "0.05", **extra}
+def _merge(*uris: str, out: str = "pvc://out/m") -> dict:
+    return _cr("Merge", {"method": "linear", "models": [{"uri": u} for u in uris], "output": {"uri": out}})
+
+
+def _sft(data_uri: str) -> dict:
+    return _cr("BranchSFT", {"base": {"uri": "pvc://models/base"}, "data": [{"uri": data_uri}],
+                             "training": {"globalBatchSize": 8, "microBatchSize": 1},
+                             "output": {"uri": "pvc://models/sft"}})
+
+
+def _init_commands(doc: dict) -> list[list[str]]:
+    """The stage-input init containers' commands of the Job the operator builds for ``doc``."""
+    run = target(doc, {}, OPTS)
+    assert not hasattr(run, "reason"), run
+    pod = build_job(run, 1, OPTS)["spec"]["template"]["spec"]
+    return [c["command"] for c in pod["initContainers"] if c["name"].startswith("stage-input")]
 
 
 def _local(command: list[str], root: Path) -> list[str]:
     """The pod's command for this machine: its interpreter, the staging mount at ``root``."""
     assert command[:3] == ["python", "-m", "branchmerge.trainer.staging"], command
-    dest = command[-1]
+    dest = command[5]
     assert dest.startswith(STAGING_ROOT + "/")
-    return [sys.executable, *command[1:-1], str(root / dest[len(STAGING_ROOT) + 1:])]
+    return [sys.executable, *command[1:5], str(root / dest[len(STAGING_ROOT) + 1:]), *command[6:]]
 
 
-def test_many_pods_stage_once_and_never_show_a_partial_copy(tmp_path):
+def _env(hub: HubStandIn, tmp_path: Path, token: str | None = None, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env |= hub.env() | {"HF_HOME": str(tmp_path / "hf-home"), "BRANCHMERGE_STAGING_POLL_SECONDS": "0.05",
+                        "BRANCHMERGE_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    return env | ({"HF_TOKEN": token} if token else {}) | extra
+
+
+@pytest.fixture()
+def hub():
+    with HubStandIn() as h:
+        yield h
+
+
+def test_many_pods_stage_once_and_never_show_a_partial_copy(tmp_path, hub):
+    repo = hub.add("model", "org/base", FILES, slow={name: 0.2 for name in FILES})
     uri = "hf://org/base@main"
-    command = _local(_init_command(uri), tmp_path / "staging")
+    [command] = _init_commands(_merge(uri, uri))
+    command = _local(command, tmp_path / "staging")
     dest = tmp_path / "staging" / staged_name(uri)
+    whole = set(FILES) | {SOURCE_FILE}
     seen_partial: list[set] = []
     stop = threading.Event()
 
@@ -80,32 +93,36 @@ def test_many_pods_stage_once_and_never_show_a_partial_copy(tmp_path):
         while not stop.is_set():
             if dest.is_dir():
                 names = {p.name for p in dest.iterdir()}
-                if names != FILES:
+                if names != whole:
                     seen_partial.append(names)
             time.sleep(0.005)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        procs = [subprocess.Popen(command, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True) for _ in range(5)]
+        procs = [subprocess.Popen(command, env=_env(hub, tmp_path), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(5)]
         outs = [p.communicate(timeout=120)[0] for p in procs]
     finally:
         stop.set()
         watcher.join()
     assert [p.returncode for p in procs] == [0] * 5, outs
-    assert (tmp_path / "calls").read_text().splitlines() == ["org/base@main"]  # one download for five pods
-    assert sum("already staged" in o for o in outs) == 4
-    assert {p.name for p in dest.iterdir()} == FILES and not seen_partial
+    infos = [p for m, p in hub.requests if p.startswith("/api/models/org/base/revision/")]
+    assert len(infos) == 1 and sorted(hub.downloads()) == sorted(  # one download of each file for five pods
+        f"/org/base/resolve/{repo.commit}/{name}" for name in FILES)
+    assert sum("already staged" in o for o in outs) == 4 and all(repo.commit in o for o in outs)
+    assert {p.name for p in dest.iterdir()} == whole and not seen_partial
+    assert {name: (dest / name).read_bytes() for name in FILES} == FILES
     assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no lock, no partial folder left
 
 
-def test_a_dead_downloaders_lock_and_leftovers_are_taken_over(tmp_path):
+def test_a_dead_downloaders_lock_and_leftovers_are_taken_over(tmp_path, hub):
+    repo = hub.add("model", "org/base", FILES, slow={"model-03.safetensors": 60})
     uri = "hf://org/base"
-    command = _local(_init_command(uri), tmp_path / "staging")
+    [command] = _init_commands(_merge(uri, uri))
+    command = _local(command, tmp_path / "staging")
     dest = tmp_path / "staging" / staged_name(uri)
-    env = _env(tmp_path, FAKE_HUB_DELAY="30", BRANCHMERGE_STAGING_STALE_SECONDS="1",
-               BRANCHMERGE_STAGING_HEARTBEAT_SECONDS="0.2")
+    env = _env(hub, tmp_path, BRANCHMERGE_STAGING_STALE_SECONDS="1", BRANCHMERGE_STAGING_HEARTBEAT_SECONDS="0.2")
     first = subprocess.Popen(command, env=env, start_new_session=True)
     deadline = time.time() + 60
     while not list(dest.parent.glob(dest.name + ".partial-*/model-00.safetensors")) and time.time() < deadline:
@@ -114,22 +131,139 @@ def test_a_dead_downloaders_lock_and_leftovers_are_taken_over(tmp_path):
     assert dest.with_name(dest.name + ".lock").is_dir()
     os.killpg(first.pid, signal.SIGKILL)  # the pod is killed mid-download (OOM, node lost)
     first.wait()
-    second = subprocess.run(command, env={**env, "FAKE_HUB_DELAY": "0"}, capture_output=True, text=True, timeout=120)
+    repo.slow.clear()
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert {p.name for p in dest.iterdir()} == FILES
+    assert {p.name for p in dest.iterdir()} == set(FILES) | {SOURCE_FILE}
     assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # the dead one's partial is gone
-    assert len((tmp_path / "calls").read_text().splitlines()) == 2
+    assert len(hub.downloads("model-00.safetensors")) == 2
 
 
-def test_a_missing_repository_is_a_permanent_failure(tmp_path):
-    command = _local(_init_command("hf://org/missing"), tmp_path / "staging")
-    ran = subprocess.run(command, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert ran.returncode == 2, ran.stdout + ran.stderr
-    assert "RepositoryNotFoundError" in ran.stderr
-    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == []
-    # what the operator makes of that init container's exit (FallbackToLogsOnError: its log is the message)
-    pod = {"metadata": {"name": "m-1-abc"}, "status": {"phase": "Failed", "initContainerStatuses": [
-        {"name": "stage-input-0", "state": {"terminated": {"exitCode": 2, "message": ran.stderr}}}]}}
+def test_a_dataset_subpath_at_a_pr_revision_is_staged_alone_with_its_commit(tmp_path, hub, monkeypatch):
+    """hf://datasets/org/name@refs/pr/1/data: the dataset repository (not a model: a 404 before), the PR's
+    commit, only the files under data/; the stage reads DEST/data."""
+    files = {"README.md": b"# card", "data/train-00000-of-00002.parquet": b"a" * 100,
+             "data/train-00001-of-00002.parquet": b"b" * 50, "extended/train-00000-of-00001.parquet": b"c"}
+    repo = hub.add("dataset", "open-r1/OpenR1-Math-220k", files)
+    pr_commit = repo.refs["refs/pr/1"] = "1" * 40  # not main's commit (the stand-in shows it main's files)
+    uri = "hf://datasets/open-r1/OpenR1-Math-220k@refs/pr/1/data"
+    [command] = _init_commands(_sft(uri))
+    assert command[3:5] == ["open-r1/OpenR1-Math-220k", "refs/pr/1"]
+    assert command[6:] == ["--repo-type", "dataset", "--subpath", "data"]
+    ran = subprocess.run(_local(command, tmp_path / "staging"), env=_env(hub, tmp_path), capture_output=True,
+                         text=True, timeout=120)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    dest = tmp_path / "staging" / staged_name(uri)
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == [
+        SOURCE_FILE, "data", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    assert (dest / "data/train-00000-of-00002.parquet").read_bytes() == files["data/train-00000-of-00002.parquet"]
+    source = json.loads((dest / SOURCE_FILE).read_text())
+    assert source | {"stagedAt": None} == {
+        "uri": uri, "repoType": "dataset", "repo": "open-r1/OpenR1-Math-220k", "revision": "refs/pr/1",
+        "subpath": "data", "commit": pr_commit, "stagedAt": None}
+    assert hub.requests[0] == ("GET", "/api/datasets/open-r1/OpenR1-Math-220k/revision/refs%2Fpr%2F1")
+    assert all(p.startswith(("/api/datasets/", "/datasets/")) for _, p in hub.requests)  # never as a model
+    assert sorted(hub.downloads()) == [f"/datasets/open-r1/OpenR1-Math-220k/resolve/{pr_commit}/{name}"
+                                       for name in sorted(files) if name.startswith("data/")]
+    monkeypatch.setenv("BRANCHMERGE_STAGING_ROOT", str(tmp_path / "staging"))
+    assert local_path(uri) == dest / "data"
+
+
+# (what the hub holds, token the pod has, URI) -> exit code, fragments of the termination message
+FAILURES = [
+    ("gated", None, "hf://datasets/org/gated", 2, ["HTTP 401 GatedRepoError", "Access to dataset org/gated is "
+                                                   "restricted", "hf-token-secret"]),
+    ("gated", "hf_not_granted", "hf://datasets/org/gated", 2, ["HTTP 403 GatedRepoError",
+                                                               "not in the authorized list"]),
+    ("private", None, "hf://org/private", 2, ["HTTP 401 RepositoryNotFoundError: Repository not found"]),
+    ("none", TOKEN, "hf://datasets/org/missing", 2, ["HTTP 404 RepositoryNotFoundError: Repository not found"]),
+    ("public", None, "hf://datasets/org/public@v9", 2, ["HTTP 404 RevisionNotFoundError", "Invalid rev id: v9"]),
+    ("public", None, "hf://datasets/org/public/nowhere", 2, ["SubpathNotFound", "'nowhere'"]),
+    ("down", None, "hf://datasets/org/down", 3, ["HTTP 500 HfHubHTTPError", "Internal Error"]),
+]
+
+
+@pytest.mark.parametrize("holds,token,uri,code,fragments", FAILURES, ids=[f[2] + f"-{f[3]}" for f in FAILURES])
+def test_failures_are_classed_as_the_hub_answers_with_its_words_in_the_condition(
+        tmp_path, hub, holds, token, uri, code, fragments):
+    files = {"data/a.jsonl": b'{"prompt": "p", "response": "r"}\n'}
+    hub.add("dataset", "org/gated", files, token=TOKEN, gated=True)
+    hub.add("model", "org/private", files, token=TOKEN)
+    hub.add("dataset", "org/public", files)
+    hub.add("dataset", "org/down", files, fail_status=500)
+    [command] = _init_commands(_sft(uri) if "datasets/" in uri else _merge(uri, uri))
+    ran = subprocess.run(_local(command, tmp_path / "staging"), env=_env(hub, tmp_path, token=token),
+                         capture_output=True, text=True, timeout=120)
+    message = (tmp_path / "termination-log").read_text()
+    assert ran.returncode == code, ran.stdout + ran.stderr
+    assert "\n" not in message and len(message) <= 300 and message.startswith(f"staging {uri} failed: ")
+    assert all(f in message for f in fragments), message
+    assert token is None or token not in message + ran.stdout + ran.stderr  # the token never printed
+    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == []  # nothing half-staged, no lock
+    # what the operator makes of that init container (terminationMessagePolicy FallbackToLogsOnError)
+    pod = {"metadata": {"name": "x-1-abc"}, "status": {"phase": "Failed", "initContainerStatuses": [
+        {"name": "stage-input-0", "state": {"terminated": {"exitCode": ran.returncode, "message": message}}}]}}
     job = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}
     failure = classify_failure(job, [pod])
-    assert not failure.retryable and failure.reason == "InvalidSpec" and "Repository Not Found" in failure.message
+    assert failure.retryable == (code == 3) and message in failure.message
+    assert failure.reason == ("InitFailed" if code == 3 else "InvalidSpec")
+
+
+def test_an_unreachable_hub_is_retried(tmp_path, hub):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    [command] = _init_commands(_merge("hf://org/base", "hf://org/base"))
+    ran = subprocess.run(_local(command, tmp_path / "staging"), env=_env(hub, tmp_path, HF_ENDPOINT=closed),
+                         capture_output=True, text=True, timeout=120)
+    message = (tmp_path / "termination-log").read_text()
+    assert ran.returncode == 3 and message.startswith("staging hf://org/base failed: ConnectError"), message
+
+
+def test_a_private_repository_with_its_token_stages(tmp_path, hub):
+    repo = hub.add("model", "org/private", FILES, token=TOKEN)
+    [command] = _init_commands(_merge("hf://org/private", "hf://org/private"))
+    ran = subprocess.run(_local(command, tmp_path / "staging"), env=_env(hub, tmp_path, token=TOKEN),
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and repo.commit in ran.stdout and TOKEN not in ran.stdout + ran.stderr
+
+
+def _model_files(seed: int) -> dict[str, bytes]:
+    import torch
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"model.embed_tokens.weight": torch.randn(8, 4, generator=g),
+               "model.norm.weight": torch.randn(4, generator=g), "lm_head.weight": torch.randn(8, 4, generator=g)}
+    config = {"model_type": "toy", "vocab_size": 8, "tie_word_embeddings": False, "dtype": "float32"}
+    return {"model.safetensors": save(tensors, metadata={"format": "pt"}), "config.json": json.dumps(config).encode()}
+
+
+def test_the_stage_records_each_inputs_commit_in_its_manifest_and_metrics(tmp_path, hub, monkeypatch):
+    from branchmerge.trainer.stage import run as run_stage
+
+    a = hub.add("model", "org/expert-a", _model_files(1))
+    b = hub.add("model", "org/expert-b", _model_files(2), refs={})
+    b.refs["v1"] = b.commit
+    uris = ["hf://org/expert-a", "hf://org/expert-b@v1"]
+    out = tmp_path / "merged"
+    doc = _merge(*uris, out=out.as_uri())
+    for command in _init_commands(doc):
+        ran = subprocess.run(_local(command, tmp_path / "staging"), env=_env(hub, tmp_path), capture_output=True,
+                             text=True, timeout=120)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(target(doc, {}, OPTS).resolved))  # what the operator's ConfigMap holds
+    monkeypatch.setenv("BRANCHMERGE_STAGING_ROOT", str(tmp_path / "staging"))
+    monkeypatch.setenv("BRANCHMERGE_TERMINATION_LOG", str(tmp_path / "stage-termination-log"))
+    code = run_stage("merge", spec_file, tmp_path / "result.json")
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert code == 0, result
+    expected = [{"uri": uris[0], "commit": a.commit, "repoType": "model", "repo": "org/expert-a", "revision": None},
+                {"uri": uris[1], "commit": b.commit, "repoType": "model", "repo": "org/expert-b", "revision": "v1"}]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["inputs"] == expected and result["inputs"] == expected and "model.safetensors" in manifest["files"]
+    assert result["metrics"]["inputCommits"] == {uris[0]: a.commit, uris[1]: b.commit}
+    # the termination message the operator copies into status.metrics (flattened)
+    metrics = json.loads((tmp_path / "stage-termination-log").read_text())["metrics"]
+    assert metrics[f"inputCommits.{uris[0]}"] == a.commit and metrics[f"inputCommits.{uris[1]}"] == b.commit
