@@ -13,9 +13,6 @@ with a retryable error once nothing has progressed for ``$BRANCHMERGE_SHARD_WAIT
 Committed batches: :class:`ShardStore` (``trainer/teachergen/store.py``, re-exported here), one folder per
 shard (TeacherGen) or per worker (Eval): records appended and fsynced, then one commit line per batch that
 is the batch's done-marker; its writer drops a torn tail on open, readers change nothing on disk.
-
-Eval uses the helpers below; TeacherGen's stage still has the same logic inline (switching it over is left
-for when its streaming-commit change has landed).
 """
 from __future__ import annotations
 

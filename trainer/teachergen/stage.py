@@ -45,10 +45,8 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -57,16 +55,14 @@ from ..engine import TextEngine, open_engine
 from ..errors import InvalidInput, Retryable
 from ..grading import grade
 from ..publish import atomic_folder, read_manifest, write_json_atomic
+from ..workers import (DEFAULT_POLL_SECONDS, DEFAULT_WAIT_SECONDS, POLL_ENV, WAIT_ENV, check_rank, env_seconds,
+                       prepare_work_dir, ranges, wait_until_done, work_folder)
 from .prompts import assign_ids, load_records, render, template_fields
 from .selection import decide
 from .store import ShardStore
 
 DATASET_FILE = "data.jsonl"
 MANIFEST_FILE = "teachergen.json"
-WAIT_ENV = "BRANCHMERGE_SHARD_WAIT_SECONDS"  # worker 0 gives up after this long without progress on any shard
-DEFAULT_WAIT_SECONDS = 7200.0
-POLL_ENV = "BRANCHMERGE_SHARD_POLL_SECONDS"  # how often waiting workers look at the shards
-DEFAULT_POLL_SECONDS = 5.0
 COMMIT_ENV = "BRANCHMERGE_COMMIT_SECONDS"  # a finished prompt waits at most this long for its commit
 DEFAULT_COMMIT_SECONDS = 10.0
 MAX_EXTRACTED_CHARS = 512
@@ -80,22 +76,8 @@ def shard_of(prompt_id: str, shards: int) -> int:
 def assigned_shards(rank: int, world_size: int, shards: int) -> list[int]:
     """The shards worker ``rank`` of ``world_size`` runs: ``rank, rank + W, rank + 2W, ...`` -- over all
     workers, every shard exactly once (a worker beyond the shard count gets none)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise InvalidInput(f"worker rank {rank} of world size {world_size}: need 0 <= RANK < WORLD_SIZE")
+    check_rank(rank, world_size)
     return list(range(rank, shards, world_size))
-
-
-def _env_seconds(name: str, default: float) -> float:
-    text = os.environ.get(name)
-    if text is None or text == "":
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise InvalidInput(f"${name}: not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise InvalidInput(f"${name}: must be >= 0, got {text!r}")
-    return value
 
 
 def prompt_seed(base_seed: int, prompt_id: str) -> int:
@@ -185,58 +167,23 @@ class TeacherGenRun:
         self.rank = int(getattr(ctx, "rank", 0))
         self.world_size = int(getattr(ctx, "world_size", 1))
         self.mine = assigned_shards(self.rank, self.world_size, spec.shards)
-        self.wait_seconds = _env_seconds(WAIT_ENV, DEFAULT_WAIT_SECONDS)
-        self.poll_seconds = _env_seconds(POLL_ENV, DEFAULT_POLL_SECONDS)
-        self.commit_seconds = _env_seconds(COMMIT_ENV, DEFAULT_COMMIT_SECONDS)
+        self.wait_seconds = env_seconds(WAIT_ENV, DEFAULT_WAIT_SECONDS)
+        self.poll_seconds = env_seconds(POLL_ENV, DEFAULT_POLL_SECONDS)
+        self.commit_seconds = env_seconds(COMMIT_ENV, DEFAULT_COMMIT_SECONDS)
         replicas = spec.teacher.engine.data_parallel_size
         if replicas > 1 and replicas != self.world_size and self.rank == 0:
             print(f"teachergen: teacher.engine.dataParallelSize is {replicas} but the run has {self.world_size} "
                   f"worker(s) (spec.resources.nodes on Kubernetes): the workers are the engine replicas, one "
                   f"engine per worker", file=sys.stderr)
-        self.work = ctx.output_dir.parent / f"{ctx.output_dir.name}.work"
-        self._prepare_work_dir()
+        self.work = work_folder(ctx.output_dir)
+        # a different spec or prompt set starts over: earlier shards are not this run's samples
+        prepare_work_dir(self.work, fingerprint(spec, self.model_uri, self.prompts), self.rank,
+                         self.wait_seconds, self.poll_seconds)
         self.totals = Totals()
         self.engine: TextEngine | None = None
         self.started = time.time()
 
     # ---- work dir ---------------------------------------------------------------------------------------
-    def _marker_sha(self) -> str | None:
-        try:
-            return json.loads((self.work / "spec.json").read_text()).get("sha256")
-        except (OSError, ValueError, AttributeError):
-            return None
-
-    def _prepare_work_dir(self) -> None:
-        """Make ``<output>.work`` this spec's. A folder of another spec is set aside and deleted by worker 0
-        only (renamed first, so no worker ever sees or writes into a half-deleted folder); the other workers
-        wait for worker 0's new ``spec.json``. A missing one is written by whoever comes first (all write the
-        same bytes, atomically)."""
-        fp = fingerprint(self.spec, self.model_uri, self.prompts)
-        marker = self.work / "spec.json"
-        deadline = time.monotonic() + self.wait_seconds
-        while True:
-            found = self._marker_sha()
-            if found == fp["sha256"]:
-                return
-            if not marker.exists():
-                write_json_atomic(marker, fp)
-                continue
-            if self.rank == 0:  # a different spec or prompt set: earlier shards are not this run's samples
-                self._set_aside_work()
-                continue
-            if time.monotonic() >= deadline:
-                raise Retryable(f"{self.work}: still holds another spec's work after {self.wait_seconds:.0f} s "
-                                f"(worker 0 starts it over); retry")
-            time.sleep(self.poll_seconds)
-
-    def _set_aside_work(self) -> None:
-        stale = self.work.parent / f".{self.work.name}.stale-{uuid.uuid4().hex[:8]}"
-        try:
-            os.replace(self.work, stale)
-        except FileNotFoundError:
-            return
-        shutil.rmtree(stale, ignore_errors=True)
-
     def shard_store(self, shard: int, writer: bool = False) -> ShardStore:
         """A shard's store; ``writer=True`` only for this worker's own shards (see :mod:`.store`)."""
         if writer and shard not in self.mine:
@@ -448,24 +395,18 @@ class TeacherGenRun:
     def wait_for_other_shards(self) -> None:
         """Worker 0: wait until every shard is complete; Retryable once none made progress for
         ``wait_seconds``."""
-        missing = self.missing_shards()
-        state = self._shard_state(missing)
-        last_progress = time.monotonic()
-        while missing:
-            now = time.monotonic()
-            if now - last_progress >= self.wait_seconds:
-                owners = sorted({s % self.world_size for s in missing})
-                raise Retryable(
-                    f"shards {_ranges(missing)} of {self.spec.shards} (workers {_ranges(owners)} of "
+        def on_wait(missing: list[int]) -> None:
+            self.totals = self.count_committed()
+            self._report(f"waiting for shards {ranges(missing)}")
+
+        def stalled(missing: list[int]) -> str:
+            owners = sorted({s % self.world_size for s in missing})
+            return (f"shards {ranges(missing)} of {self.spec.shards} (workers {ranges(owners)} of "
                     f"{self.world_size}) not complete and no progress for {self.wait_seconds:.0f} s "
                     f"(${WAIT_ENV}); retry to resume from the committed batches")
-            self.totals = self.count_committed()
-            self._report(f"waiting for shards {_ranges(missing)}")
-            time.sleep(self.poll_seconds)
-            missing = self.missing_shards()
-            new_state = self._shard_state(missing)
-            if new_state != state:
-                state, last_progress = new_state, time.monotonic()
+
+        wait_until_done(self.missing_shards, self._shard_state, self.wait_seconds, self.poll_seconds, on_wait,
+                        stalled)
 
     def publish(self) -> dict:
         totals, records = Totals(), []
@@ -539,18 +480,6 @@ def run(ctx, *, engine: TextEngine | None = None) -> dict:
         metrics = job.publish()
     ctx.progress.update(1.0, "published", force=True, **metrics)
     return metrics
-
-
-def _ranges(numbers: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (short enough for a status message)."""
-    parts, start = [], None
-    for i, n in enumerate(numbers):
-        if start is None:
-            start = n
-        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
-            parts.append(str(start) if start == n else f"{start}-{n}")
-            start = None
-    return ",".join(parts)
 
 
 def _published_sha(folder: Path) -> str | None:
