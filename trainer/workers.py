@@ -10,9 +10,19 @@ the committed batches, a different one starts over -- worker 0 alone deletes (th
 ``spec.json``). Only worker 0 publishes, once every share is committed; it waits for its peers and gives up
 with a retryable error once nothing has progressed for ``$BRANCHMERGE_SHARD_WAIT_SECONDS`` (default 7200).
 
-Committed batches: :class:`ShardStore` (``trainer/teachergen/store.py``, re-exported here), one folder per
-shard (TeacherGen) or per worker (Eval): records appended and fsynced, then one commit line per batch that
-is the batch's done-marker; its writer drops a torn tail on open, readers change nothing on disk.
+Committed batches (:class:`ShardStore`), one folder per shard (TeacherGen) or per worker (Eval)::
+
+    samples.jsonl   records, appended batch by batch (fsynced)
+    commits.jsonl   one line per committed batch: {"batch", "prompts": [<ids of the batch's units>],
+                    "end": <bytes of samples.jsonl>, "stats": {...}} -- the line IS the batch's done-marker
+                    (written after the samples' fsync)
+    complete.json   the shard finished (written atomically; TeacherGen)
+
+On open by its writer, a torn last line of ``commits.jsonl`` is dropped and ``samples.jsonl`` is truncated to
+the last committed ``end``: whatever a kill left half-written disappears, and that work is done again. Only
+the worker that owns a folder opens it as writer; every other reader (the publisher, progress counts)
+opens it with ``writer=False``, which changes nothing on disk and sees committed batches only: the folder
+may be in the middle of a batch in another pod.
 """
 from __future__ import annotations
 
@@ -22,11 +32,10 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from .errors import InvalidInput, Retryable
 from .publish import write_json_atomic
-from .teachergen.store import ShardStore  # noqa: F401  (shared with Eval)
 
 WAIT_ENV = "BRANCHMERGE_SHARD_WAIT_SECONDS"  # worker 0 gives up after this long without progress anywhere
 DEFAULT_WAIT_SECONDS = 7200.0
@@ -126,3 +135,111 @@ def ranges(numbers: list[int]) -> str:
             parts.append(str(start) if start == n else f"{start}-{n}")
             start = None
     return ",".join(parts)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardStore:
+    """One folder of committed batches (layout above)."""
+
+    def __init__(self, folder: Path, writer: bool = True):
+        self.folder = Path(folder)
+        self.writer = writer
+        self.samples_path = self.folder / "samples.jsonl"
+        self.commits_path = self.folder / "commits.jsonl"
+        self.complete_path = self.folder / "complete.json"
+        self.commits: list[dict] = []
+        if writer:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._recover()
+        else:
+            self._read_commits()
+
+    def _read_commits(self) -> None:
+        """Committed batches, read only: a torn or half-written last line is skipped, not truncated."""
+        try:
+            data = self.commits_path.read_bytes()
+        except FileNotFoundError:
+            return
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                self.commits.append(json.loads(line))
+            except ValueError:
+                break
+
+    def _recover(self) -> None:
+        good_bytes = 0
+        if self.commits_path.exists():
+            data = self.commits_path.read_bytes()
+            for line in data.splitlines(keepends=True):
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    self.commits.append(json.loads(line))
+                except ValueError:
+                    break
+                good_bytes += len(line)
+            if good_bytes != len(data):
+                with open(self.commits_path, "r+b") as f:
+                    f.truncate(good_bytes)
+                    os.fsync(f.fileno())
+        end = self.commits[-1]["end"] if self.commits else 0
+        if self.samples_path.exists() and self.samples_path.stat().st_size != end:
+            with open(self.samples_path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        elif not self.samples_path.exists():
+            self.samples_path.touch()
+        _fsync_dir(self.folder)
+
+    @property
+    def done_prompts(self) -> set[str]:
+        return {pid for c in self.commits for pid in c["prompts"]}
+
+    @property
+    def complete(self) -> bool:
+        return self.complete_path.exists()
+
+    def commit(self, prompt_ids: list[str], records: Iterable[dict], stats: dict) -> None:
+        """Append the batch's samples, fsync, then append its commit line, fsync."""
+        if not self.writer:
+            raise RuntimeError(f"{self.folder}: opened read-only")
+        with open(self.samples_path, "ab") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+            end = f.tell()
+        entry = {"batch": len(self.commits), "prompts": list(prompt_ids), "end": end, "stats": stats}
+        with open(self.commits_path, "ab") as f:
+            f.write(json.dumps(entry).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.commits.append(entry)
+
+    def mark_complete(self, stats: dict) -> None:
+        if not self.writer:
+            raise RuntimeError(f"{self.folder}: opened read-only")
+        write_json_atomic(self.complete_path, stats)
+
+    def read_samples(self) -> list[dict]:
+        """The committed samples (a reader stops at the last commit's ``end``: bytes past it are a batch
+        still being written)."""
+        end = self.commits[-1]["end"] if self.commits else 0
+        try:
+            with open(self.samples_path, "rb") as f:
+                data = f.read(end)
+        except FileNotFoundError:
+            data = b""
+        return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
