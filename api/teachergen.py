@@ -95,7 +95,8 @@ class TeacherGenSpec(ApiModel):
     shards: Annotated[int, Field(ge=1, le=4096)] = 1
     """Deterministic split of the prompts (by id); one worker per shard on Kubernetes."""
     batch_size: Annotated[int, Field(ge=1, le=100000)] = 64
-    """Prompts per committed batch: a killed worker loses at most one batch."""
+    """At most this many finished prompts per commit (per shard); prompts are committed as they finish, at the
+    latest after $BRANCHMERGE_COMMIT_SECONDS (10), so a killed worker loses at most one uncommitted group."""
     output: Output = Field(default_factory=Output)
     resources: Resources = Field(default_factory=Resources)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
