@@ -229,7 +229,9 @@ class Engine(ApiModel):
     tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
     """GPUs one engine spans (vLLM tensor parallelism)."""
     data_parallel_size: Annotated[int, Field(ge=1, le=1024)] = 1
-    """Independent engine replicas (pods); prompts are sharded across them."""
+    """Engine replicas. TeacherGen and Eval run one engine per worker pod, so the replicas are the pods
+    (``resources.nodes``, each with ``gpusPerNode`` = ``tensorParallelSize``) and this should equal that count;
+    the stage goes by the pod count and says so when they differ."""
     max_model_len: Annotated[int, Field(ge=16)] | None = None
     """Context length of the engine (prompt + answer); defaults to the model's."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
