@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from branchmerge.trainer.publish import read_manifest
@@ -80,6 +81,8 @@ def _content(files: dict) -> dict:
     return {k: v for k, v in files.items() if not k.startswith("branchmerge_")}
 
 
+# A local reference run and a two-pod run through the operator, each building DeepSpeed's CPU op.
+@pytest.mark.timeout(1800)
 def test_two_pod_branchsft_rendezvous_and_matches_branchmerge_run(tmp_path):
     local = tmp_path / "local"
     _inputs(local)
