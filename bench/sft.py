@@ -11,6 +11,9 @@ long <think> traces: Pareto-distributed, capped at maxSeqLen). On a tiny Qwen2 m
      1 rank, fp32) with none and neat packing, vs transformers' Trainer on the same model, the same tokenised
      samples and labels, the same global batch, padding each micro batch to its longest sample.
 Prints ratios against the Trainer baseline.
+  3. start-up: the samples of a rank from the token cache (token_cache.py: digest the inputs, load) vs
+     tokenising the data (dataset.build_samples), on --cache-samples records; ratio against tokenising.
+(The loss's memory, chunked vs all logits at once, is bench/sft_loss.py.)
 """
 from __future__ import annotations
 
@@ -94,6 +97,43 @@ def stage_throughput(workdir: Path, model: Path, data: Path, packing: str, max_l
     return json.loads((folder / "result.json").read_text())["metrics"]
 
 
+def token_cache_startup(workdir: Path, model: Path, n: int, max_len: int) -> None:
+    """Seconds to the samples of one rank: tokenising, the first start (tokenise + write the cache), a later
+    start or another rank (digest the inputs, load the cache)."""
+    from branchmerge.api.sft import BranchSFTSpec
+    from branchmerge.trainer.sft import token_cache
+    from branchmerge.trainer.sft.dataset import build_samples
+    from branchmerge.trainer.sft.engine import load_tokenizer
+    from branchmerge.trainer.uris import local_path
+
+    data = workdir / "cache-data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in long_tailed_records(n, max_len, seed=1)))
+    spec = BranchSFTSpec.model_validate(spec_doc(model, data, workdir / "cache-out", "neat", max_len)["spec"])
+    root = workdir / "cache-tokens"
+    shutil.rmtree(root, ignore_errors=True)
+
+    def resolve(ref, what):
+        return local_path(ref.uri)
+
+    def timed(fn):
+        tokenizer = load_tokenizer(model, spec)  # not timed: every start loads it, cache or not
+        started = time.perf_counter()
+        out = fn(tokenizer)
+        return time.perf_counter() - started, out
+
+    build_s, (samples, _) = timed(lambda tok: build_samples(spec, tok, resolve))
+    miss_s, (_, _, miss) = timed(lambda tok: token_cache.load_or_build(spec, tok, model, resolve, root))
+    hit_s, (cached, _, hit) = timed(lambda tok: token_cache.load_or_build(spec, tok, model, resolve, root))
+    assert (miss, hit) == ("miss", "hit") and [s.input_ids for s in cached] == [s.input_ids for s in samples]
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    tokens = sum(len(s.input_ids) for s in samples)
+    print(f"{n} records, {len(samples)} samples, {tokens} tokens; cache {size / 2**20:.1f} MiB "
+          f"({size / tokens:.1f} B/token)")
+    print(f"{'tokenise (no cache)':34} {build_s:8.2f} s  1.00x")
+    print(f"{'first start (tokenise + write)':34} {miss_s:8.2f} s  {miss_s / build_s:.2f}x")
+    print(f"{'cache hit (digest inputs + load)':34} {hit_s:8.2f} s  {hit_s / build_s:.3f}x")
+
+
 def trainer_throughput(workdir: Path, model_path: Path, data: Path, max_len: int) -> dict:
     """transformers' Trainer: same samples and labels, micro batches padded to their longest sample."""
     import torch
@@ -141,6 +181,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=600)
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--cache-samples", type=int, default=5000, help="records for the token-cache timing")
     a = parser.parse_args()
     from branchmerge.trainer.tiny import build_tiny_model
 
@@ -157,6 +198,8 @@ def main() -> None:
     for packing, (row_fill, compute_fill, rows) in table.items():
         print(f"{packing:8} {rows:6d} {row_fill:9.2%} {compute_fill:13.2%}")
     print(f"neat row fill goal >= 98%: {'met' if table['neat'][0] >= 0.98 else 'NOT met'}")
+    print(f"== start-up: samples from the token cache vs tokenising (maxSeqLen {a.max_seq_len})")
+    token_cache_startup(a.workdir, model, a.cache_samples, a.max_seq_len)
     if a.skip_throughput:
         return
 

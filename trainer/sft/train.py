@@ -26,10 +26,11 @@ import torch.distributed
 
 from ..publish import atomic_folder, write_json_atomic
 from . import checkpoint as ckpt
-from .dataset import build_samples
+from . import token_cache
 from .engine import (check_same_tokenizer, deepspeed_config, load_model, load_tokenizer,
                      optimizer_and_scheduler)
-from .losses import divergence, taid_weight, token_cross_entropy
+from .chunked_loss import KD, chunk_count, loss_sums, student_states, teacher_states
+from .losses import taid_weight
 from .packing import IGNORE, collate
 from .plan import Plan, make_plan
 from .build_locks import watch_build_locks
@@ -73,33 +74,43 @@ def place_teacher(teacher, device: torch.device):
     return teacher.to(device)
 
 
+def micro_batch_sums(engine, teacher, batch: dict[str, torch.Tensor], *, objective, taid_t: float,
+                     chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE sum, KD sum) of one micro batch (already on the engine's device), float32 scalars with grad.
+
+    The logits are never materialised for all positions: chunked_loss computes them from the hidden states
+    ``chunks`` slices at a time. The KD sum is 0 without a teacher."""
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    hidden, head = student_states(engine, getattr(engine, "module", engine), inputs)
+    kd = teacher_hidden = teacher_head = None
+    if teacher is not None:
+        teacher_hidden, teacher_head = teacher_states(teacher, inputs)
+        kd = KD(objective.divergence, temperature=objective.temperature, beta=objective.jsd_beta, taid_t=taid_t)
+    return loss_sums(hidden, head, batch["targets"], chunks=chunks, teacher_hidden=teacher_hidden,
+                     teacher_head=teacher_head, kd=kd)
+
+
 def train_step(engine, teacher, micro_batches, samples, *, packing: str, pad_id: int, objective, n_labels: int,
-               scale: float, taid_t: float, world_size: int) -> torch.Tensor:
+               scale: float, taid_t: float, world_size: int, chunks: int | None = None) -> torch.Tensor:
     """One optimizer step of this rank: forward and backward of each of its micro batches (DeepSpeed steps the
     optimizer at the accumulation boundary). Returns the (CE, KD) token sums of the global batch: float64 on
-    ``engine.device``, all-reduced over the ranks when there are several."""
+    ``engine.device``, all-reduced over the ranks when there are several.
+
+    ``chunks``: lm_head calls per micro batch (chunked_loss); the same for every micro batch of the run
+    (ZeRO-3 needs one module order on every rank). None: from each micro batch's own size."""
     device = engine.device
     kd = teacher is not None
     w = objective.kd_weight if kd else 0.0
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # CE and KD token sums on this rank
     for micro in micro_batches:
         batch = to_device(collate(micro, samples, packing, pad_id), device)
-        inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-        logits = engine(**inputs, use_cache=False).logits
-        targets = batch["targets"]
-        ce_sum = token_cross_entropy(logits, targets).sum()
-        loss_sum = ce_sum
-        if kd:
-            with torch.no_grad():
-                teacher_logits = teacher(**inputs, use_cache=False).logits
-            vocab = min(logits.shape[-1], teacher_logits.shape[-1])
-            per_token = divergence(logits[..., :vocab], teacher_logits[..., :vocab], objective.divergence,
-                                   temperature=objective.temperature, beta=objective.jsd_beta, taid_t=taid_t)
-            # masked by where, not by boolean indexing: no device-to-host sync for the number of targets
-            kd_sum = torch.where(targets != IGNORE, per_token, torch.zeros_like(per_token)).sum()
-            loss_sum = (1 - w) * ce_sum + w * kd_sum
-            sums[1] += kd_sum.detach().double()
+        n_chunks = chunks or chunk_count(batch["input_ids"].numel())
+        ce_sum, kd_sum = micro_batch_sums(engine, teacher, batch, objective=objective, taid_t=taid_t,
+                                          chunks=n_chunks)
+        loss_sum = (1 - w) * ce_sum + w * kd_sum if kd else ce_sum
         sums[0] += ce_sum.detach().double()
+        if kd:
+            sums[1] += kd_sum.detach().double()
         engine.backward(loss_sum * scale / n_labels)
         engine.step()
     if world_size > 1:
@@ -177,7 +188,12 @@ def train(ctx) -> dict:
     if kd:
         teacher_path = ctx.input_path(spec.objective.teacher, "spec.objective.teacher")
         check_same_tokenizer(tokenizer, load_tokenizer(teacher_path, spec), teacher_path)
-    samples, stats = build_samples(spec, tokenizer, ctx.input_path)
+    # tokenised once per run by rank 0 into the cache; the other ranks and retried attempts load it
+    tokens_root = token_cache.cache_root(ctx.output_dir, spec.checkpointing.uri)
+    samples, stats, token_status = token_cache.load_or_build(spec, tokenizer, base, ctx.input_path, tokens_root,
+                                                             ctx.rank, ctx.world_size)
+    if ctx.rank == 0:
+        print(f"branchmerge sft: tokenCache: {token_status} ({tokens_root})", file=sys.stderr)
     plan = make_plan([len(s.input_ids) for s in samples], t, ctx.world_size)
     env = prepare_env()  # after validating inputs: a bad spec fails fast without touching the environment
     precision, precision_note = choose_precision(t.precision)
@@ -223,6 +239,7 @@ def train(ctx) -> dict:
     objective = spec.objective
     w = objective.kd_weight if kd else 0.0
     scale = env.world_size * plan.accumulation
+    chunks = chunk_count(t.micro_batch_size * t.max_seq_len)  # lm_head calls per micro batch (chunked_loss)
     loop_started, session_tokens, checkpoint_bytes = time.time(), 0, 0
     bar = _ProgressBar(env.rank, plan.total_steps, state.step)
     for step in range(state.step, plan.total_steps):
@@ -232,7 +249,7 @@ def train(ctx) -> dict:
         taid_t = taid_weight(objective.taid_start, objective.taid_end, step / max(plan.total_steps - 1, 1))
         sums = train_step(engine, teacher, plan.micro_batches(step, env.rank), samples, packing=t.packing,
                           pad_id=pad_id, objective=objective, n_labels=n_labels, scale=scale, taid_t=taid_t,
-                          world_size=env.world_size)
+                          world_size=env.world_size, chunks=chunks)
         ce, kd_value = (sums / n_labels).tolist()
         loss = (1 - w) * ce + w * kd_value if kd else ce
         state.step = step + 1
@@ -267,7 +284,7 @@ def train(ctx) -> dict:
         "samples": stats.samples, "records": stats.records, "droppedSamples": stats.dropped,
         "truncatedSamples": stats.truncated, "worldSize": env.world_size,
         "gradientAccumulation": plan.accumulation, "warmupSteps": warmup, "zeroStage": spec.deepspeed.zero_stage,
-        "precision": precision, "resumedFromStep": resumed_from,
+        "precision": precision, "resumedFromStep": resumed_from, "tokenCache": token_status,
     }
     if checkpoint_bytes:
         metrics["checkpointBytes"] = checkpoint_bytes
@@ -279,6 +296,7 @@ def train(ctx) -> dict:
     publish_model(ctx, engine, tokenizer, base, spec, env.rank, dist.barrier, metrics, state)
     metrics["wallSeconds"] = round(time.time() - started, 3)
     if env.rank == 0:  # the run is complete: its resumable state is no longer needed
+        token_cache.remove(tokens_root)  # first: it may live inside the checkpoint root
         ckpt.remove_all(root)
     dist.barrier()
     clean_shm(env)

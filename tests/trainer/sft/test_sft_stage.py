@@ -120,7 +120,8 @@ def test_zero2_single_rank(zero2_run):
     steps = [e["metrics"]["step"] for e in events if "step" in e["metrics"]]
     assert steps and steps[-1] == m["steps"] and events[-1]["fraction"] == 1.0
     assert {"epoch", "loss", "lr", "tokensPerSecond"} <= set(events[-1]["metrics"])
-    assert not checkpoint_root(folder / "out").exists()  # removed once the output is published
+    assert m["tokenCache"] == "miss"  # tokenised, cached beside the checkpoints ...
+    assert not checkpoint_root(folder / "out").exists()  # ... and both removed once the output is published
 
 
 @pytest.mark.slow
@@ -163,6 +164,7 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, tiny_model, data48
     assert code == 0, output[-3000:]
     m, ref = result["metrics"], zero2_run[1]["metrics"]
     assert m["resumedFromStep"] >= 2 and m["steps"] == ref["steps"] and m["tokensSeen"] == ref["tokensSeen"]
+    assert m["tokenCache"] == "hit"  # the killed attempt's tokens (in the checkpoint root), not tokenised again
     assert m["checkpointBytes"] > sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
     assert not root.exists() and (scratch / "other-run").is_dir()  # only our checkpoints are removed
     assert not checkpoint_root(tmp_path / "out").exists()
