@@ -148,6 +148,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _whole_lines(data: bytes) -> tuple[list[dict], int]:
+    """The JSON lines before the first torn or unreadable one, and how many bytes they take."""
+    records, good_bytes = [], 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+        good_bytes += len(line)
+    return records, good_bytes
+
+
 class ShardStore:
     """One folder of committed batches (layout above)."""
 
@@ -167,30 +181,15 @@ class ShardStore:
     def _read_commits(self) -> None:
         """Committed batches, read only: a torn or half-written last line is skipped, not truncated."""
         try:
-            data = self.commits_path.read_bytes()
+            self.commits, _ = _whole_lines(self.commits_path.read_bytes())
         except FileNotFoundError:
             return
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                self.commits.append(json.loads(line))
-            except ValueError:
-                break
 
     def _recover(self) -> None:
-        good_bytes = 0
         if self.commits_path.exists():
             data = self.commits_path.read_bytes()
-            for line in data.splitlines(keepends=True):
-                if not line.endswith(b"\n"):
-                    break
-                try:
-                    self.commits.append(json.loads(line))
-                except ValueError:
-                    break
-                good_bytes += len(line)
-            if good_bytes != len(data):
+            self.commits, good_bytes = _whole_lines(data)
+            if good_bytes != len(data):  # a torn last line from a killed writer
                 with open(self.commits_path, "r+b") as f:
                     f.truncate(good_bytes)
                     os.fsync(f.fileno())
