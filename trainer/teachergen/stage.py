@@ -261,6 +261,7 @@ class TeacherGenRun:
                     shard = todo[item[0]][0]
                     groups.setdefault(shard, []).append(item)
                     since.setdefault(shard, time.monotonic())
+                    self._report(pending=sum(len(g) for g in groups.values()))
                 for shard in [s for s in groups if len(groups[s]) >= spec.batch_size
                               or time.monotonic() - since[s] >= self.commit_seconds]:
                     commit(shard)
@@ -320,10 +321,12 @@ class TeacherGenRun:
         self.totals.add(stats)
         self._report()
 
-    def _report(self, message: str = "generating", force: bool = False) -> None:
+    def _report(self, message: str = "generating", force: bool = False, pending: int = 0) -> None:
+        """Progress: committed prompts plus ``pending`` ones generated but not yet committed (commits may be
+        grouped for up to $BRANCHMERGE_COMMIT_SECONDS; progress should not wait for them)."""
         total = len(self.prompts)
-        self.ctx.progress.update(self.totals.prompts / total if total else 1.0,
-                                 f"{message}: {self.totals.prompts}/{total} prompts", force=force,
+        done = self.totals.prompts + pending
+        self.ctx.progress.update(done / total if total else 1.0, f"{message}: {done}/{total} prompts", force=force,
                                  **self.totals.metrics(total))
 
     def run_shards(self, shards: list[int]) -> None:
