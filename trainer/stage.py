@@ -26,7 +26,7 @@ from ..api.progress_channel import URL_ENV as PROGRESS_URL_ENV
 from ..api.graph import references
 from ..api.resources import KIND_INFO, CustomResource
 from ..api.validation import InvalidManifest, parse_resource
-from .errors import EXIT_INVALID, EXIT_OK, EXIT_RETRYABLE, InvalidInput, StageError
+from .errors import EXIT_OK, EXIT_RETRYABLE, InvalidInput, StageError
 from .progress import Progress
 from .publish import combined_digest, manifest_fields, read_manifest, write_json_atomic
 from .staging import staged_sources

@@ -44,17 +44,23 @@ DEFAULT_POLL_SECONDS = 5.0
 SPEC_FILE = "spec.json"
 
 
-def env_seconds(name: str, default: float) -> float:
+def env_number(name: str, default, parse=float, minimum=0, what: str = "a number of seconds"):
+    """``$name`` read with ``parse`` (``default`` when unset or empty); InvalidInput (exit 2) when it is not
+    ``what`` or is below ``minimum``."""
     text = os.environ.get(name)
     if text is None or text == "":
         return default
     try:
-        value = float(text)
+        value = parse(text)
     except ValueError:
-        raise InvalidInput(f"${name}: not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise InvalidInput(f"${name}: must be >= 0, got {text!r}")
+        raise InvalidInput(f"${name}: not {what}: {text!r}") from None
+    if value < minimum:
+        raise InvalidInput(f"${name}: must be >= {minimum}, got {text!r}")
     return value
+
+
+def env_seconds(name: str, default: float) -> float:
+    return env_number(name, default)
 
 
 def check_rank(rank: int, world_size: int) -> None:

@@ -66,3 +66,15 @@ def example(path: str) -> list[dict]:
 
 def configmap(name: str, **meta) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, **meta}, "data": {"k": "v"}}
+
+
+async def eventually(fn, what: str, timeout: float = 30.0):
+    """Await ``fn()`` until it returns something truthy (that value), or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await fn()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")

@@ -9,10 +9,10 @@ import asyncio
 import itertools
 import os
 import re
-import time
 
 import pytest
 
+from apiserver_helpers import eventually
 from testcluster import ApiServer
 from testcluster.client import Client
 from testcluster.jobcontroller import JobController
@@ -53,17 +53,6 @@ def run(cluster, body):
             await client.create("v1", "namespaces", None, {"metadata": {"name": ns}})
             return await body(client, ns)
     return asyncio.run(main())
-
-
-async def eventually(fn, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def job_body(name: str, *, queue: str | None = "user-queue", code: str = "import time; time.sleep(600)",

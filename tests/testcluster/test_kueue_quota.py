@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from apiserver_helpers import eventually
 from testcluster import ApiServer
 from testcluster.client import Client
 from testcluster.jobcontroller import JobController
@@ -126,17 +127,6 @@ def job(name: str, pods: int, *, gpus: int = 8, cpu: str = "1", code: str = "imp
                          "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
                          "containers": [{"name": "main", "image": PY, "command": ["python3", "-c", code],
                                          "resources": resources}]}}}}
-
-
-async def eventually(fn, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def cond(obj: dict | None, type_: str) -> dict:

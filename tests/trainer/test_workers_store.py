@@ -24,3 +24,25 @@ def test_a_torn_commit_is_dropped_by_the_writer_and_skipped_by_readers(tmp_path)
     assert writer.done_prompts == {"p1", "p2"}
     assert writer.commits_path.read_bytes() == good and writer.samples_path.read_bytes() == samples
     assert [r["id"] for r in writer.read_samples()] == ["p1", "p2"]
+
+
+def test_worker_settings_from_the_environment_are_checked(monkeypatch):
+    import pytest
+
+    from branchmerge.trainer.errors import InvalidInput
+    from branchmerge.trainer.eval.work import CHUNK_ENV, DEFAULT_CHUNK, chunk_size
+    from branchmerge.trainer.workers import WAIT_ENV, env_seconds
+
+    monkeypatch.delenv(CHUNK_ENV, raising=False)
+    assert chunk_size() == DEFAULT_CHUNK
+    monkeypatch.setenv(CHUNK_ENV, "64")
+    assert chunk_size() == 64
+    for bad, message in (("1.5", "not a whole number of requests"), ("0", "must be >= 1")):
+        monkeypatch.setenv(CHUNK_ENV, bad)
+        with pytest.raises(InvalidInput, match=message):
+            chunk_size()
+    monkeypatch.setenv(WAIT_ENV, "2.5")
+    assert env_seconds(WAIT_ENV, 7200) == 2.5
+    monkeypatch.setenv(WAIT_ENV, "-1")
+    with pytest.raises(InvalidInput, match=r"\$BRANCHMERGE_SHARD_WAIT_SECONDS: must be >= 0"):
+        env_seconds(WAIT_ENV, 7200)

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..engine import Completion
-from ..errors import InvalidInput
-from ..workers import ShardStore
+from ..workers import ShardStore, env_number
 
 CHUNK_ENV = "BRANCHMERGE_EVAL_CHUNK_REQUESTS"
 # Big enough to keep a vLLM batch (or maxConcurrency streams) busy, small enough that a lost chunk is cheap;
@@ -42,16 +40,7 @@ class Request:
 
 
 def chunk_size() -> int:
-    text = os.environ.get(CHUNK_ENV, "")
-    if not text:
-        return DEFAULT_CHUNK
-    try:
-        value = int(text)
-    except ValueError:
-        raise InvalidInput(f"${CHUNK_ENV}: not a whole number of requests: {text!r}") from None
-    if value < 1:
-        raise InvalidInput(f"${CHUNK_ENV}: must be >= 1, got {text!r}")
-    return value
+    return env_number(CHUNK_ENV, DEFAULT_CHUNK, int, 1, "a whole number of requests")
 
 
 def assigned(total: int, rank: int, world_size: int) -> list[int]:
