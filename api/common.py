@@ -37,6 +37,12 @@ Quantity = Annotated[
 ]
 
 _EXACTLY_ONE = Rule("has(self.uri) != has(self.from)", "exactly one of uri or from must be set")
+_PATTERNS_NEED_HF = Rule("!has(self.allowPatterns) || (has(self.uri) && self.uri.startsWith('hf://'))",
+                         "allowPatterns selects the files of an hf:// download; it needs an hf:// uri",
+                         field=".allowPatterns")
+# A repository file pattern: relative (no leading '/'), one line.
+AllowPattern = Annotated[str, Field(pattern=r"^[^/\n][^\n]*$", min_length=1, max_length=512)]
+AllowPatterns = Annotated[list[AllowPattern], Field(min_length=1, max_length=64)]
 
 
 class ModelFrom(ApiModel):
@@ -60,9 +66,13 @@ class DatasetFrom(ApiModel):
 class ModelRef(ApiModel):
     """A model: a Hugging Face folder at a URI, or the output of an upstream BranchSFT or Merge."""
 
-    rules = (_EXACTLY_ONE,)
+    rules = (_EXACTLY_ONE, _PATTERNS_NEED_HF)
     uri: Uri | None = None
     """Where the model is (hf://, pvc://, s3://, file://)."""
+    allow_patterns: AllowPatterns | None = None
+    """hf:// only: stage just the repository files matching one of these patterns (relative to the URI's
+    path; huggingface_hub's allow_patterns: fnmatch, '*' also crosses '/', a pattern ending in '/' is that
+    folder), e.g. ["*.safetensors", "*.json"] skips a repository's original/ or .bin copies."""
     from_: ModelFrom | None = Field(default=None, alias="from")
     """Use the output of this upstream CR once it has succeeded."""
 
@@ -70,9 +80,13 @@ class ModelRef(ApiModel):
 class DatasetRef(ApiModel):
     """A dataset (JSONL or Parquet): a URI, or the output of an upstream TeacherGen."""
 
-    rules = (_EXACTLY_ONE,)
+    rules = (_EXACTLY_ONE, _PATTERNS_NEED_HF)
     uri: Uri | None = None
     """Where the dataset is (a file or a folder of .jsonl/.parquet files)."""
+    allow_patterns: AllowPatterns | None = None
+    """hf:// only: stage just the repository files matching one of these patterns (relative to the URI's
+    path; huggingface_hub's allow_patterns: fnmatch, '*' also crosses '/', a pattern ending in '/' is that
+    folder), e.g. ["*.safetensors", "*.json"] skips a repository's original/ or .bin copies."""
     from_: DatasetFrom | None = Field(default=None, alias="from")
     """Use the output of this upstream TeacherGen once it has succeeded."""
 

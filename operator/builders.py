@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from urllib.parse import urlparse
@@ -19,7 +20,7 @@ from urllib.parse import urlparse
 from ..api.common import API_VERSION, GROUP
 from ..api.resources import KIND_INFO
 from ..api import progress_channel as progress
-from ..trainer.uris import InvalidHfUri, parse_hf_uri, staged_name
+from ..trainer.uris import InvalidHfUri, hf_inputs, parse_hf_uri, staged_name
 from .naming import (ANNOTATION_HF_SECRET, KUEUE_QUEUE, LABEL_ATTEMPT, LABEL_JOB, LABEL_RUN, child_name,
                      owner_labels)
 from .options import OperatorOptions
@@ -134,13 +135,13 @@ def _uris(node, path: str = "") -> list[tuple[str, str]]:
 WRITTEN_URIS = ("spec.checkpointing",)
 
 
-def storage_plan(run: Run) -> tuple[dict[str, bool], list[str]]:
-    """(claims -> mounted writable, hf:// input URIs to stage); UnsupportedSpec for what pods cannot do."""
+def storage_plan(run: Run) -> tuple[dict[str, bool], list[tuple[str, tuple[str, ...]]]]:
+    """(claims -> mounted writable, hf:// inputs to stage: URI and allowPatterns); UnsupportedSpec for what
+    pods cannot do."""
     output_uri = run.spec.get("output", {}).get("uri")
     if not output_uri:
         raise UnsupportedSpec("spec.output.uri: required (the operator has no --default-output-root)")
     claims: dict[str, bool] = {}
-    staged: list[str] = []
     out = urlparse(output_uri)
     if out.scheme == "pvc":
         claims[out.netloc] = True
@@ -160,24 +161,24 @@ def storage_plan(run: Run) -> tuple[dict[str, bool], list[str]]:
                 parse_hf_uri(uri)  # what the API's pattern cannot say (hf://datasets/org, a '..' in the path)
             except InvalidHfUri as err:
                 raise UnsupportedSpec(f"{path}.uri: {err}") from None
-            if uri not in staged:
-                staged.append(uri)
         elif scheme == "s3":
             raise UnsupportedSpec(f"{path}.uri: s3:// inputs are not staged by the operator; copy them to a "
                                   "PVC and use pvc://")
-    return claims, staged
+    return claims, hf_inputs(run.spec)  # one copy per URI and file selection
 
 
-def staging_command(uri: str) -> list[str]:
+def staging_command(uri: str, allow_patterns: Sequence[str] = ()) -> list[str]:
     """The stage-input init container's command for one hf:// input (trainer/staging.py); a model repository
-    without a subpath keeps the first form (REPO REVISION DEST), which older trainer images run too."""
+    without a subpath or patterns keeps the first form (REPO REVISION DEST), which older trainer images run."""
     hf = parse_hf_uri(uri)
     command = ["python", "-m", "branchmerge.trainer.staging", hf.repo_id, hf.revision or "",
-               f"{STAGING_ROOT}/{staged_name(uri)}"]
+               f"{STAGING_ROOT}/{staged_name(uri, allow_patterns)}"]
     if hf.repo_type != "model":
         command += ["--repo-type", hf.repo_type]
     if hf.subpath:
         command += ["--subpath", hf.subpath]
+    for pattern in allow_patterns:
+        command += ["--allow-pattern", pattern]
     return command
 
 
@@ -452,12 +453,12 @@ def build_pod_spec(run: Run, attempt: int, opts: OperatorOptions) -> dict:
         if run.hf_secret:
             name, _, key = run.hf_secret.partition("/")
             token_env = [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": key or "token"}}}]
-        for i, uri in enumerate(staged):
+        for i, (uri, patterns) in enumerate(staged):
             init.append({
                 **base_container(),
                 "name": f"stage-input-{i}",
                 # once per input even on a staging PVC shared by pods and CRs (a lock; atomic publish)
-                "command": staging_command(uri),
+                "command": staging_command(uri, patterns),
                 # the command writes one line of why it failed there (the log tail if it could not)
                 "terminationMessagePath": "/dev/termination-log",
                 "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -59,7 +59,7 @@ class StageContext:
         if ref.uri is None:
             raise InvalidInput(f"{what}: unresolved from: reference (the control plane resolves refs)")
         try:
-            path = local_path(ref.uri)
+            path = local_path(ref.uri, ref.allow_patterns or ())
         except UnresolvableUri as err:
             raise InvalidInput(f"{what}: {err}") from None
         if not path.exists():

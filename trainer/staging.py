@@ -1,8 +1,9 @@
 """Stage one hf:// input into a folder, once, however many pods ask at the same time.
 
-``python -m branchmerge.trainer.staging REPO REVISION DEST [--repo-type TYPE] [--subpath PATH]``: the
-command of the operator's ``stage-input-N`` init containers, from the input's URI
-``hf://[datasets/|spaces/]org/name[@revision][/subpath]`` (trainer/uris.py parses it for both sides).
+``python -m branchmerge.trainer.staging REPO REVISION DEST [--repo-type TYPE] [--subpath PATH]
+[--allow-pattern P ...]``: the command of the operator's ``stage-input-N`` init containers, from the input's URI
+``hf://[datasets/|spaces/]org/name[@revision][/subpath]`` (trainer/uris.py parses it for both sides) and the
+ref's ``allowPatterns`` (which name a copy of their own: trainer/uris.py ``staged_name``).
 With a staging PVC shared by the pods of a gang and by concurrent CRs, many of them stage the same input
 into the same ``DEST`` at once. Rules:
 
@@ -16,11 +17,12 @@ into the same ``DEST`` at once. Rules:
 - leftovers of dead downloaders (``DEST.partial-*`` older than ``STALE``) are removed by the next holder.
 
 The downloader resolves the revision to a commit first and downloads that commit (a branch that moves
-during the download cannot mix two commits), only the subpath's files when the URI names one; the commit is
-recorded in ``DEST/.branchmerge-source.json``, which the stage copies into its output manifest.
+during the download cannot mix two commits), only the subpath's files when the URI names one and only those
+matching ``allowPatterns`` when the ref has them; the commit is recorded in ``DEST/.branchmerge-source.json``,
+which the stage copies into its output manifest.
 
-Exit codes as the stages': 0 staged, 2 permanent (the repository, revision or subpath does not exist, or is
-gated or private and the token is missing or not granted: HTTP 401/403/404), 3 anything else (retried).
+Exit codes as the stages': 0 staged, 2 permanent (the repository, revision or subpath does not exist, no
+file matches the patterns, or it is gated or private and the token is missing or not granted: HTTP 401/403/404), 3 anything else (retried).
 The reason goes to ``$BRANCHMERGE_TERMINATION_LOG`` (the init container's termination message, which the
 operator puts in the CR's condition) as one line, the token never in it.
 """
@@ -36,9 +38,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
-from .uris import HF_TYPES, HfUri, staged_name, staging_root
+from .uris import HF_TYPES, HfUri, hf_inputs, staged_name, staging_root
 
 STALE = float(os.environ.get("BRANCHMERGE_STAGING_STALE_SECONDS", "120"))
 HEARTBEAT = float(os.environ.get("BRANCHMERGE_STAGING_HEARTBEAT_SECONDS", "15"))
@@ -113,30 +116,44 @@ SOURCE_FILE = ".branchmerge-source.json"  # hidden: readers of a staged folder s
 MESSAGE_LIMIT = 300  # the operator keeps the last 300 characters of an init container's message
 # huggingface_hub's errors that no retry can fix (class names: the hub client is imported only to download)
 PERMANENT_ERRORS = {"RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError", "DisabledRepoError",
-                    "RemoteEntryNotFoundError", "EntryNotFoundError", "HFValidationError", "SubpathNotFound"}
+                    "RemoteEntryNotFoundError", "EntryNotFoundError", "HFValidationError", "SubpathNotFound",
+                    "NothingMatched"}
 
 
 class SubpathNotFound(Exception):
     """The URI's subpath names no file or folder at the resolved commit."""
 
 
-def download_commit(hf: HfUri, tmp: Path) -> dict:
-    """Resolve the revision to a commit, download that commit's files (the subpath's only) into ``tmp`` and
-    return the source record written beside them."""
+class NothingMatched(Exception):
+    """No file of the repository (under the subpath) matches the ref's allowPatterns at the resolved commit."""
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and p.name != SOURCE_FILE]
+
+
+def download_commit(hf: HfUri, tmp: Path, patterns: Sequence[str] = ()) -> dict:
+    """Resolve the revision to a commit, download that commit's files (the subpath's only, those matching
+    ``patterns`` only) into ``tmp`` and return the source record written beside them."""
     from huggingface_hub import HfApi, snapshot_download
 
     info = HfApi().repo_info(hf.repo_id, repo_type=hf.repo_type, revision=hf.revision)
     tmp.mkdir(parents=True, exist_ok=True)
     snapshot_download(repo_id=hf.repo_id, repo_type=hf.repo_type, revision=info.sha, local_dir=str(tmp),
-                      allow_patterns=hf.allow_patterns())
+                      allow_patterns=hf.allow_patterns(patterns))
     shutil.rmtree(tmp / ".cache" / "huggingface", ignore_errors=True)  # the client's resume state, not the repo's
     with contextlib.suppress(OSError):
         (tmp / ".cache").rmdir()  # unless the repository has a .cache of its own
-    if hf.subpath and not (tmp / hf.subpath).exists():  # snapshot_download only warns when nothing matched
+    # snapshot_download only warns when nothing matched; a typo would otherwise stage an empty folder
+    if patterns and not _files(tmp):
+        where = f" under {hf.subpath!r}" if hf.subpath else ""
+        raise NothingMatched(f"no file{where} in {hf.repo_id} at commit {info.sha} matches allowPatterns "
+                             f"{list(patterns)}")
+    if hf.subpath and not (tmp / hf.subpath).exists():
         raise SubpathNotFound(f"no file or folder {hf.subpath!r} in {hf.repo_id} at commit {info.sha}")
     record = {"uri": hf.uri(), "repoType": hf.repo_type, "repo": hf.repo_id, "revision": hf.revision,
-              "subpath": hf.subpath, "commit": info.sha,
-              "stagedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "subpath": hf.subpath, **({"allowPatterns": list(patterns)} if patterns else {}),
+              "commit": info.sha, "stagedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -151,24 +168,11 @@ def read_source(dest: Path) -> dict | None:
 
 def staged_sources(spec) -> list[dict]:
     """The staged hf:// inputs of a resolved spec (a dict) with their recorded commits, in spec order."""
-    uris: list[str] = []
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "uri" and isinstance(value, str) and value.startswith("hf://") and value not in uris:
-                    uris.append(value)
-                else:
-                    walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(spec)
     sources = []
-    for uri in uris:
-        record = read_source(staging_root() / staged_name(uri)) or {}
-        sources.append({"uri": uri, "commit": record.get("commit"),
+    for uri, patterns in hf_inputs(spec):
+        record = read_source(staging_root() / staged_name(uri, patterns)) or {}
+        sources.append({"uri": uri, **({"allowPatterns": list(patterns)} if patterns else {}),
+                        "commit": record.get("commit"),
                         **{k: record[k] for k in ("repoType", "repo", "revision") if k in record}})
     return sources
 
@@ -223,21 +227,24 @@ def _write_termination_log(text: str) -> None:
             pass
 
 
-def parse_args(argv: list[str]) -> tuple[HfUri, Path]:
+def parse_args(argv: list[str]) -> tuple[HfUri, Path, tuple[str, ...]]:
     p = argparse.ArgumentParser(prog="python -m branchmerge.trainer.staging")
     p.add_argument("repo", help="org/name")
     p.add_argument("revision", help="branch, tag or commit; empty: the default branch")
     p.add_argument("dest", type=Path)
     p.add_argument("--repo-type", choices=sorted(HF_TYPES.values()), default="model")
     p.add_argument("--subpath", default="", help="stage only this file or folder of the repository")
+    p.add_argument("--allow-pattern", action="append", default=[], dest="patterns", metavar="PATTERN",
+                   help="stage only the files matching one of these (relative to the subpath; repeatable)")
     args = p.parse_args(argv)
-    return HfUri(args.repo_type, args.repo, args.revision or None, args.subpath.strip("/")), args.dest
+    hf = HfUri(args.repo_type, args.repo, args.revision or None, args.subpath.strip("/"))
+    return hf, args.dest, tuple(args.patterns)
 
 
 def main(argv: list[str]) -> int:
-    hf, dest = parse_args(argv)
+    hf, dest, patterns = parse_args(argv)
     try:
-        did = stage(lambda tmp: download_commit(hf, tmp), dest)
+        did = stage(lambda tmp: download_commit(hf, tmp, patterns), dest)
     except Exception as err:  # noqa: BLE001 -- classified for the operator below
         reason = failure_reason(hf, err)
         print(_scrub(f"{reason}\n{type(err).__name__}: {err}"), file=sys.stderr)  # the full text in the log

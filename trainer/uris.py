@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
@@ -54,11 +55,14 @@ class HfUri:
             revision = "@" + (self.revision if special else quote(self.revision, safe=""))
         return f"hf://{prefix}{self.repo_id}{revision}" + (f"/{self.subpath}" if self.subpath else "")
 
-    def allow_patterns(self) -> list[str] | None:
-        """snapshot_download's allow_patterns for the subpath: the file itself or everything below it."""
+    def allow_patterns(self, patterns: Sequence[str] = ()) -> list[str] | None:
+        """snapshot_download's allow_patterns: the files matching ``patterns`` (a ref's ``allowPatterns``,
+        relative to the subpath), else the subpath itself or everything below it; None: the whole repository."""
+        escaped = re.sub(r"([*?[])", r"[\1]", self.subpath)  # fnmatch-literal
+        if patterns:  # as huggingface_hub: a pattern ending in '/' is everything below that folder
+            return [(f"{escaped}/" if escaped else "") + (p + "*" if p.endswith("/") else p) for p in patterns]
         if not self.subpath:
             return None
-        escaped = re.sub(r"([*?[])", r"[\1]", self.subpath)  # fnmatch-literal
         return [escaped, escaped + "/*"]  # fnmatch's '*' crosses '/'
 
 
@@ -120,15 +124,39 @@ def staging_root() -> Path:
     return Path(os.environ.get("BRANCHMERGE_STAGING_ROOT", "/mnt/staging"))
 
 
-def staged_name(uri: str) -> str:
-    """Folder name a remote URI is staged under (stable, filesystem-safe)."""
+def staged_name(uri: str, allow_patterns: Sequence[str] = ()) -> str:
+    """Folder name a remote URI is staged under (stable, filesystem-safe). A selection of its files
+    (``allowPatterns``, in any order) is a copy of its own: another ref may want more of the repository."""
     parsed = urlparse(uri)
     readable = (parsed.netloc + parsed.path).strip("/").replace("/", "--").replace("@", "--")
-    return f"{readable[:80]}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
+    key = "\0".join([uri, *sorted(set(allow_patterns))])
+    return f"{readable[:80]}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
-def local_path(uri: str) -> Path:
-    """The local path behind ``uri``."""
+def hf_inputs(spec) -> list[tuple[str, tuple[str, ...]]]:
+    """The distinct hf:// inputs of a resolved spec (a dict), each with its ref's allowPatterns, in spec order:
+    what the operator stages and the stage reads (a copy per URI and selection)."""
+    found: list[tuple[str, tuple[str, ...]]] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            uri = node.get("uri")
+            if isinstance(uri, str) and uri.startswith("hf://"):
+                key = (uri, tuple(sorted(set(node.get("allowPatterns") or ()))))  # their order means nothing
+                if key not in found:
+                    found.append(key)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(spec)
+    return found
+
+
+def local_path(uri: str, allow_patterns: Sequence[str] = ()) -> Path:
+    """The local path behind ``uri`` (an hf:// ref's ``allowPatterns`` name the copy it was staged into)."""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
@@ -137,7 +165,7 @@ def local_path(uri: str) -> Path:
     if parsed.scheme == "pvc":
         return pvc_root() / parsed.netloc / parsed.path.lstrip("/")
     if parsed.scheme in ("hf", "s3"):
-        staged = staging_root() / staged_name(uri)
+        staged = staging_root() / staged_name(uri, allow_patterns)
         subpath = parse_hf_uri(uri).subpath if parsed.scheme == "hf" else ""
         if staged.exists():  # the staged folder holds the subpath at its place in the repository
             return staged / subpath if subpath else staged

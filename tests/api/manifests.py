@@ -16,7 +16,7 @@ VALID = {
     "BranchSFT": {
         "apiVersion": API, "kind": "BranchSFT", "metadata": {"name": "math"},
         "spec": {
-            "base": {"uri": "hf://org/student@main"},
+            "base": {"uri": "hf://org/student@main", "allowPatterns": ["*.safetensors", "*.json", "tokenizer*"]},
             "data": [{"from": {"kind": "TeacherGen", "name": "traces"}}],
             "training": {"globalBatchSize": 8, "microBatchSize": 2},
         },

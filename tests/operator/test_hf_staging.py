@@ -161,3 +161,30 @@ def test_a_staging_failure_reaches_the_crs_condition(code, phase, reason):
     p = plan(doc, {}, Observed(jobs=[finish_job(job, False)], pods=_failed_init(job, code, message)), OPTS, T0 + 1)
     ready = get_condition(p.status, "Ready")
     assert p.status["phase"] == phase and ready["reason"] == reason and message in ready["message"], ready
+
+
+def test_allow_patterns_make_a_copy_of_their_own_and_reach_the_command():
+    """A ref's allowPatterns select files: the same URI with other patterns is another copy (it may hold less
+    than the other ref needs), the same patterns in another order are the same copy."""
+    weights = ["*.safetensors", "*.json", "tokenizer*"]
+    doc = cr("Merge", "m", {"method": "linear", "output": {"uri": "pvc://models/merged"},
+                            "base": {"uri": "hf://org/base@main", "allowPatterns": weights},
+                            "models": [{"uri": "hf://org/base@main", "allowPatterns": weights[::-1]},
+                                       {"uri": "hf://org/base@main"},
+                                       {"uri": "hf://datasets/org/d@v1/data", "allowPatterns": ["train-*.parquet"]}]})
+    run = target(doc, {}, OPTS)
+    pod = build_job(run, 1, OPTS)["spec"]["template"]["spec"]
+    inits = [c["command"][3:] for c in pod["initContainers"] if c["name"].startswith("stage-input")]
+    dest = [f"{STAGING_ROOT}/{staged_name('hf://org/base@main', weights)}",
+            f"{STAGING_ROOT}/{staged_name('hf://org/base@main')}",
+            f"{STAGING_ROOT}/{staged_name('hf://datasets/org/d@v1/data', ['train-*.parquet'])}"]
+    assert inits == [
+        ["org/base", "main", dest[0], "--allow-pattern", "*.json", "--allow-pattern", "*.safetensors",
+         "--allow-pattern", "tokenizer*"],
+        ["org/base", "main", dest[1]],
+        ["org/d", "v1", dest[2], "--repo-type", "dataset", "--subpath", "data", "--allow-pattern", "train-*.parquet"]]
+    assert len(set(dest)) == 3 and staged_name("hf://org/base@main", weights[::-1]) == dest[0].split("/")[-1]
+    # the patterns and the subpath make snapshot_download's selection
+    assert parse_hf_uri("hf://datasets/org/d@v1/data").allow_patterns(["train-*.parquet", "extra/"]) == [
+        "data/train-*.parquet", "data/extra/*"]
+    assert parse_hf_uri("hf://org/base").allow_patterns(["*.json"]) == ["*.json"]

@@ -28,7 +28,7 @@ from branchmerge.operator.failures import classify_failure
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import target
 from branchmerge.trainer.staging import SOURCE_FILE
-from branchmerge.trainer.uris import local_path, staged_name
+from branchmerge.trainer.uris import local_path, parse_hf_uri, staged_name
 
 FILES = {f"model-{i:02d}.safetensors": bytes([i]) * 1000 for i in range(4)}
 TOKEN = "hf_standin_secret_token_0123456789"
@@ -243,11 +243,12 @@ def test_the_stage_records_each_inputs_commit_in_its_manifest_and_metrics(tmp_pa
     from branchmerge.trainer.stage import run as run_stage
 
     a = hub.add("model", "org/expert-a", _model_files(1))
-    b = hub.add("model", "org/expert-b", _model_files(2), refs={})
+    b = hub.add("model", "org/expert-b", {**_model_files(2), "original/consolidated.pth": b"p"}, refs={})
     b.refs["v1"] = b.commit
     uris = ["hf://org/expert-a", "hf://org/expert-b@v1"]
     out = tmp_path / "merged"
     doc = _merge(*uris, out=out.as_uri())
+    doc["spec"]["models"][1]["allowPatterns"] = ["*.safetensors", "*.json"]  # the stage reads that copy
     for command in _init_commands(doc):
         ran = subprocess.run(_local(command, tmp_path / "staging"), env=_env(hub, tmp_path), capture_output=True,
                              text=True, timeout=120)
@@ -260,10 +261,64 @@ def test_the_stage_records_each_inputs_commit_in_its_manifest_and_metrics(tmp_pa
     result = json.loads((tmp_path / "result.json").read_text())
     assert code == 0, result
     expected = [{"uri": uris[0], "commit": a.commit, "repoType": "model", "repo": "org/expert-a", "revision": None},
-                {"uri": uris[1], "commit": b.commit, "repoType": "model", "repo": "org/expert-b", "revision": "v1"}]
+                {"uri": uris[1], "allowPatterns": ["*.json", "*.safetensors"], "commit": b.commit, "repoType": "model",
+                 "repo": "org/expert-b", "revision": "v1"}]
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["inputs"] == expected and result["inputs"] == expected and "model.safetensors" in manifest["files"]
     assert result["metrics"]["inputCommits"] == {uris[0]: a.commit, uris[1]: b.commit}
     # the termination message the operator copies into status.metrics (flattened)
     metrics = json.loads((tmp_path / "stage-termination-log").read_text())["metrics"]
     assert metrics[f"inputCommits.{uris[0]}"] == a.commit and metrics[f"inputCommits.{uris[1]}"] == b.commit
+
+
+def test_allow_patterns_stage_only_the_matching_files_into_a_copy_of_their_own(tmp_path, hub, monkeypatch):
+    """A model repository with a second copy of its weights (original/*.pth, as Meta's and DeepSeek's have):
+    allowPatterns download only the safetensors, config and tokenizer; a dataset's patterns are relative to the
+    URI's path; the record, the stage's path and the manifest's inputs name the patterns."""
+    from branchmerge.trainer.staging import staged_sources
+
+    model_files = {**FILES, "config.json": b"{}", "tokenizer.json": b"{}", "README.md": b"# card",
+                   "original/consolidated.00.pth": b"p" * 5000}
+    model = hub.add("model", "org/big", model_files)
+    data_files = {"data/train-00000-of-00001.parquet": b"t", "data/test-00000-of-00001.parquet": b"e",
+                  "extended/train-00000-of-00001.parquet": b"x"}
+    dataset = hub.add("dataset", "org/d", data_files)
+    weights = ["*.safetensors", "*.json", "tokenizer*"]
+    refs = [("hf://org/big@main", weights), ("hf://datasets/org/d/data", ["train-*"])]
+    doc = _cr("Merge", {"method": "linear", "output": {"uri": "pvc://out/m"},
+                        "models": [{"uri": uri, "allowPatterns": patterns} for uri, patterns in refs]})
+    commands = _init_commands(doc)
+    assert len(commands) == 2
+    for command in commands:
+        ran = subprocess.run(_local(command, tmp_path / "staging"), env=_env(hub, tmp_path), capture_output=True,
+                             text=True, timeout=120)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+    expected = {"org/big": sorted(n for n in model_files if n.endswith((".safetensors", ".json"))),
+                "org/d": ["data/train-00000-of-00001.parquet"]}
+    for (uri, patterns), repo in zip(refs, ("org/big", "org/d")):
+        dest = tmp_path / "staging" / staged_name(uri, patterns)
+        assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == sorted(
+            expected[repo] + [SOURCE_FILE])
+        assert json.loads((dest / SOURCE_FILE).read_text())["allowPatterns"] == sorted(patterns)
+        monkeypatch.setenv("BRANCHMERGE_STAGING_ROOT", str(tmp_path / "staging"))
+        assert local_path(uri, patterns) == dest / parse_hf_uri(uri).subpath
+        assert not (tmp_path / "staging" / staged_name(uri)).exists()  # the whole repository is not there
+    assert sorted(hub.downloads()) == sorted(
+        [f"/org/big/resolve/{model.commit}/{n}" for n in expected["org/big"]]
+        + [f"/datasets/org/d/resolve/{dataset.commit}/{n}" for n in expected["org/d"]])
+    sources = staged_sources(target(doc, {}, OPTS).resolved["spec"])
+    assert [(s["uri"], s["allowPatterns"], s["commit"]) for s in sources] == [
+        ("hf://org/big@main", sorted(weights), model.commit), ("hf://datasets/org/d/data", ["train-*"], dataset.commit)]
+
+
+@pytest.mark.parametrize("uri,patterns", [("hf://org/big", ["*.gguf"]), ("hf://org/big/original", ["*.json"])])
+def test_patterns_that_match_nothing_fail_for_good_and_stage_nothing(tmp_path, hub, uri, patterns):
+    hub.add("model", "org/big", {**FILES, "config.json": b"{}", "original/consolidated.00.pth": b"p"})
+    [command] = _init_commands(_cr("Merge", {"method": "linear", "output": {"uri": "pvc://out/m"},
+                                             "models": [{"uri": uri, "allowPatterns": patterns}]}))
+    ran = subprocess.run(_local(command, tmp_path / "staging"), env=_env(hub, tmp_path), capture_output=True,
+                         text=True, timeout=120)
+    message = (tmp_path / "termination-log").read_text()
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert message.startswith(f"staging {uri} failed: NothingMatched: no file") and str(patterns) in message
+    assert list((tmp_path / "staging").iterdir()) == []
