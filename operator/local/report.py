@@ -2,8 +2,8 @@
 
 Sections: pipeline graph + timings, training loss per branch (from the stages' progress events), TeacherGen
 acceptance by reason, Eval scores as grouped bars and a models x benchmarks table (the paper's "Table 2"
-shape, with the Branch-Merge check: merged above base everywhere, close to each branch on its domain),
-and merge statistics. Figures are matplotlib PNGs embedded as base64, so the file can be mailed around.
+shape), what each merge keeps of each branch's gain over the base with its spread over eval seeds and one
+verdict per merge, and merge statistics. Figures are matplotlib PNGs embedded as base64, so the file can be mailed around.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from .workdir import Workdir
 
 PHASE_COLOR = {"Succeeded": "#2e7d32", "Failed": "#c62828", "Running": "#0277bd", "Waiting": "#f9a825",
                "Pending": "#9e9e9e", "Suspended": "#6a1b9a"}
-CLOSE_TO_BRANCH = 0.10  # "close to the branch on its own domain": within 10 points of pass@1
 
 
 # ---- data gathered from the workdir -----------------------------------------------------------------
@@ -265,14 +264,34 @@ def acceptance_figure(data: RunData) -> str | None:
 
 # ---- eval table -----------------------------------------------------------------------------------
 
-def eval_results(stage: Stage) -> dict | None:
+def _eval_folder(stage: Stage) -> Path | None:
     uri = (stage.status.get("output") or {}).get("uri")
     if stage.status.get("phase") != "Succeeded" or not uri:
         return None
     try:
-        return json.loads((local_path(uri) / "results.json").read_text())
-    except (OSError, ValueError, UnresolvableUri):
+        return local_path(uri)
+    except UnresolvableUri:
         return None
+
+
+def eval_results(stage: Stage) -> dict | None:
+    folder = _eval_folder(stage)
+    try:
+        return json.loads((folder / "results.json").read_text()) if folder else None
+    except (OSError, ValueError):
+        return None
+
+
+def seed_scores(stage: Stage, benchmark: str) -> list[float]:
+    """pass@1 per sample index from the Eval's per-question records (empty if they cannot be read)."""
+    folder = _eval_folder(stage)
+    try:
+        lines = (folder / "records" / f"{benchmark}.jsonl").read_text().splitlines() if folder else []
+        verdicts = [[bool(s["correct"]) for s in json.loads(line)["samples"]] for line in lines if line.strip()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    k = min((len(v) for v in verdicts), default=0)
+    return [sum(v[j] for v in verdicts) / len(verdicts) for j in range(k)]
 
 
 @dataclass
@@ -281,6 +300,9 @@ class Row:
     role: str  # base | branch | merge | model
     domain: str | None
     scores: dict[str, tuple[float, float, float | None]]  # benchmark -> (pass1, stderr, mean tokens)
+    seeds: dict[str, list[float]] = field(default_factory=dict)
+    """benchmark -> pass@1 per eval seed: sample j of every question is one independent sampled run of the
+    whole benchmark, so the k samples give k estimates of pass@1 (their mean is ``scores``)."""
 
 
 def roles(data: RunData) -> tuple[dict[str, tuple[str, str | None]], set[str]]:
@@ -317,7 +339,7 @@ def eval_rows(data: RunData) -> list[Row]:
         scores = {name: (float(b["pass1"]), float(b.get("stderr", 0.0)),
                          float(b["meanTokens"]) if "meanTokens" in b else None)
                   for name, b in results.get("benchmarks", {}).items()}
-        rows.append(Row(label, role, domain, scores))
+        rows.append(Row(label, role, domain, scores, {name: seed_scores(stage, name) for name in scores}))
     return sorted(rows, key=lambda r: (order[r.role], r.label))
 
 
@@ -350,28 +372,74 @@ def eval_figure(rows: list[Row]) -> str | None:
     return _png(fig)
 
 
-def branch_merge_checks(rows: list[Row]) -> list[tuple[str, bool, str]]:
-    """(claim, holds, detail) for each evaluated merge: above base on every benchmark; close to each branch
-    on the branch's own domain (benchmark named like the domain)."""
+@dataclass
+class Retention:
+    """What one merge keeps of one branch's gain over the base on the branch's own benchmark."""
+
+    merge: str
+    domain: str
+    base: float
+    branch: float
+    merged: float
+    diffs: list[float]  # merged - base under each eval seed (sample index)
+    gains: list[float]  # (merged - base) / (branch - base) under each seed where the branch gained
+
+    @property
+    def gain(self) -> float | None:
+        """(merged - base) / (branch - base) on the mean scores; None when the branch did not beat the base."""
+        return (self.merged - self.base) / (self.branch - self.base) if self.branch > self.base else None
+
+    @property
+    def above_base(self) -> bool:
+        """Above the base beyond the seed spread: ahead of it under every eval seed (on the mean without seeds)."""
+        return min(self.diffs) > 0 if self.diffs else self.merged > self.base
+
+
+def _paired(a: list[float], b: list[float]) -> list[tuple[float, float]]:
+    return list(zip(a, b)) if a and len(a) == len(b) else []
+
+
+def retention(rows: list[Row]) -> list[Retention]:
+    """Per evaluated merge and per branch with a benchmark named like its domain: the retained gain."""
     base = next((r for r in rows if r.role == "base"), None)
-    branches = [r for r in rows if r.role == "branch" and r.domain]
-    checks = []
+    if base is None:
+        return []
+    out = []
     for merged in (r for r in rows if r.role == "merge"):
-        if base:
-            shared = [b for b in merged.scores if b in base.scores]
-            worse = [b for b in shared if merged.scores[b][0] <= base.scores[b][0]]
-            detail = ", ".join(f"{b}: {merged.scores[b][0] * 100:.1f} vs {base.scores[b][0] * 100:.1f}"
-                               for b in shared)
-            checks.append((f"{merged.label} above the base on every benchmark", bool(shared) and not worse, detail))
-        for branch in branches:
-            bench = branch.domain if branch.domain in merged.scores and branch.domain in branch.scores else None
-            if not bench:
+        for branch in (r for r in rows if r.role == "branch" and r.domain):
+            d = branch.domain
+            if not all(d in r.scores for r in (base, branch, merged)):
                 continue
-            gap = branch.scores[bench][0] - merged.scores[bench][0]
-            checks.append((f"{merged.label} close to branch {branch.label} on {bench}", gap <= CLOSE_TO_BRANCH,
-                           f"{merged.scores[bench][0] * 100:.1f} vs {branch.scores[bench][0] * 100:.1f} "
-                           f"(gap {gap * 100:+.1f} points, allowed {CLOSE_TO_BRANCH * 100:.0f})"))
-    return checks
+            seeds = [(b, br, m) for (b, br), m in zip(_paired(base.seeds.get(d, []), branch.seeds.get(d, [])),
+                                                       merged.seeds.get(d, []))]
+            if len(seeds) != len(merged.seeds.get(d, [])):
+                seeds = []  # eval seeds differ in number: no pairing
+            out.append(Retention(merged.label, d, base.scores[d][0], branch.scores[d][0], merged.scores[d][0],
+                                 [m - b for b, _, m in seeds], [(m - b) / (br - b) for b, br, m in seeds if br > b]))
+    return out
+
+
+def verdicts(found: list[Retention]) -> list[tuple[str, bool, str]]:
+    """One verdict per merge: above the base on every domain beyond the spread over eval seeds."""
+    merges: dict[str, list[Retention]] = {}
+    for r in found:
+        merges.setdefault(r.merge, []).append(r)
+    out = []
+    for merge, items in merges.items():
+        seeds = min(len(r.diffs) for r in items)
+        detail = "; ".join(f"{r.domain} {100 * (r.merged - r.base):+.1f} points"
+                           + (f" [{100 * min(r.diffs):+.1f}, {100 * max(r.diffs):+.1f}]" if r.diffs else "")
+                           for r in items)
+        spread = f"under each eval seed (k={seeds})" if seeds else "(one score each, no seed spread)"
+        out.append((f"{merge} above the base on every domain {spread}", all(r.above_base for r in items), detail))
+    return out
+
+
+def gain_text(r: Retention) -> str:
+    if r.gain is None:
+        return "n/a (branch not above base)"
+    spread = f" [{min(r.gains):.2f}, {max(r.gains):.2f}]" if r.gains else ""
+    return f"{r.gain:.2f}{spread}"
 
 
 # ---- html -------------------------------------------------------------------------------------------
@@ -469,10 +537,19 @@ def build_html(data: RunData) -> str:
         figure = eval_figure(rows)
         if figure:
             parts.append(_img(figure, "eval scores"))
-        checks = branch_merge_checks(rows)
-        if checks:
-            parts.append("<h3>Branch-Merge check</h3><ul>")
-            for claim, ok, detail in checks:
+        kept = retention(rows)
+        if kept:
+            domains = list(dict.fromkeys(r.domain for r in kept))
+            by = {(r.merge, r.domain): r for r in kept}
+            merges = list(dict.fromkeys(r.merge for r in kept))
+            parts += ["<h3>What each merge keeps of each branch's gain</h3>",
+                      "<p>(merged - base) / (branch - base) on the branch's own benchmark: 1 keeps all of it, 0 "
+                      "none, below 0 is worse than the base; in brackets the range over the eval seeds (sample j "
+                      "of every question is one independently sampled run of the benchmark).</p>",
+                      _table(["merge"] + domains, [[m] + [gain_text(by[m, d]) if (m, d) in by else "-"
+                                                         for d in domains] for m in merges]),
+                      "<ul>"]
+            for claim, ok, detail in verdicts(kept):
                 mark = '<span class="ok">yes</span>' if ok else '<span class="bad">no</span>'
                 parts.append(f"<li>{html.escape(claim)}: {mark} <small>({html.escape(detail)})</small></li>")
             parts.append("</ul>")

@@ -1,13 +1,15 @@
-"""The runner's pure pieces: cache identity, kubectl-style tables, ETA, the report's Branch-Merge check."""
+"""The runner's pure pieces: cache identity, kubectl-style tables, ETA, the report's retained-gain check."""
 from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
 
+import pytest
+
 from branchmerge.operator import conditions as cond
 from branchmerge.operator.local import cache
 from branchmerge.operator.local.display import eta_seconds
-from branchmerge.operator.local.report import Row, acceptance, branch_merge_checks, Stage
+from branchmerge.operator.local.report import Row, Stage, acceptance, gain_text, retention, verdicts
 from branchmerge.operator.local.table import find, get_table
 
 
@@ -76,15 +78,37 @@ def test_eta_ignores_startup_time():
     assert eta_seconds(0.0, elapsed=10) is None and eta_seconds(1.0, elapsed=10) is None
 
 
-def test_branch_merge_check_and_acceptance():
-    rows = [Row("base", "base", None, {"math": (0.1, 0, None), "code": (0.2, 0, None)}),
-            Row("math", "branch", "math", {"math": (0.6, 0, None), "code": (0.1, 0, None)}),
-            Row("code", "branch", "code", {"math": (0.1, 0, None), "code": (0.7, 0, None)}),
-            Row("merged", "merge", None, {"math": (0.55, 0, None), "code": (0.5, 0, None)})]
-    checks = {claim: ok for claim, ok, _ in branch_merge_checks(rows)}
-    assert checks == {"merged above the base on every benchmark": True,
-                      "merged close to branch math on math": True,
-                      "merged close to branch code on code": False}
+def test_retained_gain_and_verdict_with_the_spread_over_eval_seeds():
+    """The check a new user reads: what each merge keeps of each branch's gain, the range over eval seeds, and
+    one verdict that fails when any seed puts the merge at or below the base on a domain."""
+    def row(label, role, domain, math, code):  # per benchmark: pass@1 under each of 2 eval seeds
+        seeds = {"math": math, "code": code}
+        return Row(label, role, domain, {b: (sum(v) / 2, 0, None) for b, v in seeds.items()}, seeds)
+
+    rows = [row("base", "base", None, [0.1, 0.1], [0.2, 0.2]),
+            row("math", "branch", "math", [0.6, 0.6], [0.1, 0.1]),
+            row("code", "branch", "code", [0.1, 0.1], [0.7, 0.7]),
+            row("steady", "merge", None, [0.35, 0.35], [0.40, 0.50]),  # above the base under both seeds
+            row("lucky", "merge", None, [0.50, 0.08], [0.45, 0.45])]  # mean above, one seed below the base
+    kept = {(r.merge, r.domain): r for r in retention(rows)}
+    assert kept["steady", "math"].gain == pytest.approx(0.5) and kept["steady", "code"].gain == pytest.approx(0.5)
+    assert kept["steady", "code"].gains == pytest.approx([0.4, 0.6])  # the spread over the two seeds
+    assert kept["lucky", "math"].gain == pytest.approx(0.38) and kept["lucky", "math"].gains == pytest.approx([0.8, -0.04])
+    assert gain_text(kept["steady", "code"]) == "0.50 [0.40, 0.60]"
+    verdict = {claim: ok for claim, ok, _ in verdicts(retention(rows))}
+    assert verdict == {"steady above the base on every domain under each eval seed (k=2)": True,
+                       "lucky above the base on every domain under each eval seed (k=2)": False}
+    # a branch that did not beat the base has no gain to keep; the verdict still judges the merge against the base
+    flat = [row("base", "base", None, [0.3, 0.3], [0.2, 0.2]), row("math", "branch", "math", [0.3, 0.2], [0.1, 0.1]),
+            row("m", "merge", None, [0.4, 0.4], [0.3, 0.3])]
+    [only] = retention(flat)
+    assert only.gain is None and gain_text(only) == "n/a (branch not above base)" and only.above_base
+    # without per-seed records the verdict falls back to the mean scores and says so
+    no_seeds = [Row(r.label, r.role, r.domain, r.scores) for r in rows]
+    assert [claim for claim, _, _ in verdicts(retention(no_seeds))][0].endswith("(one score each, no seed spread)")
+
+
+def test_acceptance_by_reason():
     stage = Stage("TeacherGen/t", {"kind": "TeacherGen", "metadata": {"name": "t"}, "status": {}},
                   {"metrics": {"samplesKept": 7, "samplesRejected": {"wrong_answer": 3, "duplicate": 1}}}, [])
     assert acceptance(stage) == {"kept": 7, "wrong_answer": 3, "duplicate": 1}

@@ -51,4 +51,8 @@ def test_reduced_quickstart_end_to_end(reduced_quickstart):
     for section in ("Pipeline", "Evaluation", "Training loss per branch", "TeacherGen acceptance", "Merges"):
         assert f"<h2>{section}</h2>" in html
     assert html.count("data:image/png;base64,") >= 5
-    assert "Branch-Merge check" in html and "report:" in proc.stdout
+    assert "What each merge keeps of each branch's gain" in html and "report:" in proc.stdout
+    # the terminal's summary: a retained gain per merge and domain with its seed range, one verdict per merge
+    assert "kept of each branch's gain over the base" in proc.stdout, proc.stdout[-3000:]
+    verdict_lines = [line for line in proc.stdout.splitlines() if "above the base on every domain" in line]
+    assert len(verdict_lines) == 2 and all("under each eval seed (k=1)" in line for line in verdict_lines)  # reduced: k=1
