@@ -5,17 +5,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from . import merge_methods as registry
 from .base import ApiModel, Rule
 from .common import ModelRef, Output, Resources, RunPolicy
 
-Method = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "model_stock",
-                 "arcee_fusion"]
-METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
-NEEDS_BASE = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "model_stock", "arcee_fusion")
-NEEDS_DENSITY = ("ties", "dare_ties", "dare_linear")
+Method = Literal[registry.names()]  # type: ignore[valid-type]
+METHODS: tuple[str, ...] = registry.names()
+NEEDS_BASE = tuple(r.name for r in registry.ROWS if r.base == "required")
 
-Density = Annotated[float, Field(gt=0, le=1)]
-Weight = Annotated[float, Field(gt=0)]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 # CEL: "m is the same reference as the base" (uri equal, or the same upstream CR).
@@ -24,14 +21,36 @@ _SAME_AS_BASE = ("((has(m.uri) && has(self.base.uri) && m.uri == self.base.uri) 
                  "m.from.name == self.base.from.name))")
 
 
-class MergeInput(ModelRef):
-    """One model to merge, with its per-model parameters."""
+def _param_type(name: str, doc: str | None = None):
+    """The optional field type of registry parameter ``name``: its bounds and its description (with the
+    methods that use it) come from the registry."""
+    p = registry.PARAMS[name]
+    bounds = {k: getattr(p, k) for k in ("gt", "ge", "lt", "le") if getattr(p, k) is not None}
+    inner = Annotated[p.kind, Field(**bounds)] if bounds else p.kind
+    methods = ", ".join(registry.accepting(name)) or "none yet"
+    return Annotated[inner | None, Field(description=f"{doc or p.doc} (Methods: {methods}.)")]
 
-    weight: Weight | None = None
-    """Relative weight (linear, task_arithmetic, ties, dare_*); 1.0 when unset. Not a CRD default: methods
-    without weights (slerp, arcee_fusion, model_stock) reject it, and the API server stores CRD defaults."""
-    density: Density | None = None
-    """Fraction of the task vector kept (ties: by magnitude; dare_*: random); defaults to parameters.density."""
+
+def _default_for_models(name: str):
+    return _param_type(name, f"Default {name} for the models that set none.")
+
+
+Weight = _param_type("weight")
+Density = _param_type("density")
+ModelGamma, ModelEpsilon = _param_type("gamma"), _param_type("epsilon")
+DefaultDensity, DefaultGamma, DefaultEpsilon = (_default_for_models(n) for n in ("density", "gamma", "epsilon"))
+Normalize, Lambda, Rescale, T = (_param_type(n) for n in ("normalize", "lambda", "rescale", "t"))
+SelectTopk, NuslerpFlatten, NuslerpRowWise = (_param_type(n) for n in ("selectTopk", "nuslerpFlatten", "nuslerpRowWise"))
+NormalizeWeights, Eps, MaxIter, Tol = (_param_type(n) for n in ("normalizeWeights", "eps", "maxIter", "tol"))
+
+
+class MergeInput(ModelRef):
+    """One model to merge, with its per-model parameters (which methods use each: see "Merge methods")."""
+
+    weight: Weight = None
+    density: Density = None
+    gamma: ModelGamma = None
+    epsilon: ModelEpsilon = None
 
 
 class TensorOverride(ApiModel):
@@ -40,7 +59,7 @@ class TensorOverride(ApiModel):
     tensors: Annotated[str, Field(min_length=1, max_length=512)]
     """Regular expression searched in the tensor name (e.g. self_attn, mlp, ^lm_head)."""
     t: Annotated[float, Field(ge=0, le=1)] | None = None
-    density: Density | None = None
+    density: Annotated[float, Field(gt=0, le=1)] | None = None
     weight_scale: Annotated[float, Field(ge=0)] | None = None
     """Multiplies every model's weight for these tensors."""
     lambda_: Annotated[float, Field(ge=0)] | None = Field(default=None, alias="lambda")
@@ -48,42 +67,105 @@ class TensorOverride(ApiModel):
 
 class MergeParameters(ApiModel):
     """Each parameter applies to some methods only, so none has a CRD default (the API server would store
-    it in every Merge, and methods that do not use it reject it); the stage fills in the documented value."""
+    it in every Merge, and methods that do not use it reject it); the stage fills in the documented value
+    (the method's default: see "Merge methods")."""
 
-    normalize: bool | None = None
-    """Divide by the sum of the weights (linear, ties, dare_ties, dare_linear); true when unset."""
-    lambda_: Annotated[float, Field(ge=0, le=100)] | None = Field(default=None, alias="lambda")
-    """Scale of the merged task vector (task_arithmetic, ties, dare_*); 1.0 when unset."""
-    rescale: bool | None = None
-    """dare_*: rescale the kept entries so the task vector's L1 norm is preserved; true when unset."""
-    density: Density | None = None
-    """Default density for models that set none."""
-    t: Annotated[float, Field(ge=0, le=1)] | None = None
-    """slerp: 0 gives the first model (or the base), 1 the other."""
+    normalize: Normalize = None
+    lambda_: Lambda = Field(default=None, alias="lambda")
+    rescale: Rescale = None
+    density: DefaultDensity = None
+    gamma: DefaultGamma = None
+    epsilon: DefaultEpsilon = None
+    t: T = None
+    select_topk: SelectTopk = None
+    nuslerp_flatten: NuslerpFlatten = None
+    nuslerp_row_wise: NuslerpRowWise = None
+    normalize_weights: NormalizeWeights = None
+    eps: Eps = None
+    max_iter: MaxIter = None
+    tol: Tol = None
     overrides: Annotated[list[TensorOverride], Field(max_length=64)] = Field(default_factory=list)
+
+
+# wire names of the fields of spec.parameters and of spec.models[i] (besides the reference's own)
+def _wire_names(model) -> dict[str, str]:
+    """python field name -> wire name"""
+    return {n: f.alias or n for n, f in model.model_fields.items()}
+
+
+GLOBAL_FIELDS = {n: w for n, w in _wire_names(MergeParameters).items() if n != "overrides"}
+MODEL_FIELDS = {n: w for n, w in _wire_names(MergeInput).items() if n not in ModelRef.model_fields}
+OVERRIDE_FIELDS = {n: w for n, w in _wire_names(TensorOverride).items() if n != "tensors"}
+_GLOBAL_WIRE = set(GLOBAL_FIELDS.values())
+
+
+def _in(methods: list[str]) -> str:
+    return "self.method in [" + ", ".join(f"'{m}'" for m in methods) + "]" if methods else "false"
+
+
+def _unset_or_neutral(expr: str, name: str) -> str:
+    """CEL: the field at ``expr`` is unset or holds the value that changes nothing."""
+    test = f"!has({expr})"
+    if name in registry.NEUTRAL:
+        value = registry.NEUTRAL[name]
+        # double(): a JSON 2 may reach CEL as an int, and int == double has no overload
+        test += f" || {expr} == true" if value is True else f" || double({expr}) == {float(value)}"
+    return test
+
+
+def _method_rules() -> tuple[Rule, ...]:
+    """The CEL rules of the registry: base, number of models, required parameters, and global parameters
+    the method does not use. A per-model or per-tensor parameter the method does not use is the stage's
+    check (trainer.merge.params): CEL messages are fixed text, and that one names the model or override."""
+    rows = registry.ROWS
+    rules = []
+    required = [r.name for r in rows if r.base == "required"]
+    if required:
+        rules.append(Rule(f"!({_in(required)}) || has(self.base)", "this method needs a base model", ".base",
+                          "FieldValueRequired"))
+    forbidden = [r.name for r in rows if r.base == "forbidden"]
+    if forbidden:
+        rules.append(Rule(f"!({_in(forbidden)}) || !has(self.base)", "this method takes no base model", ".base",
+                          "FieldValueForbidden"))
+    for r in rows:
+        count = registry.count_phrase(r)
+        needs = [f"parameters.{p}" for p in sorted(r.required) if registry.PARAMS[p].scope == "global"]
+        checks = []
+        if count and r.min_models == r.max_models:
+            checks.append(f"size(self.models) == {r.min_models}")
+        elif count:
+            checks.append(f"size(self.models) >= {r.min_models}")
+            if r.max_models is not None:
+                checks.append(f"size(self.models) <= {r.max_models}")
+        checks += [f"has(self.{p})" for p in needs]
+        if checks:
+            what = " and ".join(x for x in (count, *needs) if x)
+            rules.append(Rule(f"self.method != '{r.name}' || ({' && '.join(checks)})", f"{r.name} needs {what}",
+                              ".models"))
+        if r.base_in_models:
+            models = f"the {r.max_models} models" if r.max_models == r.min_models else "its models"
+            message = (f"{r.name} needs a base that is one of {models}" if r.base == "required" else
+                       f"{r.name}'s base must be one of {models}")
+            rules.append(Rule(f"self.method != '{r.name}' || !has(self.base) || self.models.exists(m, "
+                              f"{_SAME_AS_BASE})", message, ".base"))
+    for name, p in registry.PARAMS.items():
+        users = registry.accepting(name)
+        need = [r.name for r in rows if name in r.required]
+        if p.scope == "model" and need:
+            rules.append(Rule(f"!({_in(need)}) || has(self.parameters.{name}) || self.models.all(m, has(m.{name}))",
+                              f"{', '.join(need)} need a {name} ({p.bounds()}) for every model (per model or "
+                              f"parameters.{name})", ".models"))
+        only = f"only for {', '.join(users)}" if users else "no method uses it yet"
+        if name in _GLOBAL_WIRE:
+                rules.append(Rule(f"{_in(users)} || {_unset_or_neutral(f'self.parameters.{name}', name)}",
+                              f"unknown parameter for this method ({only})", f".parameters.{name}"))
+    return tuple(rules)
 
 
 class MergeSpec(ApiModel):
     """Merge models tensor by tensor, streaming from safetensors."""
 
-    rules = (
-        Rule("!(self.method in ['" + "', '".join(NEEDS_BASE) + "']) || has(self.base)",
-             "this method needs a base model", ".base", "FieldValueRequired"),
-        Rule("self.method != 'slerp' || (size(self.models) == 2 && has(self.parameters.t))",
-             "slerp needs exactly 2 models and parameters.t", ".models"),
-        Rule("self.method != 'arcee_fusion' || size(self.models) == 2",
-             "arcee_fusion merges exactly 2 models", ".models"),
-        Rule("self.method != 'arcee_fusion' || !has(self.base) || self.models.exists(m, " + _SAME_AS_BASE + ")",
-             "arcee_fusion needs a base that is one of the 2 models", ".base"),
-        Rule("self.method != 'slerp' || !has(self.base) || self.models.exists(m, " + _SAME_AS_BASE + ")",
-             "slerp's base must be one of its 2 models", ".base"),
-        Rule("self.method != 'model_stock' || size(self.models) >= 2", "model_stock needs at least 2 models",
-             ".models"),
-        Rule("!(self.method in ['" + "', '".join(NEEDS_DENSITY) + "']) || has(self.parameters.density) || "
-             "self.models.all(m, has(m.density))",
-             "ties and dare_* need a density in (0, 1] for every model (per model or parameters.density)",
-             ".models"),
-    )
+    rules = _method_rules()
     method: Method
     base: ModelRef | None = None
     """Base model: task vectors are taken against it; config and tokenizer come from it."""

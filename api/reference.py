@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from .crdgen import crd
+from .merge_methods import reference_section
 from .resources import KIND_INFO
 
 
@@ -24,7 +25,7 @@ def _bounds(node: dict) -> str:
     if "minimum" in node:
         parts.append((">" if node.get("exclusiveMinimum") else ">=") + f" {node['minimum']}")
     if "maximum" in node:
-        parts.append((">" if node.get("exclusiveMaximum") else "<=") + f" {node['maximum']}")
+        parts.append(("<" if node.get("exclusiveMaximum") else "<=") + f" {node['maximum']}")
     if "minItems" in node:
         parts.append(f"{node['minItems']}..{node.get('maxItems', '')} items")
     return ", ".join(parts)
@@ -69,6 +70,7 @@ def render_reference() -> str:
         if rules:
             out += ["", "Rules:", ""] + [f"- `{path}`: {msg}" for path, msg, _ in rules]
         out.append("")
+    out.append(reference_section())
     status = crd("Merge")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
     out += ["## Status (all kinds)", "", "| field | type | default | description |", "|---|---|---|---|"]
     out += ["| " + " | ".join(row) + " |" for row in _rows(status, "status", set())]

@@ -1,5 +1,6 @@
 """Merge methods, one module each: ``NAME``, ``ANCHOR`` ("base": needs the base; "first": the base or the
-first model; None: no anchor), ``ACCEPTS`` (parameter names it uses), ``merge_blocks(RowBlocks)`` yielding a
+first model; None: no anchor), ``ACCEPTS`` (the wire names of the parameters its code reads: equal to its row in
+``api.merge_methods``, which the API and the stage's checks are generated from), ``merge_blocks(RowBlocks)`` yielding a
 ``MergeOutput`` per block of rows (what the engine calls), and ``merge(MergeInputs) -> MergeOutput`` on a whole
 tensor (the same computation as one block)."""
 from __future__ import annotations

@@ -17,6 +17,15 @@ class TensorParams:
     lambda_: float = 1.0
     normalize: bool = True
     rescale: bool = True
+    gammas: tuple[float, ...] = ()  # breadcrumbs*: share of the largest |delta| dropped, per model
+    epsilons: tuple[float, ...] = ()  # della*: half-width of the keep probabilities, per model
+    select_topk: float = 1.0  # sce
+    nuslerp_flatten: bool = True
+    nuslerp_row_wise: bool = False
+    normalize_weights: bool = True  # multislerp
+    eps: float = 1e-8  # multislerp
+    max_iter: int = 10  # karcher
+    tol: float = 1e-5  # karcher
 
 
 @dataclass

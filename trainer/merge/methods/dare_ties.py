@@ -7,7 +7,7 @@ from .base import RowBlocks, whole_tensor
 
 NAME = "dare_ties"
 ANCHOR = "base"
-ACCEPTS = frozenset({"weight", "density", "normalize", "lambda", "rescale", "weight_scale"})
+ACCEPTS = frozenset({"weight", "density", "normalize", "lambda", "rescale"})
 
 
 def merge_blocks(src: RowBlocks):

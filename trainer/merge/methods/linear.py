@@ -7,7 +7,7 @@ from .base import MergeInputs, MergeOutput, elementwise_blocks
 
 NAME = "linear"
 ANCHOR = None
-ACCEPTS = frozenset({"weight", "normalize", "weight_scale"})
+ACCEPTS = frozenset({"weight", "normalize"})
 
 
 def merge(inputs: MergeInputs) -> MergeOutput:

@@ -6,7 +6,7 @@ from .base import RowBlocks, whole_tensor
 
 NAME = "task_arithmetic"
 ANCHOR = "base"
-ACCEPTS = frozenset({"weight", "lambda", "weight_scale"})
+ACCEPTS = frozenset({"weight", "lambda"})
 
 
 def merge_blocks(src: RowBlocks):

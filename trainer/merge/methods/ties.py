@@ -7,7 +7,7 @@ from .base import RowBlocks, whole_tensor
 
 NAME = "ties"
 ANCHOR = "base"
-ACCEPTS = frozenset({"weight", "density", "normalize", "lambda", "weight_scale"})
+ACCEPTS = frozenset({"weight", "density", "normalize", "lambda"})
 
 
 def merge_blocks(src: RowBlocks):
