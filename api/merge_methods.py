@@ -143,6 +143,23 @@ ROWS: list[MethodRow] = [
     _row("arcee_fusion", "TinyR1-32B-Preview: Boosting Accuracy with Branch-Merge Distillation", "2503.04872",
          "", min_models=2, max_models=2, base_in_models=True, seeded=True,
          summary="The other model's value where its importance score passes a threshold, the base's elsewhere."),
+    _row("nuslerp", "Arcee's MergeKit: A Toolkit for Merging Large Language Models (its normalized, weighted "
+         "SLERP)", "2403.13257", "weight nuslerpFlatten nuslerpRowWise", min_models=2, max_models=2,
+         base="optional", summary="Spherical interpolation of two models at t = w1 / (w0 + w1), of their task "
+         "vectors when a base is set; on the flattened tensors, or per vector along dim 0 (nuslerpRowWise) or "
+         "along the last dim."),
+    _row("multislerp", "Multi-SLERP (C. Goddard, goddard.blog/posts/multislerp-wow-what-a-cool-idea)", None,
+         "weight normalizeWeights eps", base="optional",
+         summary="Weighted barycentre of any number of models (or task vectors, with a base) on the hypersphere, "
+         "through the tangent space at their normalized weighted mean, scaled by the weighted mean norm."),
+    _row("karcher", "Riemannian center of mass and mollifier smoothing (H. Karcher, 1977)", None, "maxIter tol",
+         min_models=2, base="optional",
+         summary="Karcher mean of the models' directions on the hypersphere (the base, when set, is one more "
+         "input), scaled by their mean norm."),
+    _row("nearswap", "NearSwap (alchemonaut, huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)", None, "t",
+         min_models=2, max_models=2, base_in_models=True, required=frozenset({"t"}),
+         summary="The other model's value where it is within t of the base's; farther, a share t / |difference| "
+         "of the way from the base."),
 ]
 BY_NAME: dict[str, MethodRow] = {r.name: r for r in ROWS}
 

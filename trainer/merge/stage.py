@@ -50,7 +50,7 @@ def build_job(spec: MergeSpec, folders: _Folders) -> tuple[MergeJob, ModelFolder
     if method.ANCHOR == "base" and base is None:
         raise InvalidInput(f"spec.base: method {spec.method} needs a base model")
     anchor = None
-    if method.ANCHOR == "base":
+    if method.ANCHOR in ("base", "optional"):  # "optional": the base when set (nuslerp, multislerp)
         anchor = base
     elif method.ANCHOR == "first":
         anchor = base if base is not None else models[0]
