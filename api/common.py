@@ -10,7 +10,7 @@ from .base import ApiModel, Rule
 GROUP = "branchmerge.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-KINDS = ("TeacherGen", "BranchSFT", "Merge", "Eval")
+KINDS = ("TeacherGen", "BranchSFT", "Merge", "Eval", "MergeSearch")
 
 URI_SCHEMES = ("hf", "pvc", "s3", "file")
 # hf://[models/|datasets/|spaces/]org/name[@revision][/path] (trainer/uris.py parse_hf_uri: the rest of the rules)
@@ -48,8 +48,8 @@ AllowPatterns = Annotated[list[AllowPattern], Field(min_length=1, max_length=64)
 class ModelFrom(ApiModel):
     """An upstream CR in the same namespace whose output is a model."""
 
-    kind: Literal["BranchSFT", "Merge"]
-    """Kind of the upstream CR: BranchSFT or Merge."""
+    kind: Literal["BranchSFT", "Merge", "MergeSearch"]
+    """Kind of the upstream CR: BranchSFT, Merge, or MergeSearch (its winner)."""
     name: Name
     """Name of the upstream CR."""
 

@@ -10,6 +10,7 @@ from .base import ApiModel
 from .common import API_VERSION, Metadata, Status
 from .eval import EvalSpec
 from .merge import MergeSpec
+from .mergesearch import MergeSearchSpec
 from .sft import BranchSFTSpec
 from .teachergen import TeacherGenSpec
 
@@ -57,7 +58,14 @@ class Eval(CustomResource):
     spec: EvalSpec
 
 
-Resource = Union[TeacherGen, BranchSFT, Merge, Eval]
+class MergeSearch(CustomResource):
+    """Search merges of the same branches (method, parameters, order) scored on a development split."""
+
+    kind: Literal["MergeSearch"] = "MergeSearch"
+    spec: MergeSearchSpec
+
+
+Resource = Union[TeacherGen, BranchSFT, Merge, Eval, MergeSearch]
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ class KindInfo:
     model: type[CustomResource]
     plural: str
     short_names: tuple[str, ...]
-    stage: str
+    stage: str | None  # None: no stage of its own (MergeSearch runs Merge and Eval children)
     column: tuple[str, str, str]  # name, type, JSONPath of the stage-specific printer column
 
 
@@ -78,4 +86,6 @@ KIND_INFO: dict[str, KindInfo] = {
                           ("Domain", "string", ".spec.domain")),
     "Merge": KindInfo(Merge, "merges", ("bmerge",), "merge", ("Method", "string", ".spec.method")),
     "Eval": KindInfo(Eval, "evals", ("beval",), "eval", ("Score", "number", ".status.metrics.score")),
+    "MergeSearch": KindInfo(MergeSearch, "mergesearches", ("msearch",), None,
+                            ("Trials", "integer", ".status.metrics.trialsDone")),
 }

@@ -42,6 +42,7 @@ from .plan import (Observed, Plan, effective_rerun, finished_for_good, job_needi
                    recorded_result, status_changed, target, upstream_view, wait_for_cleanup)
 from .policy import effective_phase
 from .progress_api import ProgressReceiver, latest_job, running_job
+from .searchcontrol import reconcile_search, search_of
 from .store import Key, Store
 from .workqueue import WorkQueue
 
@@ -143,7 +144,7 @@ class Operator:
             self._targets.pop(key, None)
             self.progress.forget(key)
             self.metrics.forget_cr(key[0], key[2])
-            self._wake_downstreams(key)
+            self._wake_downstreams(key, obj)
             return
         fresh, phase_changed = self.store.put_cr(obj)
         if not fresh:  # the echo of our own status write (already stored) or a stale event
@@ -167,9 +168,12 @@ class Operator:
         if self.queue is not None:
             self.queue.add(key)
 
-    def _wake_downstreams(self, key: Key) -> None:
+    def _wake_downstreams(self, key: Key, obj: dict | None = None) -> None:
         for down in self.store.downstreams(*key):
             self._enqueue(down)
+        owner = search_of(obj or self.store.crs.get(key))  # a MergeSearch's trial child: the search scores it
+        if owner:
+            self._enqueue((key[0], "MergeSearch", owner))
 
     # ---- resync: what a relist does not say ------------------------------------------------------------
 
@@ -340,6 +344,9 @@ class Operator:
             return
         namespace, kind, name = key
         self.metrics.reconciles.labels(kind).inc()
+        if kind == "MergeSearch":  # no Job of its own: owned Merge and Eval children (operator/searchcontrol.py)
+            await reconcile_search(self, key, cr)
+            return
         if finished_for_good(cr):  # plan would keep the status as it is: skip resolving and reading children
             return
         upstreams = upstream_view(self.store.upstreams_of(key))

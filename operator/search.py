@@ -25,24 +25,20 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from ..api import merge_methods as registry
 from ..api.merge import METHODS, NEEDS_BASE
 
-PAIRWISE = tuple(m for m in ("slerp", "arcee_fusion", "nearswap") if m in METHODS)
+PAIRWISE = tuple(r.name for r in registry.ROWS if r.max_models == 2)
 """Methods that merge exactly two models: more branches are merged as a chain in a given order."""
 GLOBAL_PARAMS = ("density", "lambda", "normalize", "rescale", "t")
 """Search parameters that become ``spec.parameters.<name>`` of the Merge; ``weights`` become per-model."""
-# Parameters each method uses (the merge stage rejects others). TODO: read from H1's registry
-# (api/merge_methods.py) once it lands; methods missing here are left to the Merge's own checks.
-_ACCEPTS = {
-    "linear": {"weight", "normalize"},
-    "task_arithmetic": {"weight", "lambda"},
-    "ties": {"weight", "density", "normalize", "lambda"},
-    "dare_ties": {"weight", "density", "normalize", "lambda", "rescale"},
-    "dare_linear": {"weight", "density", "normalize", "lambda", "rescale"},
-    "slerp": {"t"},
-    "model_stock": set(),
-    "arcee_fusion": set(),
-}
+
+
+def _accepts(method: str) -> set[str]:
+    """The parameters a method uses (the merge stage rejects the others): the method registry's row."""
+    return set(registry.row(method).parameters)
+
+
 SAMPLERS = ("grid", "random", "tpe")
 OBJECTIVES = ("meanPass1", "worstRetainedGain")
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
@@ -89,6 +85,8 @@ class Choice:
         unknown = set(doc) - {"values", "min", "max", "step", "log"}
         if unknown:
             raise SpaceError(path, f"unknown keys {sorted(unknown)} (use values, or min/max[/step][/log])")
+        if doc.get("log") is False:  # the stored default (CRD) says nothing
+            doc = {k: v for k, v in doc.items() if k != "log"}
         if "values" in doc:
             if set(doc) != {"values"} or not isinstance(doc["values"], list) or not doc["values"]:
                 raise SpaceError(path, "values must be a non-empty list, without min/max")
@@ -237,13 +235,13 @@ class Search:
             raise SpaceError(f"{path}.method", f"unknown method {method!r} (one of {', '.join(METHODS)})")
         if method in NEEDS_BASE and base is None and method not in PAIRWISE:
             raise SpaceError(f"{path}.method", f"{method} needs spec.base")
-        accepts = _ACCEPTS.get(method)
+        accepts = _accepts(method)
         choices = []
         for pname, value in (doc.get("parameters") or {}).items():
             ppath = f"{path}.parameters.{pname}"
             if pname not in GLOBAL_PARAMS:
                 raise SpaceError(ppath, f"unknown parameter (searchable: {', '.join(GLOBAL_PARAMS)}, and weights)")
-            if accepts is not None and pname not in accepts:
+            if pname not in accepts:
                 raise SpaceError(ppath, f"{method} does not use {pname} (it uses: "
                                         f"{', '.join(sorted(accepts)) or 'no parameters'})")
             choices.append(Choice.parse(pname, value, ppath))
@@ -251,8 +249,8 @@ class Search:
             wpath = f"{path}.weights.{bname}"
             if bname not in branches:
                 raise SpaceError(wpath, f"no branch named {bname!r}")
-            if accepts is not None and "weight" not in accepts:
-                raise SpaceError(wpath, f"{method} takes no weights")
+            if "weight" not in accepts or method in PAIRWISE:  # a chain's steps take no per-branch weights
+                raise SpaceError(wpath, f"{method} takes no weights here")
             choices.append(Choice.parse(f"weight.{bname}", value, wpath))
         orders: list[tuple[str, ...]] = []
         if method in PAIRWISE:
@@ -267,8 +265,9 @@ class Search:
                 raise SpaceError(f"{path}.orders", "orders repeat")
         elif doc.get("orders"):
             raise SpaceError(f"{path}.orders", f"orders are for pairwise methods ({', '.join(PAIRWISE)}) only")
-        if method == "slerp" and not any(c.name == "t" for c in choices):
-            raise SpaceError(f"{path}.parameters.t", "slerp needs t (a value or a range)")
+        for required in sorted(registry.row(method).required):
+            if not any(c.name == required for c in choices):
+                raise SpaceError(f"{path}.parameters.{required}", f"{method} needs {required} (values or a range)")
         return Candidate(index, method, tuple(choices), tuple(orders))
 
     def _check(self) -> None:
@@ -307,7 +306,7 @@ class Search:
             steps, prev = [], by_name[order[0]].model
             for k, nxt in enumerate(order[1:]):
                 spec = {**common, "method": cand.method, "models": [dict(prev), dict(by_name[nxt].model)]}
-                if cand.method == "arcee_fusion":  # TinyR1: the model merged in is the base of its step
+                if registry.row(cand.method).base == "required":  # TinyR1: the model merged in is the base
                     spec["base"] = dict(by_name[nxt].model)
                 if globals_:
                     spec["parameters"] = dict(globals_)

@@ -27,6 +27,7 @@ from ..policy import after_failure, effective_phase, exit_failure, waiting
 from ..resolve import blockers, resolve, spec_hash
 from . import cache
 from .launch import EnvError, local_ranks, stage_command, stage_env
+from .searches import LocalSearches
 from .store import CACHE_KEY, LOG, RANKS, SPEC_HASH, StatusStore, annotations
 from .workdir import Workdir
 
@@ -107,6 +108,7 @@ class Runner:
         self.forced: set[str] = set()
         self.interrupted = False
         self._signals: dict[int, Callable] = {}
+        self.searches = LocalSearches(self)  # MergeSearch: adds its trials' stages as it goes
 
     # ---- selection ----------------------------------------------------------------------------------
     def select(self) -> None:
@@ -224,7 +226,7 @@ class Runner:
                 continue
             if key in self.retry_at:
                 return False
-            if self.resources[key].spec.resources.suspend:  # type: ignore[attr-defined]
+            if self._suspended(key):
                 continue
             bl = blockers(self.resources[key], {k: self.phase(k) for k in self.order})
             if not bl or bl[0].reason == "UpstreamFailed" or any(self._can_progress(b.ref.key) for b in bl):
@@ -232,19 +234,25 @@ class Runner:
         return True
 
     def _can_progress(self, key: str) -> bool:
-        return key in self.selected and key not in self.finished and \
-            not self.resources[key].spec.resources.suspend  # type: ignore[attr-defined]
+        return key in self.selected and key not in self.finished and not self._suspended(key)
+
+    def _suspended(self, key: str) -> bool:
+        resources = getattr(self.resources[key].spec, "resources", None)  # MergeSearch has none of its own
+        return bool(resources is not None and resources.suspend)
 
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
-        phases = [self.records[k]["status"].get("phase") for k in self.selected]
+        # a search's failed trial is recorded in the search, not a failure of the run
+        phases = [self.records[k]["status"].get("phase") for k in self.selected if not self.searches.is_child(k)]
         return 0 if all(p == "Succeeded" for p in phases) else 1
 
     def failures(self) -> list[tuple[str, str, str]]:
         """(key, one-line error, log path) of the stages that failed on their own (not UpstreamFailed)."""
         out = []
         for key in self.selected:
+            if self.searches.is_child(key):
+                continue
             status = self.records[key]["status"]
             ready = cond.get_condition(status, "Ready") or {}
             if status.get("phase") == "Failed" and ready.get("reason") not in (cond.UPSTREAM_FAILED, cond.INTERRUPTED):
@@ -255,11 +263,11 @@ class Runner:
         # as downstreams see them: a stage stalled by a failed upstream counts as failed (policy.effective_phase)
         phases = {k: effective_phase((self.record(k) or {}).get("status")) if self.record(k) else None
                   for k in self.order}
-        for key in self.selected:
+        for key in list(self.selected):  # a search's tick adds stages: they are looked at next tick
             if key in self.finished or key in self.running:
                 continue
             resource = self.resources[key]
-            if resource.spec.resources.suspend:  # type: ignore[attr-defined]
+            if self._suspended(key):
                 if phases[key] != "Suspended":
                     self.set_phase(key, "Suspended", cond.SUSPENDED, "spec.resources.suspend is true")
                     phases[key] = "Suspended"
@@ -274,6 +282,10 @@ class Runner:
                 elif self.current(key) != (phase, reason):
                     self.set_phase(key, phase, reason, message)
                     phases[key] = phase
+                continue
+            if resource.kind == "MergeSearch":  # type: ignore[attr-defined]
+                self.searches.tick(key)
+                phases[key] = self.phase(key)
                 continue
             if key in self.retry_at:
                 if time.time() < self.retry_at[key]:

@@ -38,6 +38,22 @@ VALID = {
                             "dataset": {"uri": "file:///data/aime24.jsonl"}}],
         },
     },
+    "MergeSearch": {
+        "apiVersion": API, "kind": "MergeSearch", "metadata": {"name": "pick"},
+        "spec": {
+            "base": {"uri": "pvc://models/base"},
+            "branches": [{"name": "math", "model": {"from": {"kind": "BranchSFT", "name": "math"}},
+                          "benchmark": "math-dev"},
+                         {"name": "code", "model": {"uri": "s3://bucket/code"}, "benchmark": "code-dev"}],
+            "space": [{"method": "ties", "parameters": {"density": {"values": [0.3, 0.6]}}},
+                      {"method": "linear", "weights": {"math": {"min": 0.5, "max": 1.0, "step": 0.25}}},
+                      {"method": "arcee_fusion", "orders": [["math", "code"]]}],
+            "budget": {"maxTrials": 6, "parallelism": 2},
+            "objective": {"name": "worstRetainedGain", "constraints": {"aboveBase": True}},
+            "eval": {"benchmarks": [{"name": "math-dev", "kind": "math", "dataset": {"uri": "file:///data/math-dev.jsonl"}},
+                                    {"name": "code-dev", "kind": "code", "dataset": {"uri": "file:///data/code-dev.jsonl"}}]},
+        },
+    },
 }
 
 

@@ -1,16 +1,21 @@
 {{/* RBAC rules, least privilege: only the verbs the operator uses. Equal to deploy/rbac/ (a test compares
      them; the operator's integration tests check every request it makes against deploy/rbac/). */}}
 {{- define "branchmerge.namespacedRules" -}}
-# The four kinds: watched (kopf list+watch); only their status is written, never the spec.
+# The five kinds: watched (kopf list+watch); only their status is written, never the spec.
 - apiGroups: ["branchmerge.dev"]
-  resources: ["teachergens", "branchsfts", "merges", "evals"]
+  resources: ["teachergens", "branchsfts", "merges", "evals", "mergesearches"]
   verbs: ["list", "watch"]
 - apiGroups: ["branchmerge.dev"]
-  resources: ["teachergens/status", "branchsfts/status", "merges/status", "evals/status"]
+  resources: ["teachergens/status", "branchsfts/status", "merges/status", "evals/status", "mergesearches/status"]
   verbs: ["patch"]
+# A MergeSearch's trials: owned Merge and Eval CRs the operator creates (never edits another's spec).
+- apiGroups: ["branchmerge.dev"]
+  resources: ["merges", "evals"]
+  verbs: ["create"]
 # ownerReferences with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
 - apiGroups: ["branchmerge.dev"]
-  resources: ["teachergens/finalizers", "branchsfts/finalizers", "merges/finalizers", "evals/finalizers"]
+  resources: ["teachergens/finalizers", "branchsfts/finalizers", "merges/finalizers", "evals/finalizers",
+              "mergesearches/finalizers"]
   verbs: ["update"]
 # Children: one Job per attempt (suspended/resumed by patch, deleted when a spec edit supersedes it),
 # the run's ConfigMap (resolved spec and result record), a headless Service for multi-pod runs.
