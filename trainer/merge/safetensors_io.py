@@ -194,6 +194,19 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+def planned_bytes(tensors: list[OutTensor], max_shard_bytes: int) -> int:
+    """Bytes ``ShardedWriter`` will write for these tensors: every shard's header and data, and the index
+    (written for more than one shard), exactly as laid out there."""
+    shards = plan_shards(tensors, max_shard_bytes)
+    total = sum(len(_header_bytes(shard)) + sum(t.nbytes for t in shard) for shard in shards)
+    if len(shards) > 1:
+        names = shard_names(len(shards))
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                 "weight_map": {t.name: names[i] for i, shard in enumerate(shards) for t in shard}}
+        total += len(json.dumps(index, indent=2).encode())
+    return total
+
+
 @dataclass(frozen=True)
 class Slot:
     """Where a planned tensor's bytes go: its shard and absolute offset there."""

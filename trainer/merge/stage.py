@@ -16,6 +16,7 @@ from .methods import METHODS
 from .model_folder import ModelFolder
 from .params import ParamResolver, check_parameters, parse_size
 from .plan import build_plan
+from .preflight import Input, Preflight, check_inputs, estimate, log as log_preflight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Once the result is written nothing is left to clean up (no child processes, no distributed state, every
@@ -42,7 +43,9 @@ class _Folders:
             folder.close()
 
 
-def build_job(spec: MergeSpec, folders: _Folders) -> tuple[MergeJob, ModelFolder]:
+def build_job(spec: MergeSpec, folders: _Folders) -> tuple[MergeJob, ModelFolder, Preflight]:
+    """The engine's job, after the pre-flight: every input checked from its headers, config and tokenizer
+    (exit 2 on a mismatch) and the run's memory and output size estimated, before any tensor is read."""
     method = METHODS[spec.method]
     check_parameters(spec, method)
     base = folders.open(spec.base, "spec.base") if spec.base is not None else None
@@ -69,12 +72,25 @@ def build_job(spec: MergeSpec, folders: _Folders) -> tuple[MergeJob, ModelFolder
         raise InvalidInput("spec.models: nothing to merge (every model is the base)")
     reference = base if base is not None else models[0]
     inputs = ([anchor] if anchor is not None else []) + others
+    tokenizer_dir, tokenizer_label = tokenizer_source(spec, folders.ctx, reference)
+    named = [Input("base", base)] if base is not None else []
+    named += [Input(f"models[{i}]", m) for i, m in enumerate(models)]
+    report = check_inputs(named, reference, tokenizer_dir, tokenizer_label)
     out_dtype = DTYPES[spec.out_dtype] if spec.out_dtype else None
     plan = build_plan(reference, inputs, out_dtype)
     job = MergeJob(method=method, anchor=anchor, others=others, other_indexes=other_indexes,
                    anchor_indexes=anchor_indexes, plan=plan, resolver=ParamResolver(spec, other_indexes),
                    compute_dtype=DTYPES[spec.dtype], seed=spec.seed, shard_bytes=parse_size(spec.out_shard_size))
-    return job, reference
+    estimate(report, plan, inputs, job.compute_dtype, job.shard_bytes, reference.path, tokenizer_dir)
+    return job, reference, report
+
+
+def tokenizer_source(spec: MergeSpec, ctx, reference: ModelFolder) -> tuple[Path, str]:
+    """The folder whose tokenizer files the output gets (and how messages name it)."""
+    if spec.tokenizer_source is not None:
+        path = ctx.input_path(spec.tokenizer_source, "spec.tokenizerSource")
+        return path, f"spec.tokenizerSource ({spec.tokenizer_source.uri})"
+    return reference.path, reference.label
 
 
 PROVENANCE = "branchmerge_merge.json"
@@ -93,20 +109,21 @@ def run(ctx) -> dict:
     spec: MergeSpec = ctx.spec
     folders = _Folders(ctx)
     try:
-        job, reference = build_job(spec, folders)
+        job, reference, report = build_job(spec, folders)
+        log_preflight(report)
         out = Path(ctx.output_dir).resolve()
         for path, folder in folders.by_path.items():
             if out == path or out in path.parents or path in out.parents:  # replacing it would destroy an input
                 raise InvalidInput(f"spec.output.uri: {ctx.output_uri} overlaps the input {folder.label}")
-        tokenizer_source = (ctx.input_path(spec.tokenizer_source, "spec.tokenizerSource")
-                            if spec.tokenizer_source is not None else reference.path)
+        tokenizer_dir, _ = tokenizer_source(spec, ctx, reference)
         ctx.progress.update(0.0, f"{spec.method}: merging {len(job.plan.tensors)} tensors", force=True,
                             tensorsTotal=len(job.plan.tensors))
         digests: dict[str, str] = {}
         with atomic_folder(ctx.output_dir, known_digests=digests) as tmp:
             metrics, written = run_merge(job, tmp, ctx.progress)
+            metrics["preflight"] = report.metrics()
             digests.update(written)  # hashed while merging: the manifest need not read the shards again
-            copy_assets(tmp, reference.path, tokenizer_source, vocab_size=job.plan.vocab_size,
+            copy_assets(tmp, reference.path, tokenizer_dir, vocab_size=job.plan.vocab_size,
                         out_dtype=DTYPES[spec.out_dtype] if spec.out_dtype else None)
             write_provenance(tmp, ctx, metrics)
         ctx.progress.update(1.0, f"{spec.method}: merged {metrics['tensorsMerged']} tensors", force=True,
