@@ -45,6 +45,8 @@ PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed
 FINISHED = (SUCCEEDED, FAILED)
 REDRAWS = 64  # draws per trial number before random/tpe call the space exhausted (every draw a duplicate)
 TPE_DRAWS = 4  # TPE proposals per trial number before a duplicate-only TPE falls back to random draws
+TPE_MEMO_SIZE = 4096  # remembered TPE proposals (a few hundred bytes each)
+_TPE_MEMO: dict[tuple, dict | None] = {}
 STEP_REF = "trialStep"  # placeholder model ref {"trialStep": k}: the output of step k of the same trial
 
 
@@ -189,6 +191,7 @@ class Search:
     merge_template: dict
     leaderboard_size: int = 5
     startup_trials: int = 4
+    fingerprint: str = ""  # of the spec: keys the TPE memo (a replay asks again what it asked before)
 
     # ---- parsing ------------------------------------------------------------------------------------
     @classmethod
@@ -224,6 +227,7 @@ class Search:
             margin=float(constraints.get("margin", 0.0)), eval_template=evaluation,
             merge_template=spec.get("merge") or {}, leaderboard_size=int(spec.get("leaderboardSize", 5)),
             startup_trials=int(sampler.get("startupTrials", 4)))
+        search.fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
         search._check()
         return search
 
@@ -374,7 +378,7 @@ class Search:
         if self.sampler == "tpe":
             if not self._history_ready(trials):
                 return None
-            found = self._tpe(trials, seen)
+            found = self._tpe_memo(trials, seen)
             if found is not None:
                 return found
             # TPE keeps proposing points already tried (it has converged on a discrete region): explore
@@ -394,6 +398,19 @@ class Search:
 
     def _history_ready(self, trials: list[dict]) -> bool:
         return all(t["state"] in FINISHED for t in self._history(trials))
+
+    def _tpe_memo(self, trials: list[dict], seen: set[str]) -> dict | None:
+        """``_tpe``, remembered: its answer is a pure function of the spec and the recorded trials, and the
+        drivers replay the whole search on every reconcile (an Optuna study per trial: quadratic without it)."""
+        key = (self.fingerprint, tuple(sorted(seen)),
+               tuple((t["id"], t["state"], t.get("objective"), tuple(t.get("violations", ())))
+                     for t in self._history(trials)))
+        if key not in _TPE_MEMO:
+            if len(_TPE_MEMO) >= TPE_MEMO_SIZE:
+                _TPE_MEMO.pop(next(iter(_TPE_MEMO)))
+            _TPE_MEMO[key] = self._tpe(trials, seen)
+        found = _TPE_MEMO[key]
+        return None if found is None else json.loads(json.dumps(found))
 
     def _tpe(self, trials: list[dict], seen: set[str]) -> dict | None:
         import optuna

@@ -9,6 +9,7 @@ development data. The children are ordinary Merges and Evals: the operator runs 
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from typing import TYPE_CHECKING
@@ -81,8 +82,10 @@ async def reconcile_search(op: "Operator", key, cr: dict) -> None:
     uid = meta.get("uid")
     warnings = selection_on_test(name, cr.get("spec") or {}, op.store.namespace_crs(namespace))
     try:
-        expansion = expand(name, cr.get("spec") or {}, observed_children(op.store.crs, namespace, name, uid),
-                           meta.get("generation"))
+        # in a thread: a tpe replay builds Optuna studies (CPU), the event loop must keep serving watches
+        expansion = await asyncio.to_thread(expand, name, cr.get("spec") or {},
+                                            observed_children(op.store.crs, namespace, name, uid),
+                                            meta.get("generation"))
         error = None
     except SpaceError as err:  # the CRD's CEL accepts it but the search cannot run it: say which field
         expansion, error = None, str(err)

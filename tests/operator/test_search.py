@@ -10,6 +10,7 @@ import json
 import pytest
 
 from branchmerge.api.validation import parse_resource
+from branchmerge.operator import search as search_module
 from branchmerge.operator.search import FAILED, STEP_REF, SUCCEEDED, Search, SpaceError
 
 BRANCHES = [
@@ -58,7 +59,8 @@ def drive(doc: dict, run=toy_metrics, restart: bool = False, fail=lambda t: Fals
     search = Search.from_spec(doc, "s")
     trials: list[dict] = []
     for _ in range(1000):
-        if restart:
+        if restart:  # a new process: nothing remembered but the recorded trials
+            search_module._TPE_MEMO.clear()
             search, trials = Search.from_spec(json.loads(json.dumps(doc)), "s"), json.loads(json.dumps(trials))
         new = search.propose(trials)
         running = sum(t["state"] not in (SUCCEEDED, FAILED) for t in trials) + len(new)
