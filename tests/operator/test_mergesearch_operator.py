@@ -18,6 +18,7 @@ from branchmerge.operator.searchplan import LABEL_SEARCH, SELECTION_ON_TEST
 
 from opfixtures import NS, pod
 from ophelpers import jobs_of, phase, result, wait_for
+from test_operator_rbac import rules
 
 pytestmark = pytest.mark.timeout(180)
 API = "branchmerge.dev/v1alpha1"
@@ -42,8 +43,10 @@ def cluster(request):
     """kopf against kmock's emulator, and against the faithful API-server stand-in loaded from the committed
     CRDs (prune, CRD defaults, schema and CEL on every child the search creates, garbage collection)."""
     with contextlib.ExitStack() as stack:
+        audit = None
         if request.param == "emulator":
-            url = stack.enter_context(EmulatorThread()).url
+            emu = stack.enter_context(EmulatorThread())
+            url, audit = emu.url, emu.emulator.audit
         else:
             url = stack.enter_context(ApiServer(REPO / "crds", gc_delay=0.05, gc_interval=0.3)).url
             Api(url).call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
@@ -51,7 +54,7 @@ def cluster(request):
         api = Api(url)
         op = stack.enter_context(OperatorThread(url, OperatorOptions(default_output_root="pvc://out"),
                                                 namespaces=[NS]))
-        yield api, op
+        yield api, audit
 
 
 def _children(api: Api) -> list[dict]:
@@ -98,7 +101,7 @@ def _drive(api: Api, done: set[str]) -> None:
 
 
 def test_search_runs_owned_children_and_publishes_the_winner(cluster):
-    api, _ = cluster
+    api, audit = cluster
     api.create(json.loads(json.dumps(SEARCH)), NS)
     api.create(json.loads(json.dumps(FINAL)), NS)
     search_uid = wait_for(lambda: api.get("MergeSearch", NS, "pick"))["metadata"]["uid"]
@@ -143,3 +146,9 @@ def test_search_runs_owned_children_and_publishes_the_winner(cluster):
     # deleting the search garbage-collects its trials
     api.delete("MergeSearch", NS, "pick")
     wait_for(lambda: not _children(api), what="GC of the trials")
+    if audit is not None:  # least privilege: every request of the search's reconciles is in deploy/rbac/
+        used = {(group, res, verb) for client, verb, group, res in audit if client in ("kopf", "branchmerge-operator")}
+        assert {("branchmerge.dev", "merges", "create"), ("branchmerge.dev", "evals", "create"),
+                ("branchmerge.dev", "mergesearches/status", "patch")} <= used
+        denied = used - rules("operator-namespaced.yaml", "Role")
+        assert not denied, f"requests the Role does not allow: {sorted(denied)}"
