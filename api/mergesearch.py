@@ -9,7 +9,7 @@ from pydantic import Field
 
 from . import merge_methods as registry
 from .base import ApiModel, Rule
-from .common import Engine, ModelRef, Resources, RunPolicy, Sampling
+from .common import Engine, ModelRef, Resources, RunPolicy, Sampling, Uri
 from .eval import Benchmark
 from .merge import NEEDS_BASE, Dtype, Method
 
@@ -187,3 +187,7 @@ class MergeSearchSpec(ApiModel):
     eval: DevEval
     merge: MergeSettings = Field(default_factory=MergeSettings)
     leaderboard_size: Annotated[int, Field(ge=1, le=50)] = 5
+    """Trials listed in status.metrics.leaderboard."""
+    output_root: Uri | None = None
+    """Where the trials write: <outputRoot>/merge/<child> and <outputRoot>/eval/<child>. When absent the control
+    plane chooses (local: the workdir; Kubernetes: the operator's --default-output-root)."""

@@ -191,6 +191,7 @@ class Search:
     merge_template: dict
     leaderboard_size: int = 5
     startup_trials: int = 4
+    output_root: str | None = None  # spec.outputRoot: where the children write (else the control plane's default)
     fingerprint: str = ""  # of the spec: keys the TPE memo (a replay asks again what it asked before)
 
     # ---- parsing ------------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ class Search:
             objective=objective.get("name", "meanPass1"), above_base=bool(constraints.get("aboveBase", False)),
             margin=float(constraints.get("margin", 0.0)), eval_template=evaluation,
             merge_template=spec.get("merge") or {}, leaderboard_size=int(spec.get("leaderboardSize", 5)),
-            startup_trials=int(sampler.get("startupTrials", 4)))
+            startup_trials=int(sampler.get("startupTrials", 4)), output_root=spec.get("outputRoot"))
         search.fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
         search._check()
         return search

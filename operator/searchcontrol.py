@@ -82,6 +82,9 @@ async def reconcile_search(op: "Operator", key, cr: dict) -> None:
     uid = meta.get("uid")
     warnings = selection_on_test(name, cr.get("spec") or {}, op.store.namespace_crs(namespace))
     try:
+        if not (cr.get("spec") or {}).get("outputRoot") and not op.opts.default_output_root:
+            raise SpaceError("spec.outputRoot", "required (the operator has no --default-output-root for the "
+                                                "trials' Merges and Evals)")
         # in a thread: a tpe replay builds Optuna studies (CPU), the event loop must keep serving watches
         expansion = await asyncio.to_thread(expand, name, cr.get("spec") or {},
                                             observed_children(op.store.crs, namespace, name, uid),

@@ -56,7 +56,9 @@ def _child_name(search: str, tag: str, doc) -> str:
     return f"{search[:PREFIX].rstrip('-')}-{tag}-{_digest(doc)}"
 
 
-def _manifest(kind: str, name: str, search: str, trial: str, spec: dict) -> dict:
+def _manifest(kind: str, name: str, search: str, trial: str, spec: dict, root: str | None = None) -> dict:
+    if root:  # after naming: where a child writes is not part of what it computes
+        spec = {**spec, "output": {"uri": f"{root.rstrip('/')}/{kind.lower()}/{name}"}}
     return {"apiVersion": API_VERSION, "kind": kind,
             "metadata": {"name": name, "labels": {LABEL_SEARCH: search[:63], LABEL_TRIAL: trial}}, "spec": spec}
 
@@ -69,9 +71,9 @@ def trial_children(search: Search, name: str, trial: dict) -> list[dict]:
         models = [{"from": {"kind": "Merge", "name": out[m[STEP_REF]]["metadata"]["name"]}} if STEP_REF in m else m
                   for m in step["models"]]
         spec = {**step, "models": models}
-        out.append(_manifest("Merge", _child_name(name, "m", spec), name, trial["id"], spec))
+        out.append(_manifest("Merge", _child_name(name, "m", spec), name, trial["id"], spec, search.output_root))
     eval_spec = search.eval_spec({"from": {"kind": "Merge", "name": out[-1]["metadata"]["name"]}})
-    out.append(_manifest("Eval", _child_name(name, "e", eval_spec), name, trial["id"], eval_spec))
+    out.append(_manifest("Eval", _child_name(name, "e", eval_spec), name, trial["id"], eval_spec, search.output_root))
     return out
 
 
@@ -80,7 +82,7 @@ def reference_children(search: Search, name: str) -> dict[str, dict]:
     out = {}
     for label, model in search.references().items():
         spec = search.eval_spec(model)
-        out[label] = _manifest("Eval", _child_name(name, "r", spec), name, "reference", spec)
+        out[label] = _manifest("Eval", _child_name(name, "r", spec), name, "reference", spec, search.output_root)
     return out
 
 

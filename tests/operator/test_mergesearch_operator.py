@@ -152,3 +152,21 @@ def test_search_runs_owned_children_and_publishes_the_winner(cluster):
                 ("branchmerge.dev", "mergesearches/status", "patch")} <= used
         denied = used - rules("operator-namespaced.yaml", "Role")
         assert not denied, f"requests the Role does not allow: {sorted(denied)}"
+
+
+def test_without_an_output_root_the_search_says_which_field_is_missing():
+    with EmulatorThread() as emu:
+        api = Api(emu.url)
+        with OperatorThread(emu.url, OperatorOptions(), namespaces=[NS]):
+            api.create(json.loads(json.dumps(SEARCH)), NS)
+            wait_for(lambda: phase(api, "MergeSearch", "pick") == "Failed", what="the search to fail")
+            ready = next(c for c in api.get("MergeSearch", NS, "pick")["status"]["conditions"] if c["type"] == "Ready")
+            assert ready["reason"] == "InvalidSpec" and ready["message"].startswith("spec.outputRoot: required")
+            assert not _children(api)
+            rooted = json.loads(json.dumps(SEARCH))
+            rooted["metadata"]["name"] = "rooted"
+            rooted["spec"]["outputRoot"] = "pvc://claim/searches"
+            api.create(rooted, NS)
+            merges = wait_for(lambda: [m for m in api.list("Merge", NS)
+                                       if m["metadata"]["labels"].get(LABEL_SEARCH) == "rooted"], what="children")
+            assert merges[0]["spec"]["output"]["uri"].startswith("pvc://claim/searches/merge/rooted-m-")

@@ -196,3 +196,13 @@ def test_a_bad_space_is_an_error_naming_the_field():
 
     with pytest.raises(SpaceError, match=r"spec.space\[0\].method"):
         expand("pick", spec(space=[{"method": "nope"}]), {})
+
+
+def test_output_root_places_the_children_without_renaming_them():
+    plain = expand("pick", spec(), {})
+    rooted = expand("pick", spec(outputRoot="pvc://claim/searches/"), {})
+    assert [d["metadata"]["name"] for d in rooted.create] == [d["metadata"]["name"] for d in plain.create]
+    for doc in rooted.create:
+        assert doc["spec"]["output"] == {"uri": f"pvc://claim/searches/{doc['kind'].lower()}/{doc['metadata']['name']}"}
+        parse_resource(json.loads(json.dumps(doc)))
+    assert all("output" not in d["spec"] for d in plain.create)
