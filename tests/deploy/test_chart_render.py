@@ -11,6 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from branchmerge.api.resources import KIND_INFO
+
 from . import chart as C
 from .helpers import CHART, DEPLOY
 
@@ -280,7 +282,7 @@ def test_crds_rendered_from_the_generated_files_and_kept():
     objects = C.render()
     crds = C.by_kind(objects, "CustomResourceDefinition")
     generated = {p.name: yaml.safe_load(p.read_text(encoding="utf-8")) for p in (CHART / "files" / "crds").glob("*.yaml")}
-    assert len(crds) == len(generated) == 4
+    assert len(crds) == len(generated) == len(KIND_INFO)
     for crd in crds:
         (source,) = [g for g in generated.values() if g["metadata"]["name"] == crd["metadata"]["name"]]
         assert crd["spec"] == source["spec"], "the schema reaches the cluster unchanged"
