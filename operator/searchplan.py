@@ -158,9 +158,12 @@ def _status(search: Search, name: str, trials: list[dict], children: dict[str, C
         return status
     winner = summary["winner"]
     if winner is None:
+        failed = [t for t in trials if t["state"] == FAILED]
+        # when every trial failed the reason is theirs (often one cause: a branch that does not beat the base)
+        why = f"; trial {failed[0]['number']}: {failed[0].get('message', 'failed')}" if failed else ""
         cond.set_phase(status, "Failed", NO_FEASIBLE_TRIAL,
                        f"no trial of {len(trials)} satisfied the constraints"
-                       + (f" ({summary['trialsFailed']} failed)" if summary["trialsFailed"] else ""), generation)
+                       + (f" ({summary['trialsFailed']} failed{why})" if summary["trialsFailed"] else ""), generation)
         return status
     best = next(t for t in trials if t["id"] == winner["id"])
     status["output"] = best["output"]

@@ -1,7 +1,7 @@
--- Argo CD resource health check for the branchmerge.dev kinds (TeacherGen, BranchSFT, Merge, Eval).
+-- Argo CD resource health check for the branchmerge.dev kinds (TeacherGen, BranchSFT, Merge, Eval, MergeSearch).
 --
 -- Install it once per kind as `resource.customizations.health.branchmerge.dev_<Kind>` in argocd-cm
--- (docs/operations.md shows a command that reads this file). One script serves all four kinds because they
+-- (docs/operations.md shows a command that reads this file). One script serves all five kinds because they
 -- share the status contract written by the operator (operator/conditions.py):
 --   Healthy      Ready=True and the status describes the current spec (observedGeneration == generation)
 --   Degraded     Stalled=True or phase Failed (permanent failure, failed upstream)

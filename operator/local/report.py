@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ...trainer.progress import read_events
 from ...trainer.uris import UnresolvableUri, local_path
+from ..searchplan import LABEL_SEARCH
 from .display import fmt_duration, reason_of
 from .store import StatusStore
 from .summary import duration, parse_time
@@ -52,6 +53,11 @@ class Stage:
     def spec(self) -> dict:
         return self.record.get("spec", {})
 
+    @property
+    def search(self) -> str | None:
+        """The MergeSearch this stage is a trial (or reference Eval) of; None for the pipeline's own stages."""
+        return ((self.record.get("metadata") or {}).get("labels") or {}).get(LABEL_SEARCH)
+
     def times(self) -> tuple[float, float] | None:
         if "startedAt" in self.result and "finishedAt" in self.result:
             return float(self.result["startedAt"]), float(self.result["finishedAt"])
@@ -66,8 +72,9 @@ class RunData:
     workdir: Workdir
     stages: dict[str, Stage] = field(default_factory=dict)
 
-    def of_kind(self, kind: str) -> list[Stage]:
-        return [s for s in self.stages.values() if s.kind == kind]
+    def of_kind(self, kind: str, trials: bool = False) -> list[Stage]:
+        """The stages of ``kind``; a MergeSearch's children (scored on its dev split) only with ``trials``."""
+        return [s for s in self.stages.values() if s.kind == kind and (trials or s.search is None)]
 
 
 def gather(workdir: Workdir) -> RunData:
@@ -309,7 +316,7 @@ def roles(data: RunData) -> tuple[dict[str, tuple[str, str | None]], set[str]]:
     """Model key -> (role, domain); bases = the `base` refs of the BranchSFTs that feed a Merge."""
     info: dict[str, tuple[str, str | None]] = {}
     merged_inputs: set[str] = set()
-    for m in data.of_kind("Merge"):
+    for m in data.of_kind("Merge") + data.of_kind("MergeSearch"):  # a search's output is its winning merge
         info[m.key] = ("merge", None)
         merged_inputs |= {ref_key(r) for r in m.spec.get("models", [])} | {ref_key(m.spec.get("base"))}
     bases: set[str] = set()
@@ -517,6 +524,42 @@ def merge_table(data: RunData) -> str | None:
     return _table(["merge", "method", "inputs", "duration", "statistics"], rows)
 
 
+def leaderboards(data: RunData) -> dict[str, dict]:
+    """MergeSearch name -> its status summary (trialsDone, trialsTotal, trialsFailed, leaderboard, winner)."""
+    return {s.name: s.status.get("metrics") or {} for s in sorted(data.of_kind("MergeSearch"), key=lambda s: s.name)
+            if (s.status.get("metrics") or {}).get("leaderboard") is not None}
+
+
+def trial_cells(entry: dict) -> list[str]:
+    """rank, trial, method, parameters / order, objective, feasible, dev pass@1 per benchmark, retained gain."""
+    params = ", ".join(f"{k}={_scalar(v)}" for k, v in sorted((entry.get("params") or {}).items()))
+    order = " > ".join(entry.get("order") or [])
+    scores = ", ".join(f"{b} {100 * v:.1f}" for b, v in (entry.get("scores") or {}).items())
+    gains = ", ".join(f"{b} {_scalar(v)}" for b, v in (entry.get("retainedGain") or {}).items())
+    return [str(entry.get("rank", "")), str(entry.get("number", "")), entry.get("method", ""),
+            "; ".join(x for x in (params, order) if x) or "-", _scalar(entry.get("objective")),
+            "yes" if entry.get("feasible", True) else "no", scores or "-", gains or "-"]
+
+
+TRIAL_HEADER = ["rank", "trial", "method", "parameters / order", "objective", "feasible", "dev pass@1 (%)",
+                "retained gain"]
+
+
+def search_section(data: RunData) -> str | None:
+    boards = leaderboards(data)
+    if not boards:
+        return None
+    parts = []
+    for name, summary in boards.items():
+        winner = summary.get("winner")
+        parts.append(f"<h3>{html.escape(name)}</h3><p>{summary.get('trialsDone', 0)} of "
+                     f"{summary.get('trialsTotal', '?')} trials done, {summary.get('trialsFailed', 0)} failed; "
+                     + (f"winner: trial {winner['number']} ({html.escape(winner['method'])})"
+                        if winner else "no feasible trial") + ". Scored on the search's development split.</p>")
+        parts.append(_table(TRIAL_HEADER, [trial_cells(e) for e in summary["leaderboard"]]))
+    return "\n".join(parts)
+
+
 def build_html(data: RunData) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>branchmerge report</title>"
              f"<style>{CSS}</style></head><body>",
@@ -559,6 +602,9 @@ def build_html(data: RunData) -> str:
     acc = acceptance_figure(data)
     if acc:
         parts += ["<h2>TeacherGen acceptance</h2>", _img(acc, "teachergen acceptance by reason")]
+    searches = search_section(data)
+    if searches:
+        parts += ["<h2>Merge searches</h2>", searches]
     merges = merge_table(data)
     if merges:
         parts += ["<h2>Merges</h2>", merges]

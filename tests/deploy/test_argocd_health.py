@@ -7,11 +7,12 @@ import copy
 import pytest
 from lupa import lua51
 
+from branchmerge.api.resources import KIND_INFO
 from branchmerge.operator import conditions as C
 
 from .helpers import HEALTH_LUA
 
-KINDS = ("TeacherGen", "BranchSFT", "Merge", "Eval")
+KINDS = tuple(KIND_INFO)  # every kind shares the operator's status contract
 
 
 def run_health(obj: dict) -> dict:

@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from branchmerge.api.resources import KIND_INFO
 from branchmerge.api.validation import parse_resource
 
 from .helpers import CHART, CRDS, DEPLOY, DOCS, HEALTH_LUA, REPO
@@ -158,7 +159,7 @@ def test_example_values_files_validate_against_the_chart_schema():
 
 @pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed: the Argo CD install command is not run")
 def test_argocd_health_install_command_from_the_docs():
-    """The docs' jq command builds the argocd-cm patch from the single Lua file, for the four kinds."""
+    """The docs' jq command builds the argocd-cm patch from the single Lua file, for every kind."""
     import json
 
     text = (DOCS / "operations.md").read_text(encoding="utf-8")
@@ -169,4 +170,4 @@ def test_argocd_health_install_command_from_the_docs():
     patch = json.loads(proc.stdout)
     lua = HEALTH_LUA.read_text(encoding="utf-8")
     assert patch["data"] == {f"resource.customizations.health.branchmerge.dev_{kind}": lua
-                             for kind in ("TeacherGen", "BranchSFT", "Merge", "Eval")}
+                             for kind in KIND_INFO}

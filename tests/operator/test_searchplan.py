@@ -206,3 +206,18 @@ def test_output_root_places_the_children_without_renaming_them():
         assert doc["spec"]["output"] == {"uri": f"pvc://claim/searches/{doc['kind'].lower()}/{doc['metadata']['name']}"}
         parse_resource(json.loads(json.dumps(doc)))
     assert all("output" not in d["spec"] for d in plain.create)
+
+
+def test_when_every_trial_fails_the_condition_says_why():
+    """A branch that does not beat the base leaves the retained gain undefined for every trial: the search fails
+    with that reason in its condition, not only a count."""
+    REFERENCE["weak"] = (0.1, 0.1)
+    branches = [BRANCHES[0], {**BRANCHES[1], "model": {"from": {"kind": "BranchSFT", "name": "weak"}}}]
+    try:
+        exp, _ = drive(spec(branches=branches, objective={"name": "worstRetainedGain"}))
+    finally:
+        del REFERENCE["weak"]
+    ready = exp.status["conditions"][0]
+    assert exp.status["phase"] == "Failed" and ready["reason"] == NO_FEASIBLE_TRIAL
+    assert "(5 failed; trial 0: objective: branch code does not beat the base on code-dev (0.1000 vs 0.3000)" in \
+        ready["message"], ready

@@ -8,8 +8,9 @@
     Merge merged             arcee_fusion of [math-science, code], base code
     Merge math-code          arcee_fusion, base code      (the other order: (math+code)+science)
     Merge merged-alt         arcee_fusion of [math-code, science], base science
+    MergeSearch search       methods and chain orders scored on the dev split (Merge + Eval children per trial)
     BranchSFT mixed          the baseline: the student base on all traces at once (full size only)
-    Eval eval-<model>        every model on the three held-out benchmarks
+    Eval eval-<model>        every model, the search's winner included, on the three held-out test benchmarks
 Every name carries the prefix ``qs-``.
 """
 from __future__ import annotations
@@ -24,9 +25,20 @@ LABELS = {"app.kubernetes.io/part-of": "quickstart"}
 
 # epochs per SFT, eval samples k, teacher samples n per prompt, whether to train the mixed-data baseline
 PLAN = {
-    "full": dict(teacher_epochs=6, base_epochs=8, mixed_epochs=8, eval_k=2, gen_n=4, mixed=True),
-    "reduced": dict(teacher_epochs=3, base_epochs=2, branch_epochs=2, eval_k=1, gen_n=2, mixed=False),
+    "full": dict(teacher_epochs=6, base_epochs=8, mixed_epochs=8, eval_k=2, gen_n=4, mixed=True, search_trials=5,
+                 search_objective="worstRetainedGain"),
+    # reduced: the branches learn too little to beat the backbone, where a retained gain is undefined
+    "reduced": dict(teacher_epochs=3, base_epochs=2, branch_epochs=2, eval_k=1, gen_n=2, mixed=False,
+                    search_trials=2, search_objective="meanPass1"),
 }
+# The MergeSearch's grid, in this order (the reduced run takes the first two points): Arcee Fusion in both chain
+# orders (each step takes the model merged in as its base, as the fixed merges below do), then TIES at two
+# densities, then task arithmetic. The objective is the worst domain's retained gain on the dev split, with no
+# constraint: at this scale no trial is above the backbone on every dev benchmark (examples/quickstart/README.md),
+# and a search without a feasible trial fails (NoFeasibleTrial) -- the report's verdict judges that instead.
+SEARCH_SPACE = [{"method": "arcee_fusion", "orders": [["math", "science", "code"], ["math", "code", "science"]]},
+                {"method": "ties", "parameters": {"density": {"values": [0.3, 0.7]}}},
+                {"method": "task_arithmetic", "parameters": {"lambda": {"values": [1.0]}}}]
 # Each branch's optimisation (learning rate, Adam eps, epochs; TinyR1 also gives each branch its own), chosen
 # by measurement for what Arcee Fusion keeps (examples/quickstart/README.md has every configuration tried).
 # Arcee takes the other model's value only at outlier scores (|O - B| x row KL above median + 1.5 IQR) and
@@ -137,23 +149,37 @@ def pipeline(inputs: str | Path, size: str = "full") -> list[dict]:
                                              "models": [_merge_ref("math-code"), _sft_ref("science")],
                                              "runPolicy": POLICY}))
     evaluated = [("student-base", _sft_ref("student-base"))] + [(d, _sft_ref(d)) for d in DOMAINS]
-    evaluated += [("merged", _merge_ref("merged")), ("merged-alt", _merge_ref("merged-alt"))]
+    docs.append(_doc("MergeSearch", "search", {
+        "base": _sft_ref("student-base"),
+        "branches": [{"name": d, "model": _sft_ref(d), "benchmark": d} for d in DOMAINS],
+        "space": SEARCH_SPACE,
+        "budget": {"maxTrials": plan["search_trials"], "parallelism": 2},
+        "sampler": {"name": "grid"},
+        "objective": {"name": plan["search_objective"]},
+        "eval": {"benchmarks": [_benchmark(d, data, plan["eval_k"], split="dev") for d in DOMAINS],
+                 **EVAL_SETTINGS},
+        "merge": {"runPolicy": POLICY},
+    }))
+    evaluated += [("merged", _merge_ref("merged")), ("merged-alt", _merge_ref("merged-alt")),
+                  ("search", {"from": {"kind": "MergeSearch", "name": PREFIX + "search"}})]
     if plan["mixed"]:
         evaluated.append(("mixed", _sft_ref("mixed")))
     for label, ref in evaluated:
         docs.append(_doc("Eval", f"eval-{label}", {
-            "model": ref, "engine": EVAL_ENGINE,
-            "benchmarks": [_benchmark(domain, data, plan["eval_k"]) for domain in DOMAINS],
-            "sampling": {"temperature": 0.6, "topP": 0.95, "maxTokens": 96, "seed": 0},
-            "resources": {"env": CPU_ENV},
-            "runPolicy": POLICY,
+            "model": ref, "benchmarks": [_benchmark(domain, data, plan["eval_k"]) for domain in DOMAINS],
+            **EVAL_SETTINGS,
         }))
     return docs
 
 
-def _benchmark(domain: str, data: Path, k: int) -> dict:
-    bench = {"name": domain, "kind": BENCH_KIND[domain], "dataset": {"uri": _uri(data / f"qs-{domain}-eval.jsonl")},
-             "samples": k}
+EVAL_SETTINGS = {"engine": EVAL_ENGINE, "sampling": {"temperature": 0.6, "topP": 0.95, "maxTokens": 96, "seed": 0},
+                 "resources": {"env": CPU_ENV}, "runPolicy": POLICY}
+
+
+def _benchmark(domain: str, data: Path, k: int, split: str = "eval") -> dict:
+    """A domain's benchmark on the test split (``eval``: the final Evals) or the search's ``dev`` split."""
+    bench = {"name": domain, "kind": BENCH_KIND[domain],
+             "dataset": {"uri": _uri(data / f"qs-{domain}-{split}.jsonl")}, "samples": k}
     if domain == "science":
         bench["template"] = MCQ_TEMPLATE
     elif domain == "math":
@@ -171,7 +197,7 @@ def write(docs: list[dict], folder: str | Path, header: str = "") -> list[Path]:
     groups = [("00-teacher.yaml", lambda d: d["metadata"]["name"] == PREFIX + "teacher"),
               ("01-teachergen.yaml", lambda d: d["kind"] == "TeacherGen"),
               ("02-branches.yaml", lambda d: d["kind"] == "BranchSFT" and d["metadata"]["name"] != PREFIX + "teacher"),
-              ("03-merges.yaml", lambda d: d["kind"] == "Merge"),
+              ("03-merges.yaml", lambda d: d["kind"] in ("Merge", "MergeSearch")),
               ("04-evals.yaml", lambda d: d["kind"] == "Eval")]
     for filename, keep in groups:
         chosen = [d for d in docs if keep(d)]

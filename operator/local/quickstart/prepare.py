@@ -4,7 +4,8 @@ untrained models (a larger teacher, a smaller student) sharing one tokenizer tra
     <root>/models/teacher-init, <root>/models/student-init      Qwen2 folders from branchmerge.trainer.tiny
     <root>/data/qs-<domain>-solutions.jsonl                      worked solutions the teacher first learns
     <root>/data/qs-<domain>-prompts.jsonl                        prompts TeacherGen answers (with references)
-    <root>/data/qs-<domain>-eval.jsonl                           held-out questions for Eval
+    <root>/data/qs-<domain>-eval.jsonl                           held-out questions for the final Evals (test split)
+    <root>/data/qs-<domain>-dev.jsonl                            other held-out questions: the MergeSearch's dev split
     <root>/data/qs-general.jsonl                                 a little of everything: the student's "pretraining"
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Sizes:
     teacher_solutions: int  # per domain
     prompts: int  # per domain, for TeacherGen
     eval_questions: int  # per domain
+    dev_questions: int  # per domain: the MergeSearch scores its trials on these, never on the final Evals'
     general: dict  # per domain: the backbone's "pretraining" mix
 
 
@@ -31,9 +33,9 @@ SIZES = {
     # examples to be learnt at all, code few (at 100 code examples the backbone was already at 100 %, nothing
     # left for the code branch to add), and science knows part of its 96 items. The backbone is mostly what the
     # merge keeps (TinyR1's regime: a strong backbone, small branch updates) -- README has every mix measured.
-    "full": Sizes(teacher_solutions=640, prompts=320, eval_questions=50,
+    "full": Sizes(teacher_solutions=640, prompts=320, eval_questions=50, dev_questions=30,
                   general={"math": 400, "code": 60, "science": 170}),
-    "reduced": Sizes(teacher_solutions=200, prompts=40, eval_questions=16,
+    "reduced": Sizes(teacher_solutions=200, prompts=40, eval_questions=16, dev_questions=8,
                      general={"math": 30, "code": 30, "science": 30}),
 }
 
@@ -71,7 +73,7 @@ def prepare(root: str | Path, size: str = "full", seed: int = 0) -> Path:
     root = Path(root).resolve()
     marker = root / DONE
     # everything that shapes the inputs: a change rebuilds them (and the runner's cache then reruns what used them)
-    wanted = json.dumps({"size": size, "seed": seed, "version": 7, "sizes": SIZES[size].__dict__,
+    wanted = json.dumps({"size": size, "seed": seed, "version": 8, "sizes": SIZES[size].__dict__,
                          "teacher": TEACHER, "student": STUDENT, "vocab": VOCAB})
     if marker.exists() and marker.read_text() == wanted:
         return root
@@ -83,8 +85,10 @@ def prepare(root: str | Path, size: str = "full", seed: int = 0) -> Path:
     general = []
     for domain in DOMAINS:
         held_out = tasks(domain, sizes.eval_questions, seed + 3)
-        held_ids = {t["id"] for t in held_out}
+        dev = tasks(domain, sizes.dev_questions, seed + 5, exclude={t["id"] for t in held_out})
+        held_ids = {t["id"] for t in held_out + dev}  # neither split is trained on
         _write_jsonl(data / f"qs-{domain}-eval.jsonl", [_question(domain, t) for t in held_out])
+        _write_jsonl(data / f"qs-{domain}-dev.jsonl", [_question(domain, t) for t in dev])
         prompts = tasks(domain, sizes.prompts, seed + 2, exclude=held_ids)
         _write_jsonl(data / f"qs-{domain}-prompts.jsonl", [_question(domain, t) for t in prompts])
         taught = tasks(domain, sizes.teacher_solutions, seed + 1, exclude=held_ids)
