@@ -17,7 +17,11 @@ BranchName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", ma
 PAIRWISE = tuple(r.name for r in registry.ROWS if r.max_models == 2)
 # Which methods use each searched parameter (the merge stage rejects the others); weights are per branch,
 # which a pairwise chain's steps do not have.
-USES = {p: tuple(registry.accepting(p)) for p in ("density", "lambda", "normalize", "rescale", "t")}
+# Every registry parameter but the per-branch weight is searchable as a Merge spec.parameters value (for a
+# per-model parameter such as density: the default of every model).
+SEARCHED = tuple(n for n in registry.PARAMS if n != "weight")
+RANGES = tuple(n for n in SEARCHED if registry.PARAMS[n].kind is not bool)
+USES = {p: tuple(registry.accepting(p)) for p in SEARCHED}
 USES["weight"] = tuple(m for m in registry.accepting("weight") if m not in PAIRWISE)
 
 
@@ -52,13 +56,23 @@ class Flag(ApiModel):
 
 
 class SearchParameters(ApiModel):
-    """Searched values of Merge ``spec.parameters`` fields (each only for the methods that use it)."""
+    """Searched values of Merge ``spec.parameters`` fields (each only for the methods that use it; integer
+    parameters take the nearest integer of a sampled value; bounds as in Merge)."""
 
     density: Range | None = None
+    gamma: Range | None = None
+    epsilon: Range | None = None
     lambda_: Range | None = Field(default=None, alias="lambda")
     t: Range | None = None
+    select_topk: Range | None = None
+    eps: Range | None = None
+    max_iter: Range | None = None
+    tol: Range | None = None
     normalize: Flag | None = None
     rescale: Flag | None = None
+    nuslerp_flatten: Flag | None = None
+    nuslerp_row_wise: Flag | None = None
+    normalize_weights: Flag | None = None
 
 
 def _uses(field: str, wire: str) -> Rule:
@@ -70,7 +84,7 @@ class Candidate(ApiModel):
     """One method of the search space, with its parameter values."""
 
     rules = (
-        *(_uses(f, f) for f in ("density", "lambda", "t", "normalize", "rescale")),
+        *(_uses(f, f) for f in SEARCHED if USES[f]),
         Rule(f"size(self.weights) == 0 || self.method in {_in(USES['weight'])}",
              f"weights are used by {', '.join(USES['weight'])} only", ".weights"),
         *(Rule(f"self.method != '{r.name}' || has(self.parameters.{p})", f"{r.name} needs parameters.{p}",
@@ -171,10 +185,9 @@ class MergeSearchSpec(ApiModel):
              "self.eval.benchmarks.exists(e, e.name == b.benchmark))",
              "worstRetainedGain needs each branch's benchmark among eval.benchmarks", ".branches"),
         Rule("self.sampler.name != 'grid' || self.space.all(s, "
-             "(!has(s.parameters.density) || has(s.parameters.density.values) || has(s.parameters.density.step)) && "
-             "(!has(s.parameters.lambda) || has(s.parameters.lambda.values) || has(s.parameters.lambda.step)) && "
-             "(!has(s.parameters.t) || has(s.parameters.t.values) || has(s.parameters.t.step)) && "
-             "s.weights.all(k, has(s.weights[k].values) || has(s.weights[k].step)))",
+             + "".join(f"(!has(s.parameters.{n}) || has(s.parameters.{n}.values) || has(s.parameters.{n}.step)) && "
+                       for n in RANGES)
+             + "s.weights.all(k, has(s.weights[k].values) || has(s.weights[k].step)))",
              "the grid sampler needs values or a step for every range", ".space"),
     )
     branches: Annotated[list[SearchBranch], Field(min_length=2, max_length=16)]

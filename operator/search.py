@@ -30,8 +30,9 @@ from ..api.merge import METHODS, NEEDS_BASE
 
 PAIRWISE = tuple(r.name for r in registry.ROWS if r.max_models == 2)
 """Methods that merge exactly two models: more branches are merged as a chain in a given order."""
-GLOBAL_PARAMS = ("density", "lambda", "normalize", "rescale", "t")
-"""Search parameters that become ``spec.parameters.<name>`` of the Merge; ``weights`` become per-model."""
+GLOBAL_PARAMS = tuple(n for n in registry.PARAMS if n != "weight")
+"""Search parameters that become ``spec.parameters.<name>`` of the Merge (for a per-model parameter: the
+default of every model); ``weights`` become per-model."""
 
 
 def _accepts(method: str) -> set[str]:
@@ -48,6 +49,21 @@ TPE_DRAWS = 4  # TPE proposals per trial number before a duplicate-only TPE fall
 TPE_MEMO_SIZE = 4096  # remembered TPE proposals (a few hundred bytes each)
 _TPE_MEMO: dict[tuple, dict | None] = {}
 STEP_REF = "trialStep"  # placeholder model ref {"trialStep": k}: the output of step k of the same trial
+
+
+def _within_bounds(choice: "Choice", param) -> "Choice":
+    """SpaceError naming the field when a value or range end lies outside the Merge API's bounds for it."""
+    ends = list(choice.values) if choice.values is not None else [choice.low, choice.high]
+    for v in ends:
+        if isinstance(v, bool) != (param.kind is bool) or not isinstance(v, (int, float)):
+            raise SpaceError(choice.path, f"{v!r} is not a {param.kind.__name__}")
+        if param.kind is bool:
+            continue
+        for op, bound, ok in (("above", param.gt, lambda x, b: x > b), ("at least", param.ge, lambda x, b: x >= b),
+                              ("below", param.lt, lambda x, b: x < b), ("at most", param.le, lambda x, b: x <= b)):
+            if bound is not None and not ok(v, bound):
+                raise SpaceError(choice.path, f"{v} is out of range: {param.name} must be {op} {bound:g}")
+    return choice
 
 
 class SpaceError(ValueError):
@@ -249,7 +265,7 @@ class Search:
             if pname not in accepts:
                 raise SpaceError(ppath, f"{method} does not use {pname} (it uses: "
                                         f"{', '.join(sorted(accepts)) or 'no parameters'})")
-            choices.append(Choice.parse(pname, value, ppath))
+            choices.append(_within_bounds(Choice.parse(pname, value, ppath), registry.PARAMS[pname]))
         for bname, value in (doc.get("weights") or {}).items():
             wpath = f"{path}.weights.{bname}"
             if bname not in branches:
@@ -304,7 +320,9 @@ class Search:
         """The Merge specs of a trial; a pairwise chain refers to its previous step as {"trialStep": k}."""
         cand = self.candidates[candidate]
         by_name = {b.name: b for b in self.branches}
-        globals_ = {k: v for k, v in params.items() if k in GLOBAL_PARAMS}
+        # an integer parameter (maxIter) takes the nearest integer: the Merge API's field is an integer
+        globals_ = {k: (int(round(v)) if registry.PARAMS[k].kind is int else v) for k, v in params.items()
+                    if k in GLOBAL_PARAMS}
         common = json.loads(json.dumps(self.merge_template))
         if cand.method in PAIRWISE:
             order = list(order or [])

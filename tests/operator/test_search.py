@@ -209,6 +209,10 @@ def test_three_branch_chain_follows_the_order():
     ({"space": [{"method": "slerp"}]}, "spec.space[0].parameters.t"),
     ({"space": [{"method": "linear", "weights": {"physics": 1.0}}]}, "spec.space[0].weights.physics"),
     ({"base": None, "space": [{"method": "ties", "parameters": {"density": 0.5}}]}, "spec.space[0].method"),
+    ({"space": [{"method": "della", "parameters": {"density": 0.5, "epsilon": {"values": [0.1, 0.6]}}}]},
+     "spec.space[0].parameters.epsilon"),  # outside the Merge API's bounds (epsilon < 0.5)
+    ({"space": [{"method": "nuslerp", "parameters": {"nuslerpFlatten": {"values": [1.5]}}}]},
+     "spec.space[0].parameters.nuslerpFlatten"),  # a number for a boolean
     ({"budget": {"maxTrials": 2, "parallelism": 3}}, "spec.budget.parallelism"),
     ({"sampler": {"name": "annealing"}}, "spec.sampler.name"),
     ({"objective": {"name": "worstRetainedGain"}, "branches": [dict(BRANCHES[0], benchmark="x"), BRANCHES[1]]},
@@ -237,3 +241,30 @@ def test_importing_the_search_stays_light():
             "assert not heavy, heavy\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_every_merge_parameter_of_the_registry_is_searchable():
+    """The newer methods' own parameters (della's epsilon, breadcrumbs' gamma, sce's selectTopk, karcher's
+    integer maxIter, nuslerp's flags) are searched like density, and every trial is a valid Merge."""
+    space = [{"method": "della", "parameters": {"density": 0.5, "epsilon": {"min": 0.05, "max": 0.3}}},
+             {"method": "breadcrumbs", "parameters": {"density": 0.9, "gamma": {"values": [0.01, 0.05]}}},
+             {"method": "sce", "parameters": {"selectTopk": {"min": 0.2, "max": 1.0}}},
+             {"method": "karcher", "parameters": {"maxIter": {"min": 2, "max": 40}, "tol": {"min": 1e-6, "max": 1e-3,
+                                                                                          "log": True}}},
+             {"method": "nuslerp", "parameters": {"nuslerpFlatten": {"values": [True, False]}}}]
+    flat = {"benchmarks": {"math-dev": {"pass1": 0.5}, "code-dev": {"pass1": 0.5}}}
+    search, trials = drive(spec(space=space, sampler={"name": "random", "seed": 3}, budget={"maxTrials": 30}),
+                           run=lambda t: flat)
+    seen = {t["method"] for t in trials}
+    assert {"della", "breadcrumbs", "sce", "karcher", "nuslerp"} <= seen
+    for t in trials:
+        [step] = search.merge_steps(t["candidate"], t["params"], t.get("order"))
+        parse_resource({"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Merge",
+                        "metadata": {"name": f"s-{t['id']}"}, "spec": step})
+        params = step.get("parameters", {})
+        if t["method"] == "karcher":
+            assert isinstance(params["maxIter"], int) and 2 <= params["maxIter"] <= 40 and 1e-6 <= params["tol"] <= 1e-3
+        if t["method"] == "della":
+            assert 0.05 <= params["epsilon"] <= 0.3 and params["density"] == 0.5
+        if t["method"] == "nuslerp":
+            assert params["nuslerpFlatten"] in (True, False)
