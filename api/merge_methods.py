@@ -120,20 +120,24 @@ def _row(name, paper, arxiv, parameters, **kw) -> MethodRow:
 
 
 _DENSITY = frozenset({"density"})
+_DARE = "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch"
+_BREADCRUMBS = "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks"
+_DELLA = "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling"
 ROWS: list[MethodRow] = [
     _row("linear", "Model soups: averaging weights of multiple fine-tuned models improves accuracy without "
          "increasing inference time", "2203.05482", "weight normalize", base="optional",
          summary="Weighted average of the models (the base, if set, only supplies config and tokenizer)."),
-    _row("task_arithmetic", "Editing Models with Task Arithmetic", "2212.04089", "weight lambda",
+    _row("task_arithmetic", "Editing Models with Task Arithmetic", "2212.04089", "weight normalize lambda",
+         defaults={"normalize": False},
          summary="base + lambda * sum of the weighted task vectors."),
     _row("ties", "TIES-Merging: Resolving Interference When Merging Models", "2306.01708",
-         "weight density normalize lambda", required=_DENSITY,
+         "weight density normalize lambda rescale", required=_DENSITY, defaults={"rescale": False},
          summary="Task vectors trimmed to their largest magnitudes, sign election, mean of the agreeing ones."),
-    _row("dare_ties", "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free "
-         "Lunch", "2311.03099", "weight density normalize lambda rescale", seeded=True, required=_DENSITY,
+    _row("dare_ties", _DARE, "2311.03099", "weight density normalize lambda rescale", seeded=True,
+         required=_DENSITY, defaults={"normalize": False},
          summary="Task vectors dropped at random (rescaled), then TIES sign election."),
-    _row("dare_linear", "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free "
-         "Lunch", "2311.03099", "weight density normalize lambda rescale", seeded=True, required=_DENSITY,
+    _row("dare_linear", _DARE, "2311.03099", "weight density normalize lambda rescale", seeded=True,
+         required=_DENSITY, defaults={"normalize": False},
          summary="Task vectors dropped at random (rescaled), then a weighted sum."),
     _row("slerp", "Animating rotation with quaternion curves (Shoemake, SIGGRAPH 1985)", None, "t",
          min_models=2, max_models=2, base="optional", base_in_models=True, required=frozenset({"t"}),
@@ -143,6 +147,22 @@ ROWS: list[MethodRow] = [
     _row("arcee_fusion", "TinyR1-32B-Preview: Boosting Accuracy with Branch-Merge Distillation", "2503.04872",
          "", min_models=2, max_models=2, base_in_models=True, seeded=True,
          summary="The other model's value where its importance score passes a threshold, the base's elsewhere."),
+    _row("breadcrumbs", _BREADCRUMBS, "2312.06795", "weight density gamma normalize lambda rescale",
+         required=_DENSITY, defaults={"normalize": False, "rescale": False},
+         summary="Task vectors without their largest (gamma) and smallest entries (down to density), summed."),
+    _row("breadcrumbs_ties", _BREADCRUMBS, "2312.06795", "weight density gamma normalize lambda rescale",
+         required=_DENSITY, defaults={"normalize": False, "rescale": False},
+         summary="Breadcrumbs' sparsification, then TIES sign election."),
+    _row("della", _DELLA, "2406.11617", "weight density epsilon normalize lambda rescale", seeded=True,
+         required=_DENSITY,
+         summary="Task vectors dropped at random, larger magnitudes (by rank in their row) kept more often, "
+                 "rescaled, then TIES sign election."),
+    _row("della_linear", _DELLA, "2406.11617", "weight density epsilon normalize lambda rescale", seeded=True,
+         required=_DENSITY, defaults={"normalize": False},
+         summary="DELLA's drop (rescaled), then a weighted sum."),
+    _row("sce", "FuseChat: Knowledge Fusion of Chat Models", "2408.07990", "selectTopk",
+         summary="Entries of high variance across the task vectors selected, models weighted by their task "
+                 "vectors' mean square, sign conflicts erased."),
     _row("nuslerp", "Arcee's MergeKit: A Toolkit for Merging Large Language Models (its normalized, weighted "
          "SLERP)", "2403.13257", "weight nuslerpFlatten nuslerpRowWise", min_models=2, max_models=2,
          base="optional", summary="Spherical interpolation of two models at t = w1 / (w0 + w1), of their task "

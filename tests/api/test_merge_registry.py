@@ -77,7 +77,7 @@ def test_each_method_rejects_a_parameter_it_does_not_use(name):
     row = registry.row(name)
     unused = next(p for p in GLOBAL_FIELDS.values() if p not in row.parameters and p not in registry.NEUTRAL
                   and registry.PARAMS[p].kind is not bool)
-    value = 0.5 if registry.PARAMS[unused].kind is float else 3
+    value = _inside(registry.PARAMS[unused])
     doc = valid_for(row)
     doc["spec"]["parameters"][unused] = value
     with pytest.raises(InvalidManifest) as info:
@@ -86,6 +86,13 @@ def test_each_method_rejects_a_parameter_it_does_not_use(name):
     # the stage's own check, on a spec that skipped the API's CEL rules (pydantic alone)
     with pytest.raises(InvalidInput, match=rf"^spec\.parameters\.{unused}: unknown parameter for {name}"):
         check_parameters(MergeSpec.model_validate(doc["spec"]))
+
+
+def _inside(p: registry.Param):
+    """A value inside the parameter's bounds."""
+    lo = next(v for v in (p.ge, p.gt, 0.0) if v is not None)
+    hi = next(v for v in (p.le, p.lt, lo + 1.0) if v is not None)
+    return int(lo) + 1 if p.kind is int else (lo + hi) / 2
 
 
 def test_stage_names_the_model_or_override_of_an_unused_parameter():
@@ -131,3 +138,24 @@ def test_reference_lists_every_method():
     text = registry.reference_section()
     for r in registry.ROWS:
         assert f"| `{r.name}` |" in text
+
+
+def test_della_needs_density_minus_epsilon_above_zero():
+    doc = valid_for(registry.row("della"))
+    for m in doc["spec"]["models"]:
+        m["density"] = 0.1  # the default epsilon 0.15 would give a negative keep probability
+    with pytest.raises(InvalidInput, match=r"^spec\.models\[0\]\.density: della needs density - epsilon > 0"):
+        check_parameters(parse_resource(doc).spec)
+    doc["spec"]["parameters"]["epsilon"] = 0.05
+    check_parameters(parse_resource(doc).spec)
+    doc["spec"]["models"][1]["epsilon"] = 0.2
+    with pytest.raises(InvalidInput, match=r"^spec\.models\[1\]\.epsilon: della needs"):
+        check_parameters(parse_resource(doc).spec)
+
+
+def test_method_defaults_follow_mergekit():
+    """Where mergekit 0.1.5's methods default normalize/rescale differently, the rows say so."""
+    assert registry.row("ties").default("normalize") is True and registry.row("ties").default("rescale") is False
+    for name in ("dare_ties", "dare_linear", "della_linear", "breadcrumbs", "breadcrumbs_ties", "task_arithmetic"):
+        assert registry.row(name).default("normalize") is False, name
+    assert registry.row("della").default("normalize") is True and registry.row("della").default("rescale") is True

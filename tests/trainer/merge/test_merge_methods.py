@@ -12,7 +12,7 @@ import torch
 from branchmerge.trainer.merge import kernels
 from branchmerge.trainer.merge.engine import tensor_seed
 from branchmerge.trainer.merge.methods import METHODS, arcee_fusion
-from branchmerge.trainer.merge.methods.base import MergeInputs, TensorParams
+from branchmerge.trainer.merge.methods.base import MergeInputs, RowBlocks, TensorParams
 
 
 def run_method(method, base, others, seed=0, name="w", **params):
@@ -52,7 +52,7 @@ def test_linear_random_matches_reference():
 def test_task_arithmetic_is_exact():
     base = torch.randint(-20, 20, (6, 4)).float()
     a, b = base + torch.randint(-8, 8, (6, 4)), base + torch.randint(-8, 8, (6, 4))
-    out = run_method("task_arithmetic", base, [a, b], weights=(0.5, 0.25), lambda_=2.0).tensor
+    out = run_method("task_arithmetic", base, [a, b], weights=(0.5, 0.25), lambda_=2.0, normalize=False).tensor
     assert torch.equal(out, base + 2.0 * (0.5 * (a - base) + 0.25 * (b - base)))
 
 
@@ -334,3 +334,144 @@ def test_arcee_fusion_samples_large_tensors_with_the_seed():
     np.testing.assert_array_equal(a.numpy(), torch.where(scores >= t_sample, other, base).numpy())
     # the sampled threshold is close to the exact one
     assert t_sample == pytest.approx(quantile_threshold(scores.numpy()), rel=0.02)
+
+
+# ------------------------------------------------------------------ the task-vector family's new rows
+
+def blocked(method, base, others, rows_per_block, seed=0, name="w", **params):
+    """``method`` over blocks of ``rows_per_block`` rows (float32: the fused kernels' path where one exists)."""
+    src = RowBlocks(name, tuple(base.shape), rows_per_block, lambda s, e: (base[s:e], [o[s:e] for o in others]),
+                    TensorParams(**params), torch.Generator().manual_seed(tensor_seed(seed, name)),
+                    compute_dtype=torch.float32)
+    return src.join(METHODS[method].merge_blocks(src))
+
+
+def breadcrumbs_reference(base, others, weights, densities, gammas, consensus, lam=1.0, normalize=False):
+    """Model Breadcrumbs as published: per task vector, sort |delta| ascending, drop the largest
+    int(gamma * n) (fewer when the density needs them) and the smallest, keep int(density * n)."""
+    b = np64(base).ravel()
+    kept = []
+    for o, density, gamma in zip(others, densities, gammas):
+        delta = np64(o).ravel() - b
+        n = delta.size
+        target, top = int(density * n), int(gamma * n)
+        bottom = max(0, n - target - top)
+        order = np.argsort(np.abs(delta), kind="stable")
+        mask = np.zeros(n)
+        mask[order[bottom:bottom + target]] = 1
+        kept.append(delta * mask)
+    weighted = np.stack([w * k for w, k in zip(weights, kept)])
+    if consensus:
+        agree = np.sign(weighted) == np.where(weighted.sum(axis=0) >= 0, 1.0, -1.0)
+        mixed = (weighted * agree).sum(axis=0)
+        divisor = (np.array(weights)[:, None] * agree).sum(axis=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = weighted.sum(axis=0), sum(weights)
+    return (b + lam * (mixed / divisor if normalize else mixed)).reshape(base.shape)
+
+
+@pytest.mark.parametrize("rows_per_block", [400, 7])  # one block; many (the sampled bracket of the cuts)
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_breadcrumbs_matches_reference_over_blocks(method, rows_per_block, normalize):
+    base = rand((400, 96), 0)
+    others = [base + rand((400, 96), s, 0.1) for s in (1, 2, 3)]
+    kw = dict(weights=(1.0, 0.6, 0.3), densities=(0.5, 0.2, 0.95), gammas=(0.01, 0.2, 0.3), lambda_=0.8,
+              normalize=normalize)
+    out = blocked(method, base, others, rows_per_block, **kw)
+    ref = breadcrumbs_reference(base, others, kw["weights"], kw["densities"], kw["gammas"],
+                                method == "breadcrumbs_ties", 0.8, normalize)
+    np.testing.assert_allclose(out.tensor.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_breadcrumbs_keeps_the_middle_band_of_magnitudes():
+    base = torch.zeros(10_000)
+    other = rand((10_000,), 4)
+    out = blocked("breadcrumbs", base, [other], 999, weights=(1.0,), densities=(0.3,), gammas=(0.05,)).tensor
+    kept = out != 0
+    assert int(kept.sum()) == 3000
+    magnitude = other.abs()
+    ranks = magnitude.argsort().argsort()  # 0 the smallest
+    assert torch.equal(kept, (ranks >= 10_000 - 500 - 3000) & (ranks < 10_000 - 500))
+    assert torch.equal(out[kept], other[kept])  # kept entries unchanged (rescale off by default)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_is_seeded_and_the_same_over_blocks(method):
+    base = rand((120, 80), 0)
+    others = [base + rand((120, 80), s, 0.1) for s in (1, 2)]
+    kw = dict(weights=(1.0, 0.5), densities=(0.5, 0.4), epsilons=(0.2, 0.1), rescale=True, normalize=True)
+    whole = run_method(method, base, others, seed=5, name="w", **kw).tensor
+    assert torch.equal(whole, run_method(method, base, others, seed=5, name="w", **kw).tensor)
+    assert not torch.equal(whole, run_method(method, base, others, seed=6, name="w", **kw).tensor)
+    assert torch.equal(whole, blocked(method, base, others, 9, seed=5, name="w", **kw).tensor)
+    vector = rand((5000,), 7)  # a vector is one row: ranked whole, even when served in blocks
+    vectors = [vector + rand((5000,), 8, 0.1)]
+    one = dict(weights=(1.0,), densities=(0.5,), epsilons=(0.2,))
+    assert torch.equal(run_method(method, vector, vectors, seed=5, **one).tensor,
+                       blocked(method, vector, vectors, 300, seed=5, **one).tensor)
+
+
+def test_della_keep_probability_rises_with_rank_and_rescale_keeps_l1():
+    """MagPrune: entry of rank r (0 the smallest |delta| of its row of n) kept with probability
+    density - epsilon + 2 epsilon r / (n - 1); rescaled, the kept delta has the dropped one's L1 norm."""
+    rows, n, density, epsilon = 400, 1000, 0.4, 0.3
+    base = torch.zeros(rows, n)
+    other = rand((rows, n), 9)
+    out = run_method("della_linear", base, [other], seed=1, weights=(1.0,), densities=(density,),
+                     epsilons=(epsilon,), rescale=False).tensor
+    kept = (out != 0).double()
+    ranks = other.abs().argsort(dim=1).argsort(dim=1)
+    assert abs(float(kept.mean()) - density) < 0.005  # the mean probability is the density
+    for lo in range(0, n, 200):  # by rank band: the formula, within 5 standard errors
+        band = (ranks >= lo) & (ranks < lo + 200)
+        expected = density - epsilon + 2 * epsilon * (lo + 99.5) / (n - 1)
+        share = float(kept[band].mean())
+        assert abs(share - expected) < 5 * math.sqrt(expected * (1 - expected) / int(band.sum())) + 1e-3, (lo, share)
+    assert torch.equal(out[out != 0], other[out != 0])  # without rescale, kept entries are unchanged
+    rescaled = run_method("della_linear", base, [other], seed=1, weights=(1.0,), densities=(density,),
+                          epsilons=(epsilon,), rescale=True).tensor
+    assert torch.equal(rescaled != 0, out != 0)  # the same draws
+    assert math.isclose(float(rescaled.abs().double().sum()), float(other.abs().double().sum()), rel_tol=1e-5)
+    # mergekit's rescale is one L1 ratio per tensor, not DELLA's paper's 1 / p per entry: large entries (kept
+    # more often) come out larger than the delta on average, small ones smaller
+    mean = sum(run_method("della_linear", base[:2], [other[:2]], seed=s, weights=(1.0,), densities=(density,),
+                          epsilons=(epsilon,), rescale=True).tensor for s in range(200)) / 200
+    top = ranks[:2] >= n - 100
+    bottom = ranks[:2] < 100
+    assert float((mean[top] / other[:2][top]).mean()) > 1.15 and float((mean[bottom] / other[:2][bottom]).mean()) < 0.6
+
+
+def test_dare_rescale_keeps_the_task_vector_in_expectation():
+    base, other = torch.zeros(2, 1000), rand((2, 1000), 9)
+    mean = sum(run_method("dare_linear", base, [other], seed=s, weights=(1.0,), densities=(0.4,), rescale=True,
+                          normalize=False).tensor for s in range(400)) / 400
+    assert float((mean - other).abs().mean()) < 0.1 * float(other.abs().mean())
+
+
+def sce_reference(base, others, topk):
+    b = np64(base).ravel()
+    tvs = np.stack([np64(o).ravel() - b for o in others])
+    if topk < 1:
+        var = tvs.var(axis=0)
+        k = int(np.count_nonzero(var) * topk)
+        mask = np.zeros(b.size)
+        mask[np.argsort(-var, kind="stable")[:k]] = 1
+        tvs = tvs * mask
+    weights = (tvs ** 2).mean(axis=1)
+    weights = np.full(len(tvs), 1 / len(tvs)) if abs(weights.sum()) < 1e-6 else weights / weights.sum()
+    agree = np.sign(tvs) == np.where(tvs.sum(axis=0) >= 0, 1.0, -1.0)
+    erased = weights[:, None] * agree
+    return (b + (tvs * erased).sum(axis=0) / np.maximum(erased.sum(axis=0), 1e-6)).reshape(base.shape)
+
+
+@pytest.mark.parametrize("topk", [0.3, 1.0])
+@pytest.mark.parametrize("rows_per_block", [300, 11])
+def test_sce_matches_reference_over_blocks(topk, rows_per_block):
+    base = rand((300, 64), 0)
+    others = [base + rand((300, 64), s, 0.1 * s) for s in (1, 2, 3)]
+    out = blocked("sce", base, others, rows_per_block, select_topk=topk, weights=(1.0, 1.0, 1.0))
+    np.testing.assert_allclose(out.tensor.numpy(), sce_reference(base, others, topk), rtol=1e-5, atol=1e-6)
+    if topk < 1:  # the unselected entries keep the base exactly
+        assert int((out.tensor != base).sum()) <= int(0.3 * base.numel())

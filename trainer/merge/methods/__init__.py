@@ -9,8 +9,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import arcee_fusion, dare_linear, dare_ties, linear, model_stock, slerp, task_arithmetic, ties
+from . import breadcrumbs, breadcrumbs_ties, della, della_linear, sce
 from . import karcher, multislerp, nearswap, nuslerp
 
 METHODS: dict[str, ModuleType] = {m.NAME: m for m in (
     linear, task_arithmetic, ties, dare_ties, dare_linear, slerp, model_stock, arcee_fusion,
+    breadcrumbs, breadcrumbs_ties, della, della_linear, sce,
     nuslerp, multislerp, karcher, nearswap)}

@@ -1,19 +1,24 @@
-"""Shared pieces of the task-vector family (task_arithmetic, ties, dare_linear, dare_ties).
+"""The task-vector family, mergekit's "generalized task arithmetic": one core, and each method a row of it.
 
-Task vectors: delta_k = theta_k - theta_base. Sparsification keeps a ``density`` fraction of each delta
-(by magnitude for TIES, by a seeded Bernoulli draw for DARE); sign election keeps, per entry, the deltas
-that agree with the sign of the weighted sum; the mix is divided by the summed weights of what was kept.
+Task vectors: delta_k = theta_k - theta_base. A row picks a sparsification of each delta (none; the
+``density`` largest magnitudes, TIES; a seeded Bernoulli(density) draw, DARE; the largest ``gamma`` dropped
+as outliers then the smallest down to ``density``, Model Breadcrumbs; a seeded draw whose keep probability
+rises with the magnitude's rank in its row from density - epsilon to density + epsilon, DELLA), optionally
+rescaled to keep each delta's L1 norm; whether a sign is elected per entry (the deltas that agree with the
+sign of the weighted sum are kept, TIES); and whether the mix is divided by the summed weights of what was
+kept (normalize). The result is base + lambda * mix. ``TaskVectorMethod`` is such a row; the method
+modules (task_arithmetic, ties, dare_*, breadcrumbs*, della*) only declare theirs.
 
 Everything runs over blocks of rows small enough to stay in the CPU cache: a merge is a dozen elementwise
 passes, and done on whole tensors each pass would stream the tensor through main memory again. What needs
-the whole tensor (the magnitude cut, DARE's L1 rescale) is gathered in counting passes first, so memory
+the whole tensor (the magnitude cuts, the L1 rescale) is gathered in counting passes first, so memory
 does not grow with the tensor either. In float32 over float32 or bfloat16 inputs (the usual case) a block's
 passes are fused kernels (``kernels``) with the same arithmetic; the torch code below serves other dtypes
 and is what the kernels are tested against.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -70,7 +75,13 @@ Inputs = Callable[[], Iterator[tuple]]
 
 def magnitude_cuts(inputs: Inputs, numel: int, densities: list[float],
                    sample: list[np.ndarray] | None = None) -> list[MagnitudeCut | None]:
-    """Per model, the cut keeping ``int(density * numel)`` entries (None: keep everything).
+    """Per model, the cut keeping ``int(density * numel)`` entries (None: keep everything)."""
+    return top_k_cuts(inputs, numel, [int(d * numel) if d < 1 else None for d in densities], sample)
+
+
+def top_k_cuts(inputs: Inputs, numel: int, ks: list[int | None],
+               sample: list[np.ndarray] | None = None) -> list[MagnitudeCut | None]:
+    """Per model, the cut keeping its ``ks[i]`` largest |delta| (None: keep everything; 0: nothing).
 
     ``inputs()`` yields, block by block in row order, (base, [each other model]). Without a ``sample``
     every magnitude is kept and the cut is selected from all of them (for a tensor served as one block).
@@ -78,7 +89,7 @@ def magnitude_cuts(inputs: Inputs, numel: int, densities: list[float],
     bracket around the sample's estimate of the cut; when the cut is not inside it (a sample very unlike
     the tensor), an exact radix select over two more passes finds it in fixed memory.
     """
-    ks = [int(d * numel) if d < 1 else None for d in densities]
+    ks = [None if k is not None and k >= numel else k for k in ks]
     active = [i for i, k in enumerate(ks) if k]
     cuts: list[MagnitudeCut | None] = [None if k is None else MagnitudeCut(float("inf"), 0, False) for k in ks]
     if not active:  # keep all, or nothing (nothing is above infinity)
@@ -186,9 +197,10 @@ def _kth_largest_bin(counts: np.ndarray, k: int) -> tuple[int, int]:
     return index, int(from_top[j]) - int(counts[index])
 
 
-def magnitude_sample(src: RowBlocks) -> list[np.ndarray] | None:
+def magnitude_sample(src: RowBlocks, values: Callable | None = None) -> list[np.ndarray] | None:
     """Per other model, float32 |delta| of about SAMPLE_ENTRIES entries from runs of rows spread evenly over
-    the tensor; None for a tensor served as one block (its cut is selected from all of it)."""
+    the tensor; None for a tensor served as one block (its cut is selected from all of it). ``values``,
+    when given, maps a block's MergeInputs to the float32 arrays to sample instead (one per cut)."""
     rows = src.shape[0]
     if src.rows_per_block >= rows:
         return None
@@ -198,21 +210,119 @@ def magnitude_sample(src: RowBlocks) -> list[np.ndarray] | None:
     parts: list[list[np.ndarray]] = []
     for start in starts:
         inputs = src.inputs(start, min(rows, start + run))
-        parts.append([(o - inputs.base).abs_().float().reshape(-1).numpy() for o in inputs.others])
+        parts.append(values(inputs) if values is not None else
+                     [(o - inputs.base).abs_().float().reshape(-1).numpy() for o in inputs.others])
     return [np.concatenate(per_model) for per_model in zip(*parts)]
+
+
+SPARSIFIERS = {None: (), "magnitude": ("density",), "random": ("density",), "outliers": ("density", "gamma"),
+               "della": ("density", "epsilon")}
+
+
+@dataclass(frozen=True)
+class TaskVectorMethod:
+    """A row of the family: how each delta is sparsified, whether a sign is elected, whether ``normalize``
+    is a parameter (otherwise the mix is never divided). ``accepts`` is what the code reads: weight,
+    lambda, the sparsifier's parameters, rescale where something is dropped."""
+
+    sparsify: str | None
+    consensus: bool
+    normalize: bool = True
+
+    @property
+    def accepts(self) -> frozenset[str]:
+        names = {"weight", "lambda", *SPARSIFIERS[self.sparsify]}
+        if self.normalize:
+            names.add("normalize")
+        if self.sparsify:
+            names.add("rescale")
+        return frozenset(names)
+
+    def merge_blocks(self, src: RowBlocks) -> Iterator[MergeOutput]:
+        if self.sparsify == "della" and len(src.shape) == 1 and src.rows_per_block < src.shape[0]:
+            # a vector is one row to rank (as in mergekit): one block (vectors are small)
+            src = replace(src, rows_per_block=src.shape[0])
+        p = src.params
+        return combine_blocks(src, self.sparsify, self.consensus, normalize=self.normalize and p.normalize,
+                              rescale_l1=bool(self.sparsify) and p.rescale)
+
+
+Mask = Callable[[torch.Tensor], "torch.Tensor | None"]  # a block's delta -> its 0/1 keep mask (None: keep all)
+
+
+class _Sparsifier:
+    """The keep masks of one sparsification of every model's delta. ``masks()`` gives fresh ones for a
+    pass over the blocks in row order: magnitude cuts count the ties they keep, and random draws replay
+    the same stream from the tensor's seed, so every pass keeps the same entries."""
+
+    def __init__(self, src: RowBlocks, kind: str | None, inputs: Inputs):
+        self.src, self.kind = src, kind
+        p, numel = src.params, src.numel
+        self.cuts: list[MagnitudeCut | None] = []  # magnitude: the fused kernels apply these directly
+        self.outlier_cuts: list[MagnitudeCut | None] = []  # outliers: the top cut to drop
+        if kind in ("magnitude", "outliers"):
+            sample = magnitude_sample(src)
+            if kind == "magnitude":
+                self.cuts = magnitude_cuts(inputs, numel, list(p.densities), sample)
+            else:
+                keep, drop = [], []
+                for density, gamma in zip(p.densities, p.gammas):
+                    if density >= 1:  # nothing dropped, outliers included (as mergekit)
+                        keep.append(None)
+                        drop.append(None)
+                        continue
+                    target = int(density * numel)
+                    top = min(int(gamma * numel), numel - target)  # fewer outliers when the density needs them
+                    keep.append(top + target)
+                    drop.append(top or None)
+                self.cuts = top_k_cuts(inputs, numel, keep, sample)
+                self.outlier_cuts = (top_k_cuts(inputs, numel, drop, sample) if any(drop)
+                                     else [None] * len(drop))
+
+    def masks(self) -> list[Mask]:
+        count = len(self.src.params.weights)
+        if self.kind == "magnitude":
+            return [_cut_mask(c) for c in self.cuts]
+        if self.kind == "outliers":
+            return [_band_mask(keep, drop) for keep, drop in zip(self.cuts, self.outlier_cuts)]
+        if self.kind == "random":
+            return _random_draws(self.src, count)
+        if self.kind == "della":
+            return _della_draws(self.src, count)
+        return [lambda d: None] * count
+
+
+def _cut_mask(cut: MagnitudeCut | None) -> Mask:
+    cut = None if cut is None else replace(cut)  # a copy: the cut counts the ties it keeps
+    return lambda d: None if cut is None else cut.keep(d.abs().float(), d.dtype)
+
+
+def _band_mask(keep: MagnitudeCut | None, drop: MagnitudeCut | None) -> Mask:
+    """The k largest minus the outliers: the outliers are the largest of those k, so the difference of the
+    two 0/1 masks is 0/1."""
+    keep_mask, drop_mask = _cut_mask(keep), _cut_mask(drop)
+
+    def mask(d: torch.Tensor) -> torch.Tensor | None:
+        kept = keep_mask(d)
+        dropped = drop_mask(d)
+        if dropped is None:
+            return kept
+        return (torch.ones_like(dropped) if kept is None else kept).sub_(dropped)
+
+    return mask
 
 
 def combine_blocks(src: RowBlocks, sparsify: str | None, consensus: bool, normalize: bool,
                    rescale_l1: bool = False) -> Iterator[MergeOutput]:
-    """base + lambda * mix(sparsified weighted deltas), block by block; ``sparsify`` is None, "magnitude"
-    or "random"."""
+    """base + lambda * mix(sparsified weighted deltas), block by block; ``sparsify`` is a key of
+    SPARSIFIERS."""
     p = src.params
     if not p.weights:  # no other model: the base as it is
         for inputs in src.blocks():
             assert inputs.base is not None
             yield MergeOutput(inputs.base.clone(), [], 0)
         return
-    count = len(p.densities) if sparsify else 0
+    count = len(p.weights)
 
     def deltas() -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
         for inputs in src.blocks():
@@ -228,39 +338,39 @@ def combine_blocks(src: RowBlocks, sparsify: str | None, consensus: bool, normal
             assert arrays[0] is not None
             yield arrays
 
-    cuts = (magnitude_cuts(inputs, src.numel, list(p.densities), magnitude_sample(src))
-            if sparsify == "magnitude" else [])
+    sparsifier = _Sparsifier(src, sparsify, inputs)
     scales = list(p.weights)
-    if sparsify == "random" and rescale_l1:  # a first pass over the same draws: L1 norms before and after
+    if sparsify and rescale_l1:  # a first pass over the same masks: L1 norms before and after
         # (summed in float64, so the result does not depend on how the tensor is blocked)
         norms = torch.zeros(count, 2, dtype=torch.float64)
-        draws = _random_draws(src, count)
+        masks = sparsifier.masks()
         for _, ds in deltas():
             for k, d in enumerate(ds):
-                keep = draws[k](d)
+                keep = masks[k](d)
                 norms[k, 0] += float(d.abs().sum(dtype=torch.float64))
                 if keep is not None:
                     norms[k, 1] += float(d.mul_(keep).abs().sum(dtype=torch.float64))
+                else:
+                    norms[k, 1] = norms[k, 0]
         for k in range(count):
             before, after = float(norms[k, 0]), float(norms[k, 1])
-            if p.densities[k] < 1 and before >= RESCALE_EPS and after >= RESCALE_EPS:
+            if before >= RESCALE_EPS and after >= RESCALE_EPS:
                 scales[k] *= before / after
-    draws = _random_draws(src, count) if sparsify == "random" else []
+    masks = sparsifier.masks()
+    fused_cuts = sparsify == "magnitude"  # the kernels apply magnitude cuts themselves
 
     def keep_mask(k: int, d: torch.Tensor) -> torch.Tensor | None:
-        if cuts:
-            return cuts[k].keep(d.abs().float(), d.dtype) if cuts[k] else None
-        return draws[k](d) if draws else None
+        return masks[k](d)
 
     for (start, end), (base, others) in zip(src.ranges(), inputs()):
         if isinstance(base, np.ndarray):  # the fused kernels
             shape = (end - start, *src.shape[1:])
-            if draws:  # the random draws stay torch's (the same stream as the torch code's)
+            if sparsify and not fused_cuts:  # masks in torch (random draws: the same stream as the torch code's)
                 weighted = [kernels.flat(_weighted(torch.from_numpy(_fused_weighted_delta(base, other, 1.0, None))
                                                    .reshape(shape), keep_mask, k, scales[k]))
                             for k, other in enumerate(others)]
             else:
-                weighted = [_fused_weighted_delta(base, other, scales[k], cuts[k] if cuts else None)
+                weighted = [_fused_weighted_delta(base, other, scales[k], sparsifier.cuts[k] if fused_cuts else None)
                             for k, other in enumerate(others)]
             yield _fused_mix(base, kernels.output(shape, src.out_dtype), weighted, p, consensus, normalize,
                              counts_taken=sparsify is not None)
@@ -315,6 +425,30 @@ def _random_draws(src: RowBlocks, count: int) -> list[Callable[[torch.Tensor], t
         draws.append(lambda d, g=generator, density=density:
                      None if density >= 1 else
                      _mask(torch.lt, torch.rand(d.shape, generator=g, dtype=torch.float32), density, d.dtype))
+    return draws
+
+
+def _della_draws(src: RowBlocks, count: int) -> list[Mask]:
+    """Per model, DELLA's draw: entry j of a row of n is kept with probability density - epsilon +
+    2 * epsilon * rank_j / (n - 1), rank_j the rank of |delta_j| in its row (0 the smallest; rows run along
+    dimension 1, a vector is one row), from the model's own generator as in ``_random_draws``."""
+    seed = src.generator.initial_seed()
+    draws = []
+    for k in range(count):
+        density, epsilon = src.params.densities[k], src.params.epsilons[k]
+        generator = torch.Generator().manual_seed((seed + k) % (1 << 63))
+
+        def draw(d: torch.Tensor, g=generator, density=density, epsilon=epsilon) -> torch.Tensor | None:
+            if density >= 1:
+                return None
+            rows = d.reshape(1, -1) if d.dim() < 2 else d
+            n = rows.shape[1]
+            rank = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+            probability = rank.mul_(2 * epsilon / (n - 1) if n > 1 else 0.0).add_(density - epsilon)
+            return _mask(torch.lt, torch.rand(d.shape, generator=g, dtype=torch.float32),
+                         probability.reshape(d.shape), d.dtype)
+
+        draws.append(draw)
     return draws
 
 

@@ -16,7 +16,7 @@ class TensorParams:
     t: float | None = None
     lambda_: float = 1.0
     normalize: bool = True
-    rescale: bool = True
+    rescale: bool = False  # the stage fills each method's default (api.merge_methods)
     gammas: tuple[float, ...] = ()  # breadcrumbs*: share of the largest |delta| dropped, per model
     epsilons: tuple[float, ...] = ()  # della*: half-width of the keep probabilities, per model
     select_topk: float = 1.0  # sce

@@ -1,18 +1,12 @@
 """dare_linear: seeded random drop of each task vector to ``density`` (rescaled to keep its L1 norm when
-``rescale``), then a weighted sum divided by the sum of the weights (normalize)."""
+``rescale``), then a weighted sum."""
 from __future__ import annotations
 
-from ._task_vectors import combine_blocks
-from .base import RowBlocks, whole_tensor
+from ._task_vectors import TaskVectorMethod
+from .base import whole_tensor
 
 NAME = "dare_linear"
 ANCHOR = "base"
-ACCEPTS = frozenset({"weight", "density", "normalize", "lambda", "rescale"})
-
-
-def merge_blocks(src: RowBlocks):
-    return combine_blocks(src, sparsify="random", consensus=False, normalize=src.params.normalize,
-                          rescale_l1=src.params.rescale)
-
-
+ROW = TaskVectorMethod("random", consensus=False)
+ACCEPTS, merge_blocks = ROW.accepts, ROW.merge_blocks
 merge = whole_tensor(merge_blocks)

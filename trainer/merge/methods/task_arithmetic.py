@@ -1,16 +1,12 @@
-"""task_arithmetic: base + lambda * sum_k w_k * (theta_k - theta_base)  (no normalization)."""
+"""task_arithmetic (Task Arithmetic): base + lambda * sum_k w_k * delta_k, divided by sum_k w_k only when
+``normalize`` (off by default, as in mergekit)."""
 from __future__ import annotations
 
-from ._task_vectors import combine_blocks
-from .base import RowBlocks, whole_tensor
+from ._task_vectors import TaskVectorMethod
+from .base import whole_tensor
 
 NAME = "task_arithmetic"
 ANCHOR = "base"
-ACCEPTS = frozenset({"weight", "lambda"})
-
-
-def merge_blocks(src: RowBlocks):
-    return combine_blocks(src, sparsify=None, consensus=False, normalize=False)
-
-
+ROW = TaskVectorMethod(None, consensus=False)
+ACCEPTS, merge_blocks = ROW.accepts, ROW.merge_blocks
 merge = whole_tensor(merge_blocks)
