@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -33,6 +34,8 @@ import psutil
 import torch
 import yaml
 from safetensors.torch import save_file
+
+from branchmerge.api import merge_methods as registry
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_BYTES = 400 << 20
@@ -191,28 +194,55 @@ def median_run(repeat: int, run) -> dict:
     return runs[len(runs) // 2]
 
 
+# Bench values of the parameters a method needs (the rest keep their defaults, mergekit's and ours alike).
+PER_MODEL = {"weight": (1.0, 0.5), "density": (0.5, 0.5)}
+GLOBAL = {"t": 0.5, "selectTopk": 0.5}
+NEARSWAP_T = 0.001  # nearswap's t is a distance between weights
+
+
+def bench_case(method: str, base: Path, ft1: Path, ft2: Path):
+    """(base or None, [(model, per-model parameters)], global parameters) for ``method``, from its registry row:
+    a base where the row requires one (one of the two models where it must be), the parameters it uses."""
+    row = registry.row(method)
+    base_ref = ft2 if row.base_in_models else base if row.base == "required" else None
+    models = [(ft1, {}), (ft2, {})]
+    for name, values in PER_MODEL.items():
+        if name in row.parameters:
+            for (_, fields), value in zip(models, values):
+                fields[name] = value
+    params = {n: (NEARSWAP_T if method == "nearswap" and n == "t" else v) for n, v in GLOBAL.items()
+              if n in row.parameters}
+    return base_ref, models, params
+
+
 def engine_manifest(method: str, base: Path, ft1: Path, ft2: Path, out: Path) -> dict:
-    if method == "ties":
-        models = [{"uri": ft1.as_uri(), "weight": 1.0, "density": 0.5},
-                  {"uri": ft2.as_uri(), "weight": 0.5, "density": 0.5}]
-        base_ref = base
-    else:  # arcee_fusion, TinyR1 style: the second model is the base
-        models = [{"uri": ft1.as_uri()}, {"uri": ft2.as_uri()}]
-        base_ref = ft2
-    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Merge", "metadata": {"name": "bench-" + method.replace("_", "-")},
-            "spec": {"method": method, "base": {"uri": base_ref.as_uri()}, "models": models,
-                     "dtype": "float32", "outDtype": "bfloat16", "outShardSize": "2GB", "seed": 0,
-                     "output": {"uri": out.as_uri()}}}
+    base_ref, models, params = bench_case(method, base, ft1, ft2)
+    spec = {"method": method, "models": [{"uri": m.as_uri(), **f} for m, f in models], "parameters": params,
+            "dtype": "float32", "outDtype": "bfloat16", "outShardSize": "2GB", "seed": 0,
+            "output": {"uri": out.as_uri()}}
+    if base_ref is not None:
+        spec["base"] = {"uri": base_ref.as_uri()}
+    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Merge",
+            "metadata": {"name": "bench-" + method.replace("_", "-")}, "spec": spec}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name)
 
 
 def mergekit_config(method: str, base: Path, ft1: Path, ft2: Path) -> dict:
-    if method == "ties":
-        return {"merge_method": "ties", "base_model": str(base),
-                "models": [{"model": str(ft1), "parameters": {"weight": 1.0, "density": 0.5}},
-                           {"model": str(ft2), "parameters": {"weight": 0.5, "density": 0.5}}],
-                "parameters": {"normalize": True}, "dtype": "float32", "out_dtype": "bfloat16"}
-    return {"merge_method": "arcee_fusion", "base_model": str(ft2),
-            "models": [{"model": str(ft1)}, {"model": str(ft2)}], "dtype": "float32", "out_dtype": "bfloat16"}
+    base_ref, models, params = bench_case(method, base, ft1, ft2)
+    config = {"merge_method": method,
+              "models": [{"model": str(m), **({"parameters": f} if f else {})} for m, f in models],
+              "parameters": {_snake(k): v for k, v in params.items()}, "dtype": "float32", "out_dtype": "bfloat16"}
+    if base_ref is not None:
+        config["base_model"] = str(base_ref)
+    return config
+
+
+def uses_base(method: str) -> bool:
+    row = registry.row(method)
+    return row.base == "required" and not row.base_in_models
 
 
 def agreement(ours: Path, theirs: Path) -> dict:
@@ -244,7 +274,7 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--methods", default="ties,arcee_fusion")
+    ap.add_argument("--methods", default="all", help="comma-separated, or all (every method of the registry)")
     ap.add_argument("--mergekit", default=str(REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"),
                     help="mergekit-yaml of a separate venv (skipped when missing)")
     ap.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -271,8 +301,9 @@ def main() -> int:
     # writing one model's bytes (+ fsync) with nothing read: no merge can publish its output faster
     write_only = median_run(args.repeat, lambda: run_raw([], work / "raw.bin", size))
     rows = []
-    for method in args.methods.split(","):
-        inputs = [base, ft1, ft2] if method == "ties" else [ft1, ft2]
+    methods = registry.names() if args.methods == "all" else args.methods.split(",")
+    for method in methods:
+        inputs = [base, ft1, ft2] if uses_base(method) else [ft1, ft2]
         print(f"[{method}] raw I/O ...", flush=True)
         raw = median_run(args.repeat, lambda: run_raw(inputs, work / "raw.bin", size))
         out = work / f"out-{method}"
@@ -296,9 +327,13 @@ def main() -> int:
             cfg = work / f"mergekit-{method}.yaml"
             cfg.write_text(yaml.safe_dump(mergekit_config(method, base, ft1, ft2)))
             print(f"[{method}] mergekit ...", flush=True)
-            row["mergekit"] = measure([args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer",
-                                       "--no-write-model-card", "--random-seed", "0", "--quiet"], env)
-            row["agreement"] = agreement(out, mk_out)
+            try:
+                row["mergekit"] = measure([args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer",
+                                           "--no-write-model-card", "--random-seed", "0", "--quiet"], env)
+            except RuntimeError as err:  # reported beside our timings, not fatal to the table
+                print(f"[{method}] mergekit failed: {str(err)[-300:]}", flush=True)
+            if any(mk_out.glob("*.safetensors")):  # (a method mergekit lacks or refuses: timings only)
+                row["agreement"] = agreement(out, mk_out)
             shutil.rmtree(mk_out, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
