@@ -70,14 +70,16 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
           override=True),
     Param("rescale", bool, "global", "Rescale each sparsified task vector so its L1 norm is preserved.", True),
     Param("t", float, "global", "slerp: 0 gives the first model (or the base), 1 the other; nearswap: the "
-          "similarity threshold (the other model's value is taken where |difference| <= t).", None,
+          "similarity threshold (the other model's value is taken where |difference| <= t; elsewhere the base "
+          "moves t towards it, a share t / |difference| of the way).", None,
           ge=0, le=1, override=True),
     Param("selectTopk", float, "global", "sce: fraction of entries kept, those with the largest variance "
           "across the task vectors; 1.0 when unset.", 1.0, gt=0, le=1),
     Param("nuslerpFlatten", bool, "global", "nuslerp: interpolate the flattened tensors (false: per row or "
           "column); true when unset.", True),
-    Param("nuslerpRowWise", bool, "global", "nuslerp: with nuslerpFlatten false, interpolate rows rather than "
-          "columns; false when unset.", False),
+    Param("nuslerpRowWise", bool, "global", "nuslerp: with nuslerpFlatten false, interpolate the vectors along "
+          "the first dimension (the columns W[:, j], mergekit's naming) instead of the last (the rows W[i, :]); "
+          "false when unset.", False),
     Param("normalizeWeights", bool, "global", "multislerp: divide the weights by their sum; true when unset.",
           True),
     Param("eps", float, "global", "multislerp: numerical floor of norms; 1e-8 when unset.", 1e-8, gt=0, le=0.1),
