@@ -499,10 +499,10 @@ class Search:
         """Record a finished trial's Eval metrics ({benchmarks: {name: {pass1}}}); ``references``: label ->
         metrics of ``references()``. Sets objective, feasibility and per-benchmark scores."""
         references = references or {}
-        scores = _pass1(metrics, "trial")
-        out = {**trial, "state": SUCCEEDED, "scores": scores}
-        out.pop("message", None)
-        try:
+        try:  # an Eval without scores fails its trial; the search goes on (and the reconcile never raises)
+            scores = _pass1(metrics, "trial")
+            out = {**trial, "state": SUCCEEDED, "scores": scores}
+            out.pop("message", None)
             if self.objective == "meanPass1":
                 out["objective"] = _round(sum(scores.values()) / len(scores))
             else:
@@ -526,7 +526,7 @@ class Search:
                 out["feasible"] = all(v < 0 for v in out["violations"])
             else:
                 out["feasible"] = True
-        except (KeyError, ObjectiveError) as err:
+        except (KeyError, TypeError, ValueError) as err:  # ObjectiveError is a ValueError
             return self.fail(trial, f"objective: {err}")
         return out
 
@@ -568,7 +568,14 @@ def _constraints(frozen) -> list[float]:
 
 
 def _pass1(metrics: dict, what: str) -> dict[str, float]:
-    benchmarks = (metrics or {}).get("benchmarks") or {}
-    if not benchmarks:
+    """pass@1 per benchmark from an Eval's metrics: nested (the local runner's result file) or as the flat
+    ``benchmarks.<name>.pass1`` keys of status.metrics on Kubernetes (the pod's termination message)."""
+    metrics = metrics or {}
+    benchmarks = metrics.get("benchmarks")
+    if isinstance(benchmarks, dict) and benchmarks:
+        return {name: float(b["pass1"]) for name, b in benchmarks.items()}
+    flat = {key[len("benchmarks."):-len(".pass1")]: float(value) for key, value in metrics.items()
+            if key.startswith("benchmarks.") and key.endswith(".pass1") and isinstance(value, (int, float))}
+    if not flat:
         raise ObjectiveError(f"the {what} Eval reported no benchmarks")
-    return {name: float(b["pass1"]) for name, b in benchmarks.items()}
+    return flat

@@ -72,24 +72,36 @@ def test_quickstart_through_the_operator_matches_branchmerge_run(reduced_quickst
         statuses = {f"{d['kind']}/{d['metadata']['name']}":
                     cluster.api.get(d["kind"], NS, d["metadata"]["name"])["status"] for d in docs}
         pods = cluster.api.list("Pod", NS)
+        children = sum(1 for kind in ("Merge", "Eval") for cr in cluster.api.list(kind, NS)
+                       if any(o.get("kind") == "MergeSearch" for o in cr["metadata"].get("ownerReferences", [])))
+        assert children == 4 + 2, children  # the reduced search: 2 trials, each a chain of 2 Merges and an Eval
 
     compared = 0
     for key, status in statuses.items():
         kind, name = key.split("/")
         out_uri = status["output"]["uri"]
-        assert out_uri == f"pvc://{CLAIM}/outputs/{NS}/{kind.lower()}/{name}"
-        published = claim / "outputs" / NS / kind.lower() / name
+        if kind == "MergeSearch":  # its output is its winning trial's Merge, a child named by its spec's hash
+            winner = status["output"]["uri"].rsplit("/", 1)[-1]
+            assert out_uri == f"pvc://{CLAIM}/outputs/{NS}/merge/{winner}", out_uri
+            published = claim / "outputs" / NS / "merge" / winner
+            local_search = json.loads((root / "status" / "mergesearch" / f"{name}.json").read_text())["status"]
+            assert local_search["output"]["uri"].endswith(f"/merge/{winner}"), "the same winner as branchmerge run's"
+            ref_folder = root / "outputs" / "merge" / winner
+        else:
+            assert out_uri == f"pvc://{CLAIM}/outputs/{NS}/{kind.lower()}/{name}"
+            published = claim / "outputs" / NS / kind.lower() / name
+            ref_folder = root / "outputs" / kind.lower() / name
         files = read_manifest(published)
         assert files is not None, f"{key}: nothing published at {published}"
-        ref_folder = root / "outputs" / kind.lower() / name
         ref_files = read_manifest(ref_folder)
         assert _content(files) == _content(ref_files), f"{key}: outputs differ from branchmerge run's"
         compared += len(_content(files))
         if kind == "Eval":
             assert _scores(published) == _scores(ref_folder), key
         assert status["output"]["digest"] == combined_digest(files), f"{key}: status does not match what is published"
-    # Each stage ran once, as a pod of the trainer-cpu image, non-root, and every pod succeeded.
-    assert len(pods) == len(docs) and all(p["status"]["phase"] == "Succeeded" for p in pods)
+    # Each stage ran once, as a pod of the trainer-cpu image, non-root, and every pod succeeded: the pipeline's
+    # own CRs and the search's children (owned Merge and Eval CRs); a MergeSearch runs no pod itself.
+    assert len(pods) == len(docs) - 1 + children and all(p["status"]["phase"] == "Succeeded" for p in pods)
     assert {p["spec"]["containers"][0]["image"] for p in pods} == {TRAINER_CPU_IMAGE}
     print(f"\n{len(docs)} CRs succeeded through the operator in {wall:.0f} s; {compared} published files "
           f"identical to branchmerge run's")

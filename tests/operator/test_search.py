@@ -268,3 +268,21 @@ def test_every_merge_parameter_of_the_registry_is_searchable():
             assert 0.05 <= params["epsilon"] <= 0.3 and params["density"] == 0.5
         if t["method"] == "nuslerp":
             assert params["nuslerpFlatten"] in (True, False)
+
+
+def test_scores_read_the_flat_status_metrics_of_kubernetes_and_bad_metrics_fail_the_trial():
+    """On Kubernetes an Eval's status.metrics holds its termination message's flattened keys
+    (benchmarks.<name>.pass1); the local runner's result file nests them. Both score the same; an Eval that
+    reported no scores fails its trial (the reconcile must not raise: it would retry forever)."""
+    search = Search.from_spec(spec(objective={"name": "worstRetainedGain"}), "s")
+    trial = search.propose([])[0]
+    nested = toy_metrics(trial)
+    flat = {"score": 0.5, "questions": 10, **{f"benchmarks.{n}.{k}": v for n, b in nested["benchmarks"].items()
+                                              for k, v in {**b, "n": 5}.items()}}
+    flat_refs = {label: {f"benchmarks.{n}.pass1": b["pass1"] for n, b in m["benchmarks"].items()}
+                 for label, m in REFS.items()}
+    a, b = search.score(trial, nested, REFS), search.score(trial, flat, flat_refs)
+    assert a["state"] == b["state"] == SUCCEEDED and a["objective"] == b["objective"] and a["scores"] == b["scores"]
+    for bad in ({}, {"score": 0.4}, {"benchmarks": {"math-dev": {"pass1": "n/a"}}}):
+        failed = search.score(trial, bad, REFS)
+        assert failed["state"] == FAILED and failed["message"].startswith("objective: "), failed
