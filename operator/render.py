@@ -122,6 +122,9 @@ def render(resources: list[CustomResource], opts: OperatorOptions, namespace: st
                           f"given ({namespace})")
             continue
         ns = own or namespace or "default"
+        if resource.kind == "MergeSearch":  # its children (Merge and Eval CRs) follow from trial results at run time
+            outputs[(ns, resource.key)] = None  # the winner's output is known only then: a placeholder downstream
+            continue
         cr = stored_cr(resource, ns)
         refs = references(resource)
         upstreams = _upstreams(refs, ns, outputs, placeholders)
