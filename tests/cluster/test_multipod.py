@@ -185,7 +185,12 @@ def test_invalid_input_under_torchrun_fails_at_once_in_both_control_planes(tmp_p
                      "the 2-pod BranchSFT with invalid data to fail", 1.0)
         status = cluster.api.get("BranchSFT", NS, "bad-data")["status"]
         jobs = cluster.api.list("Job", NS)
-        pods = cluster.api.list("Pod", NS)
+
+        def terminated():  # the CR fails on the first pod's message; the other pod may still be exiting
+            pods = cluster.api.list("Pod", NS)
+            return pods if all("terminated" in ((p["status"].get("containerStatuses") or [{}])[0].get("state") or {})
+                               for p in pods) else None
+        pods = cluster.wait(terminated, 120, "both pods to terminate", 1.0)
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InvalidSpec" and status["attempts"] == 1, status
     assert "missing string field 'response'" in ready["message"], ready
