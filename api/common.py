@@ -289,6 +289,24 @@ class OutputStatus(ApiModel):
     """sha256 over the output's file digests (see the stage's result manifest)."""
 
 
+class Cost(ApiModel):
+    """What the run used (api/cost.py), summed over its attempts: a retry costs as much as it ran."""
+
+    wall_seconds: Annotated[float, Field(ge=0)] | None = None
+    """Wall time: locally the stage process's; on Kubernetes from the first pod's start to the last pod's
+    finish (container startedAt/finishedAt)."""
+    cpu_seconds: Annotated[float, Field(ge=0)] | None = None
+    """User + system CPU time of the stage process and its children (ranks, engine workers)."""
+    peak_memory_bytes: Annotated[int, Field(ge=0)] | None = None
+    """Largest resident set size of one of its processes."""
+    gpus: Annotated[int, Field(ge=0)] | None = None
+    """GPUs held (on Kubernetes: requested by all its pods together); 0 on CPU."""
+    gpu_seconds: Annotated[float, Field(ge=0)] | None = None
+    """GPUs x wall, summed over pods: what a cluster bills, busy or not."""
+    attempts: Annotated[int, Field(ge=0)] | None = None
+    """Attempts whose use the sums include."""
+
+
 class Status(ApiModel):
     """Observed state, written only by the control plane."""
 
@@ -302,6 +320,8 @@ class Status(ApiModel):
     attempts: int = 0
     metrics: dict[str, Any] = Field(default_factory=dict)
     """Stage metrics (tokens generated, loss, scores, ...)."""
+    cost: Cost | None = None
+    """Wall time, CPU and GPU time and peak memory of the run (all its attempts)."""
 
 
 class Metadata(ApiModel):

@@ -7,7 +7,6 @@ combined digest and metrics. Exit codes: 0 success, 2 invalid spec or input, 3 r
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
@@ -26,9 +25,12 @@ from ..api.progress_channel import URL_ENV as PROGRESS_URL_ENV
 from ..api.graph import references
 from ..api.resources import KIND_INFO, CustomResource
 from ..api.validation import InvalidManifest, parse_resource
+from . import card as cards
+from .card import CARD_KINDS
 from .errors import EXIT_OK, EXIT_RETRYABLE, InvalidInput, StageError
 from .progress import Progress
 from .publish import combined_digest, manifest_fields, read_manifest, write_json_atomic
+from .lineage import lineage_record
 from .staging import staged_sources
 from .uris import UnresolvableUri, local_path
 
@@ -99,13 +101,44 @@ def _flat_metrics(metrics: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _gpus_used() -> int:
+    """CUDA devices visible to a stage that used CUDA (on Kubernetes: the pod's; under torchrun each rank sees
+    all of them and holds one). A stage that never imported torch, or runs on CPU, used none. vLLM may touch
+    CUDA only in its engine subprocess, so having it loaded with CUDA available counts as use."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 0
+    try:
+        if not torch.cuda.is_available():
+            return 0
+        if not (torch.cuda.is_initialized() or "vllm" in sys.modules):
+            return 0
+        return int(torch.cuda.device_count())
+    except Exception:  # a broken driver must not fail a finished stage
+        return 0
+
+
+def process_cost(wall_seconds: float) -> dict:
+    """What this process and its waited-for children (torchrun ranks, vLLM workers) used so far
+    (api/cost.py). ru_maxrss is KiB on Linux; the peak is one process's, the larger of self and children."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
+    gpus = _gpus_used()
+    return {"wallSeconds": round(wall_seconds, 3),
+            "cpuSeconds": round(me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime, 3),
+            "peakMemoryBytes": int(max(me.ru_maxrss, kids.ru_maxrss) * scale),
+            "gpus": gpus, "gpuSeconds": round(gpus * wall_seconds, 3)}
+
+
 def _write_termination_log(result: dict) -> None:
     path = os.environ.get("BRANCHMERGE_TERMINATION_LOG")
     if not path:
         return
     # exitCode: the stage's own class (2 permanent, 3 retryable) reaches the operator even when a launcher
     # (torchrun re-raises ChildFailedError: exit 1) replaces the process's exit code with its own
-    compact = {k: result[k] for k in ("phase", "outputUri", "digest", "error", "exitCode") if k in result}
+    compact = {k: result[k] for k in ("phase", "outputUri", "digest", "error", "exitCode", "cost") if k in result}
     compact["metrics"] = _flat_metrics(result.get("metrics", {}))
     text = json.dumps(compact, separators=(",", ":"), allow_nan=False)
     if len(text.encode()) > TERMINATION_LOG_LIMIT:  # keep the essentials; full metrics are in the result file
@@ -146,8 +179,13 @@ def run(stage: str, spec_file: str | Path, result_file: str | Path | None = None
         ctx = StageContext(resource, output_uri, output_dir, progress, rank, world)
         # the commit each hf:// input was staged at: in the output's manifest, the result and status.metrics
         inputs = staged_sources(resource.spec.model_dump(mode="json", by_alias=True))  # type: ignore
-        with manifest_fields(inputs=inputs) if inputs else contextlib.nullcontext():
+        lineage = lineage_record(resource, {s["uri"]: s["commit"] for s in inputs if s.get("commit")})
+        # the cost is read when the output is published: a model card's total can then sum its upstreams'
+        with manifest_fields(lineage=lineage, cost=lambda: process_cost(time.time() - started),
+                             **({"inputs": inputs} if inputs else {})):
             metrics = module.run(ctx) or {}
+        if rank == 0 and resource.kind in CARD_KINDS:  # type: ignore[attr-defined]
+            cards.after_publish(resource, output_dir)
         if inputs:
             result["inputs"] = inputs
             metrics = {**metrics, "inputCommits": {s["uri"]: s["commit"] for s in inputs}}
@@ -166,6 +204,7 @@ def run(stage: str, spec_file: str | Path, result_file: str | Path | None = None
         traceback.print_exc()
     result["finishedAt"] = time.time()
     result["wallSeconds"] = round(result["finishedAt"] - started, 3)
+    result["cost"] = process_cost(result["wallSeconds"])
     if code != EXIT_OK:
         print(f"branchmerge stage {stage}: {result['error']}", file=sys.stderr)
     if rank == 0:
