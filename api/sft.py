@@ -7,6 +7,7 @@ from pydantic import Field
 
 from .base import ApiModel, Rule
 from .common import DatasetRef, ModelRef, Output, Resources, RunPolicy, Uri
+from .decontamination import Decontamination
 
 FieldName = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -25,6 +26,8 @@ class TrainingData(DatasetRef):
     require_true: FieldName | None = None
     """Keep only records whose field is true (a list: any element true; null: dropped), e.g.
     ``correctness_math_verify`` for OpenR1-Math."""
+    domain: Annotated[str, Field(pattern=r"^[a-z0-9][-a-z0-9_]*$", max_length=63)] | None = None
+    """Domain label of this dataset (objective.ddk weighs the datasets by domain; default ``data<i>``)."""
 
 
 class Training(ApiModel):
@@ -57,6 +60,20 @@ class Training(ApiModel):
     """Mixed precision; bf16 falls back to fp32 where the hardware lacks it (reported in metrics)."""
 
 
+class DomainMixing(ApiModel):
+    """DDK (Liu et al., 2024): the datasets are domains, sampled by weights that follow the teacher-student
+    gap on held-out per-domain validation data (trainer/sft/README.md, "Which distillation method")."""
+
+    every_steps: Annotated[int, Field(ge=1)] = 1000
+    """Distillation interval: the gap is measured and the weights updated every N optimizer steps (and before
+    the first)."""
+    smoothing: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """Factor smooth updating: weights = smoothing * normalised(previous weights * exp(studentCE / teacherCE))
+    + (1 - smoothing) / domains. 1: no smoothing toward uniform."""
+    validation_samples: Annotated[int, Field(ge=1, le=100000)] = 64
+    """Samples held out of each dataset (seeded) to measure the student's and the teacher's cross-entropy."""
+
+
 class Objective(ApiModel):
     """Plain SFT on traces, or token-level distillation against a teacher with the same tokenizer."""
 
@@ -65,18 +82,41 @@ class Objective(ApiModel):
              "FieldValueRequired"),
         Rule("self.type != 'sft' || !has(self.teacher)", "a teacher is only used by the kd objective", ".teacher",
              "FieldValueForbidden"),
+        Rule("self.taidStart <= self.taidEnd", "taidStart must not exceed taidEnd", ".taidStart"),
+        Rule("!has(self.ddk) || self.type == 'kd'",
+             "ddk weighs domains by the teacher-student gap: it needs type kd and a teacher", ".ddk",
+             "FieldValueForbidden"),
     )
     type: Literal["sft", "kd"] = "sft"
     teacher: ModelRef | None = None
-    divergence: Literal["forward-kl", "reverse-kl", "jsd", "taid"] = "forward-kl"
+    divergence: Literal["forward-kl", "reverse-kl", "jsd", "taid", "sinkhorn"] = "forward-kl"
     kd_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
     """loss = (1 - kdWeight) * CE + kdWeight * divergence."""
     temperature: Annotated[float, Field(gt=0, le=100)] = 1.0
     jsd_beta: Annotated[float, Field(gt=0, lt=1)] = 0.5
     """Skew of the generalised JSD mixture (0.5 = symmetric)."""
-    taid_start: Annotated[float, Field(ge=0, le=1)] = 0.2
-    """TAID interpolation weight toward the teacher at the first step; it rises to taidEnd."""
+    taid_schedule: Literal["adaptive", "linear"] = "adaptive"
+    """TAID's interpolation weight t: adaptive (the paper's momentum update from the objective's relative
+    change, bounded below by the linear schedule) or linear from taidStart to taidEnd."""
+    taid_start: Annotated[float, Field(ge=0, le=1)] = 0.4
+    """TAID's t at the first step (paper: 0.4)."""
     taid_end: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """TAID's t at the end of training, its upper bound (paper: 1.0)."""
+    taid_alpha: Annotated[float, Field(gt=0, le=1)] = 5e-4
+    """Adaptive TAID: step size of t's update, t += alpha * sigmoid(momentum) * (1 - t) (paper: 5e-4)."""
+    taid_beta: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    """Adaptive TAID: momentum of the objective's relative change (paper: 0.99)."""
+    sinkhorn_form: Literal["batch", "token"] = "batch"
+    """batch (SinKD's batch-wise form): transport between the token distributions of sinkhornBatchTokens
+    positions, cost ||q_i - p_j||_1; token: per position, transport over the vocabulary with the 0/1 cost."""
+    sinkhorn_iterations: Annotated[int, Field(ge=1, le=1000)] = 20
+    """Sinkhorn iterations (log domain) (SinKD: 20)."""
+    sinkhorn_epsilon: Annotated[float, Field(gt=0, le=100)] = 0.1
+    """Entropic regulariser of the transport (SinKD: 0.1); smaller is closer to exact optimal transport."""
+    sinkhorn_batch_tokens: Annotated[int, Field(ge=2, le=1024)] = 64
+    """Batch form: positions per transport problem (cost grows with its square times the vocabulary)."""
+    ddk: DomainMixing | None = None
+    """DDK domain mixing over spec.data (at least two datasets, the domains)."""
 
 
 class DeepSpeed(ApiModel):
@@ -112,6 +152,8 @@ class BranchSFTSpec(ApiModel):
 
     base: ModelRef
     data: Annotated[list[TrainingData], Field(min_length=1, max_length=64)]
+    decontaminate: Decontamination | None = None
+    """Drop training records whose user turns match these benchmarks' questions (counted in metrics)."""
     domain: Annotated[str, Field(pattern=r"^[a-z0-9][-a-z0-9_]*$", max_length=63)] | None = None
     """Free label (math, code, science, ...) shown in kubectl get and reports."""
     chat_template: Annotated[str, Field(max_length=65536)] | None = None
@@ -132,4 +174,7 @@ class BranchSFTSpec(ApiModel):
             "training.globalBatchSize must be a multiple of microBatchSize x nodes x gpusPerNode",
             ".training.globalBatchSize",
         ),
+        Rule("!has(self.objective.ddk) || size(self.data) >= 2",
+             "objective.ddk mixes domains: spec.data needs at least two datasets (one per domain)",
+             ".objective.ddk"),
     )

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from .base import ApiModel, Rule
 from .common import DatasetRef, Engine, ModelRef, Output, Resources, RunPolicy, Sampling
+from .decontamination import Decontamination
 
 TINYR1_MATH_TEMPLATE = "{{problem}}\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -92,6 +93,8 @@ class TeacherGenSpec(ApiModel):
     verify: Verify = Field(default_factory=Verify)
     select: Select = Field(default_factory=Select)
     filters: Filters = Field(default_factory=Filters)
+    decontaminate: Decontamination | None = None
+    """Drop prompts (before generation) and kept traces (after) that match these benchmarks' questions."""
     shards: Annotated[int, Field(ge=1, le=4096)] = 1
     """Deterministic split of the prompts (by id); one worker per shard on Kubernetes."""
     batch_size: Annotated[int, Field(ge=1, le=100000)] = 64
