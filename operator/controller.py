@@ -433,6 +433,7 @@ class Operator:
             start, end = parse_time(decided.status.get("startTime")), parse_time(decided.status.get("completionTime"))
             if start is not None and end is not None:
                 self.metrics.stage_duration.labels(kind, decided.finished).observe(max(end - start, 0.0))
+            self.metrics.observe_cost(kind, decided.status.get("cost"))  # once: the plan that records the result
         if decided.retried:
             self.metrics.retries.labels(kind, decided.retried).inc()
         if decided.requeue_after is not None and self.queue is not None:

@@ -48,6 +48,15 @@ class OperatorMetrics:
         self.reconcile_errors = Counter("branchmerge_reconcile_errors_total", "Reconciles that raised",
                                         ["kind"], registry=r)
         self.reconciles = Counter("branchmerge_reconciles_total", "Reconciles run", ["kind"], registry=r)
+        # Cost of finished runs (status.cost, all attempts), counted once when the run ends: rate() over them
+        # is the cluster's spend by kind, e.g. GPU-hours a day on training vs merging.
+        self.stage_wall_seconds = Counter("branchmerge_stage_wall_seconds",
+                                          "Wall time of finished runs, all attempts", ["kind"], registry=r)
+        self.stage_cpu_seconds = Counter("branchmerge_stage_cpu_seconds",
+                                         "CPU time (user + system) of finished runs, all attempts", ["kind"], registry=r)
+        self.stage_gpu_seconds = Counter("branchmerge_stage_gpu_seconds",
+                                         "GPU-seconds (GPUs requested x pod run time) of finished runs, all attempts",
+                                         ["kind"], registry=r)
         self.eval_score = Gauge("branchmerge_eval_score", "Eval pass@1 (mean over samples) per benchmark",
                                 ["namespace", "name", "benchmark"], registry=r)
         self.tokens_per_second = Gauge("branchmerge_teachergen_tokens_per_second",
@@ -79,6 +88,15 @@ class OperatorMetrics:
                 score = benchmark_score(metrics, bench.get("name", ""))
                 if score is not None:
                     self._set(self.eval_score, (ns, name, bench["name"]), score, ns, name)
+
+    def observe_cost(self, kind: str, cost: dict | None) -> None:
+        """Add a finished run's status.cost to the cost counters (the caller calls it once per run)."""
+        cost = cost or {}
+        for counter, key in ((self.stage_wall_seconds, "wallSeconds"), (self.stage_cpu_seconds, "cpuSeconds"),
+                             (self.stage_gpu_seconds, "gpuSeconds")):
+            value = _number(cost.get(key))
+            if value is not None and value >= 0:
+                counter.labels(kind).inc(value)
 
     def _set(self, gauge: Gauge, labels: tuple, value, ns: str, name: str) -> None:
         gauge.labels(*labels).set(float(value))

@@ -38,14 +38,16 @@ from datetime import datetime, timezone
 from pydantic import ValidationError
 
 from ..api import finite as finite_json
+from ..api.cost import add_costs, clean_cost
 from ..api.graph import references
 from ..api.resources import KIND_INFO, CustomResource
 from ..api.validation import InvalidManifest, _schema_errors
 from . import conditions as C
 from . import pending
-from .builders import (Run, UnsupportedSpec, build_children, build_job, build_service, check_pod_settings,
-                       hf_secret_for, storage_plan)
-from .failures import ACTIVE, FAILED, SUCCEEDED, SUSPENDED, classify_failure, finished_at, job_state, stage_result
+from .builders import (GPU_RESOURCE, Run, UnsupportedSpec, build_children, build_job, build_service,
+                       check_pod_settings, hf_secret_for, storage_plan)
+from .failures import (ACTIVE, FAILED, SUCCEEDED, SUSPENDED, _main_terminated, classify_failure, finished_at,
+                       job_state, stage_result)
 from .naming import ANNOTATION_RERUN, ANNOTATION_RESULT, LABEL_ATTEMPT, LABEL_RUN, owned_by
 from .options import OperatorOptions
 from .policy import Failure, after_failure, effective_phase, waiting
@@ -130,6 +132,52 @@ def run_hash(resolved: dict, rerun: str | None = None) -> str:
     if rerun is not None:  # only then: hashes of CRs that never asked for a rerun stay as they were
         doc["spec"] = {"spec": spec, "rerun": rerun}
     return spec_hash(doc)
+
+
+# ---- cost ---------------------------------------------------------------------------------------------
+
+def _pod_gpus(pod: dict) -> int:
+    """GPUs the pod's containers hold (limit, else request: for extended resources they are equal)."""
+    total = 0
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        res = container.get("resources") or {}
+        amount = (res.get("limits") or {}).get(GPU_RESOURCE) or (res.get("requests") or {}).get(GPU_RESOURCE)
+        try:
+            total += int(amount or 0)
+        except (TypeError, ValueError):
+            pass
+    return total
+
+
+def attempt_cost(pods: list[dict]) -> dict | None:
+    """One finished attempt's cost. What the cluster bills comes from the pods: GPUs requested x (container
+    finish - start), summed over pods (a multi-node BranchSFT or a set of Eval workers has several), and the
+    wall time from the first start to the last finish. CPU time and peak memory come from the stage's own
+    report in the termination message (rank 0's process tree: pod 0)."""
+    cost = dict(clean_cost((stage_result(pods) or {}).get("cost")) or {})
+    spans, gpus, gpu_seconds = [], 0, 0.0
+    for pod in pods:
+        term = _main_terminated(pod) or {}
+        start, end = parse_time(term.get("startedAt")), parse_time(term.get("finishedAt"))
+        if not start or end is None or end < start:  # never started (a StartError's startedAt is the epoch)
+            continue
+        spans.append((start, end))
+        gpus += _pod_gpus(pod)
+        gpu_seconds += _pod_gpus(pod) * (end - start)
+    if spans:
+        cost.update(wallSeconds=round(max(e for _, e in spans) - min(s for s, _ in spans), 3), gpus=gpus,
+                    gpuSeconds=round(gpu_seconds, 3))
+    return {**cost, "attempts": 1} if cost else None
+
+
+def cost_with_attempt(old: dict, attempt: int, pods: list[dict]) -> dict | None:
+    """status.cost with the finished ``attempt`` added, once: ``cost.attempts`` says how many attempts the
+    sums cover (attempts are numbered from 1 in a run), so a re-reconcile of the same finished attempt
+    adds nothing. Retries cost money too: the run's cost is that of all its attempts."""
+    cost = old.get("cost")
+    if int((cost or {}).get("attempts") or 0) >= attempt:
+        return cost
+    return add_costs(cost, attempt_cost(pods) or {"attempts": 1})
 
 
 # ---- reruns -------------------------------------------------------------------------------------------
@@ -299,6 +347,8 @@ def _finish(plan: Plan, old: dict, run: Run, result: dict, generation: int | Non
     else:
         status = transition(old, "Failed", result.get("reason") or C.FAILED, result.get("message", ""), generation)
     status["attempts"] = result.get("attempt", old.get("attempts", 0))
+    if result.get("cost"):
+        status["cost"] = result["cost"]
     if result.get("completionTime"):  # the Job's own time, stable across restarts
         status["completionTime"] = result["completionTime"]
     plan.status = status
@@ -392,6 +442,8 @@ def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: O
         status = copy.deepcopy(old)
         for key in ("startTime", "completionTime", "output", "metrics", "progress"):
             status.pop(key, None)
+        if not same_run:  # a new run: its cost starts at zero (attempts of the same run keep adding up)
+            status.pop("cost", None)
         status["attempts"] = first
         phase, reason = ("Suspended", C.SUSPENDED) if suspend else ("Running", C.STARTED)
         status = transition(status, phase, reason, f"attempt {first} of run {run.run_hash} created", generation)
@@ -459,7 +511,7 @@ def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: O
         result = stage_result(pods) or {}
         record = {"phase": "Succeeded", "attempt": attempt, "outputUri": result.get("outputUri"),
                   "digest": result.get("digest"), "metrics": result.get("metrics") or {},
-                  "completionTime": finished_at(latest)}
+                  "completionTime": finished_at(latest), "cost": cost_with_attempt(old, attempt, pods)}
         _finish(out, old, run, record, generation, record=True)
         out.events = transition_events(old, out.status)
         return out
@@ -471,16 +523,20 @@ def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: O
                          opts.max_backoff_seconds)
     if then.final:
         record = {"phase": "Failed", "attempt": attempt, "reason": then.reason, "message": then.message[:1024],
-                  "exitCode": failure.exit_code, "completionTime": finished_at(latest), "generation": generation}
+                  "exitCode": failure.exit_code, "completionTime": finished_at(latest), "generation": generation,
+                  "cost": cost_with_attempt(old, attempt, pods)}
         _finish(out, old, run, record, generation, record=True)
         out.events = transition_events(old, out.status)
         return out
     # Counted once per failed attempt: when the wait starts (or at once when there is no wait).
     waiting_already = (C.get_condition(old, "Ready") or {}).get("reason") == C.RETRYING
     out.retried = None if waiting_already else failure.reason
+    cost = cost_with_attempt(old, attempt, pods)
     if then.retry_at is not None:
         out.status = transition(old, then.phase, then.reason, then.message, generation)
         out.status["attempts"] = attempt
+        if cost:
+            out.status["cost"] = cost
         out.requeue_after = max(then.retry_at - now, 0.05)
         out.events = transition_events(old, out.status)
         return out
@@ -488,6 +544,8 @@ def _plan_run(cr: dict, old: dict, generation: int | None, run: Run, observed: O
         [build_job(run, attempt + 1, opts, suspend=suspend)]
     out.status = transition(old, then.phase, then.reason, then.message, generation)
     out.status["attempts"] = attempt + 1
+    if cost:
+        out.status["cost"] = cost
     out.events = transition_events(old, out.status)
     out.requeue_after = None if suspend else opts.pending_recheck_seconds  # as for attempt 1
     return out

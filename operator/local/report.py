@@ -560,6 +560,150 @@ def search_section(data: RunData) -> str | None:
     return "\n".join(parts)
 
 
+# ---- cost -----------------------------------------------------------------------------------------
+
+def stage_cost(stage: Stage) -> dict | None:
+    """status.cost (all attempts, as the control plane measured it), else the stage's own report."""
+    from ...api.cost import clean_cost
+
+    return clean_cost(stage.status.get("cost")) or clean_cost(stage.result.get("cost"))
+
+
+def cost_cells(cost: dict | None) -> list[str]:
+    from ...api.cost import format_bytes
+
+    if not cost:
+        return ["-"] * 5
+    return [fmt_duration(cost.get("wallSeconds")), f"{cost.get('cpuSeconds', 0):.1f}", str(cost.get("gpus", 0)),
+            f"{cost.get('gpuSeconds', 0):.1f}", format_bytes(cost["peakMemoryBytes"])
+            if cost.get("peakMemoryBytes") else "-"]
+
+
+COST_HEADER = ["wall", "CPU-s", "GPUs", "GPU-s", "peak memory"]
+
+
+def cost_table(data: RunData) -> str | None:
+    """Cost per stage (a MergeSearch's trials are listed under the search's name) and the total."""
+    from ...api.cost import sum_costs
+
+    rows, costs = [], []
+    for key in sorted(data.stages, key=lambda k: (layers(data).get(k, 0), k)):
+        stage = data.stages[key]
+        cost = stage_cost(stage)
+        if cost is None:
+            continue
+        costs.append(cost)
+        label = f"{key} (trial of {stage.search})" if stage.search else key
+        rows.append([label, str(cost.get("attempts", stage.status.get("attempts", 1)))] + cost_cells(cost))
+    if not rows:
+        return None
+    rows.append(["total", ""] + cost_cells(sum_costs(costs)))
+    return _table(["stage", "attempts"] + COST_HEADER, rows)
+
+
+@dataclass
+class Route:
+    """How one model was made, and what that cost: ``train`` the BranchSFTs of this route, ``merge`` its
+    merges (a MergeSearch: every trial). Stages both routes share (the base, the TeacherGens) are left out."""
+
+    label: str
+    model: str  # Kind/name of the model the route ends in
+    train: dict | None
+    merge: dict | None
+    stages: list[str]
+
+
+def _mixed_baselines(data: RunData) -> list[Stage]:
+    """BranchSFTs trained on several datasets that no merge takes as an input: the data-mixture retraining."""
+    merged_inputs = {ref_key(r) for m in data.of_kind("Merge") + data.of_kind("MergeSearch")
+                     for r in m.spec.get("models", []) + [m.spec.get("base")]}
+    return [b for b in data.of_kind("BranchSFT") if len(b.spec.get("data") or []) > 1 and b.key not in merged_inputs]
+
+
+def merge_routes(data: RunData) -> list[Route]:
+    """The branch + merge route to each merged model that has an Eval: its merges back to the BranchSFTs
+    that feed them (the branches), each counted once."""
+    from ...api.cost import sum_costs
+
+    evaluated = {ref_key(e.spec.get("model")) for e in data.of_kind("Eval")}
+    routes = []
+    for final in data.of_kind("Merge") + data.of_kind("MergeSearch"):
+        if final.key not in evaluated:
+            continue
+        merges, branches, todo = [], [], [final.key]
+        while todo:
+            key = todo.pop()
+            stage = data.stages.get(key)
+            if stage is None or key in merges or key in branches:
+                continue
+            if stage.kind == "BranchSFT":
+                branches.append(key)
+                continue
+            merges.append(key)
+            todo += [ref_key(r) for r in stage.spec.get("models", []) + [stage.spec.get("base")] if r]
+        trials = [s.key for s in data.stages.values() if s.search and f"MergeSearch/{s.search}" in merges]
+        merge_keys = merges + trials
+        routes.append(Route(f"branch + merge: {final.name}", final.key,
+                            sum_costs(stage_cost(data.stages[k]) for k in branches),
+                            sum_costs(stage_cost(data.stages[k]) for k in merge_keys), branches + merge_keys))
+    return routes
+
+
+def _scores_of(data: RunData, model: str) -> dict[str, float]:
+    for ev in data.of_kind("Eval"):
+        if ref_key(ev.spec.get("model")) == model:
+            results = eval_results(ev) or {}
+            return {n: float(b["pass1"]) for n, b in (results.get("benchmarks") or {}).items() if "pass1" in b}
+    return {}
+
+
+def cost_comparison(data: RunData) -> str | None:
+    """TinyR1's Table 2 shape: the mixed-data SFT beside each branch + merge route, cost and scores side by
+    side. Only when both are in the pipeline."""
+    from ...api.cost import add_costs
+
+    mixed, routes = _mixed_baselines(data), merge_routes(data)
+    if not mixed or not routes:
+        return None
+    baseline = [Route(f"mixed-data SFT: {b.name}", b.key, stage_cost(b), None, [b.key]) for b in mixed]
+    everything = baseline + routes
+    benches: list[str] = []
+    scores = {r.model: _scores_of(data, r.model) for r in everything}
+    for found in scores.values():
+        benches += [b for b in found if b not in benches]
+    gpu = any((add_costs(r.train, r.merge) or {}).get("gpuSeconds") for r in everything)
+    unit, field_ = ("GPU-h", "gpuSeconds") if gpu else ("CPU-h", "cpuSeconds")
+
+    def hours(cost: dict | None) -> str:
+        if not cost:
+            return "-"
+        value = cost.get(field_, 0) / 3600
+        return f"{value:.3g}" if value < 1000 else f"{value:.0f}"  # never 2.66e+03
+
+    rows = []
+    for r in everything:
+        total = add_costs(r.train, r.merge)
+        rows.append([r.label, hours(r.train), hours(r.merge), hours(total),
+                     fmt_duration((total or {}).get("wallSeconds"))]
+                    + [f"{scores[r.model][b] * 100:.1f}" if b in scores[r.model] else "-" for b in benches])
+    table = _table(["model", f"training ({unit})", f"merging ({unit})", f"total ({unit})", "wall"]
+                   + [f"{b} pass@1 (%)" for b in benches], rows)
+    base_cost = (stage_cost(mixed[0]) or {}).get(field_, 0)
+    lines = []
+    for r in routes:
+        merge = (r.merge or {}).get(field_, 0)
+        total = (add_costs(r.train, r.merge) or {}).get(field_, 0)
+        if base_cost > 0:
+            lines.append(f"<li>{html.escape(r.label)}: merging costs {merge / base_cost:.1%} of the mixed-data "
+                         f"retraining ({html.escape(mixed[0].name)}); branches and merges together "
+                         f"{total / base_cost:.2f}x.</li>")
+    return "\n".join([
+        f"<p>As TinyR1's Table 2 (merging about 4 GPU-hours against 740 for retraining on the mixed data): the "
+        f"cost in {unit} of each route and its eval scores. Stages both routes share (the base model, the "
+        f"TeacherGens) are not counted; a MergeSearch counts all its trials.</p>", table,
+        "<ul>" + "".join(lines) + "</ul>" if lines else ""])
+
+
 def build_html(data: RunData) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>branchmerge report</title>"
              f"<style>{CSS}</style></head><body>",
@@ -573,6 +717,13 @@ def build_html(data: RunData) -> str:
     if timeline:
         parts.append(_img(timeline, "stage timings"))
     parts.append(stages_table(data))
+    costs = cost_table(data)
+    if costs:
+        parts += ["<h2>Cost</h2>", "<p>Per stage, all attempts: wall time, CPU-seconds of all its processes, "
+                  "GPU-seconds (GPUs x wall) and the peak memory of its largest process.</p>", costs]
+        comparison = cost_comparison(data)
+        if comparison:
+            parts += ["<h3>Branch + merge against mixed-data retraining</h3>", comparison]
     rows = eval_rows(data)
     if rows:
         parts += ["<h2>Evaluation</h2>", "<p>pass@1 averaged over k samples per question, ± standard error "

@@ -19,6 +19,7 @@ from typing import IO, Callable
 
 import yaml
 
+from ...api.cost import add_costs, clean_cost
 from ...api.manifests import ManifestSet
 from ...api.resources import CustomResource
 from ...trainer.progress import read_events
@@ -62,6 +63,7 @@ class Attempt:
     deadline: float | None = None
     stop_reason: str | None = None  # set when the runner itself stops it (Interrupted, DeadlineExceeded)
     cores: list[int] = field(default_factory=list)
+    rusage: object = None  # resource usage of the whole process tree, from wait4 when it is reaped
 
 
 def _match(dag_keys: list[str], name: str) -> str:
@@ -358,6 +360,8 @@ class Runner:
         status["progress"] = {"fraction": 0.0, "message": "starting"}
         status["attempts"] = int(status.get("attempts") or 0) + 1
         self.tries[key] = self.tries.get(key, 0) + 1
+        if self.tries[key] == 1:  # status.cost: the attempts of this invocation (retries included)
+            status.pop("cost", None)
         status["startTime"] = cond.now()
         status.pop("completionTime", None)
         cores = self._claim_cores()
@@ -390,9 +394,41 @@ class Runner:
             if attempt.deadline and time.time() > attempt.deadline and attempt.stop_reason is None:
                 attempt.stop_reason = cond.DEADLINE_EXCEEDED
                 self._signal(attempt, signal.SIGTERM)
-            code = attempt.proc.poll()
+            code = self._reap(attempt)
             if code is not None:
                 self._finish(key, attempt, code)
+
+    @staticmethod
+    def _reap(attempt: Attempt, block: bool = False) -> int | None:
+        """The exit code once the attempt's process ended (None while it runs). Reaped with wait4, not
+        Popen.poll, for its rusage: the process plus every descendant it waited for, so the CPU time of all
+        ranks under a torchrun launcher (siblings of rank 0, whose own getrusage misses them) counts."""
+        proc = attempt.proc
+        if proc.returncode is not None:
+            return proc.returncode
+        try:
+            pid, wstatus, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: no rusage, the stage's own report stands
+            return proc.wait() if block else proc.poll()
+        if pid == 0:
+            return None
+        attempt.rusage = usage
+        proc.returncode = os.waitstatus_to_exitcode(wstatus)  # as Popen reports it: -N for signal N
+        return proc.returncode
+
+    def _attempt_cost(self, attempt: Attempt, result: dict, duration: float) -> dict:
+        """One attempt's cost: the stage's report (its GPUs) with the runner's own measurements of the whole
+        process tree (wall from launch to exit, CPU and peak memory from wait4)."""
+        cost = clean_cost(result.get("cost")) or {}
+        usage = attempt.rusage
+        if usage is not None:
+            cpu = usage.ru_utime + usage.ru_stime  # type: ignore[attr-defined]
+            peak = usage.ru_maxrss * 1024  # type: ignore[attr-defined]  # KiB on Linux
+            cost["cpuSeconds"] = round(max(cost.get("cpuSeconds", 0.0), cpu), 3)
+            cost["peakMemoryBytes"] = int(max(cost.get("peakMemoryBytes", 0), peak))
+        gpus = int(cost.get("gpus", 0))
+        cost.update(wallSeconds=round(duration, 3), gpus=gpus, gpuSeconds=round(gpus * duration, 3), attempts=1)
+        return cost
 
     def _read_progress(self, key: str, attempt: Attempt, force: bool = False) -> None:
         events, attempt.progress_offset = read_events(self.workdir.progress_file(key), attempt.progress_offset)
@@ -421,6 +457,7 @@ class Runner:
         status = rec["status"]
         result = self._result(key)
         duration = time.time() - attempt.started
+        status["cost"] = add_costs(status.get("cost"), self._attempt_cost(attempt, result, duration))
         if result.get("phase") == "Succeeded" and (code == 0 or self._published(result)):
             # a non-zero exit after a complete, digested output (e.g. a rank aborting at exit) still counts
             status["output"] = {"uri": result.get("outputUri") or status.get("output", {}).get("uri"),
@@ -483,14 +520,13 @@ class Runner:
             self._signal(attempt, signal.SIGINT)
         for sig, wait in ((signal.SIGTERM, self.options.grace_seconds), (signal.SIGKILL, 5.0)):
             end = time.time() + wait
-            while time.time() < end and any(a.proc.poll() is None for a in self.running.values()):
+            while time.time() < end and any(self._reap(a) is None for a in self.running.values()):
                 time.sleep(0.1)
             for attempt in self.running.values():
-                if attempt.proc.poll() is None:
+                if self._reap(attempt) is None:
                     self._signal(attempt, sig)
         for key, attempt in list(self.running.items()):
-            attempt.proc.wait()
-            self._finish(key, attempt, attempt.proc.returncode)
+            self._finish(key, attempt, self._reap(attempt, block=True))
         for key in self.selected:  # never started: keep the phase, say why nothing happened
             if key not in self.finished:
                 status = self.records[key]["status"]
