@@ -37,8 +37,19 @@ def _age(record: dict, now: datetime) -> str:
     return fmt_duration((now - start.replace(tzinfo=timezone.utc)).total_seconds())
 
 
+def cost_cell(status: dict) -> str:
+    """GPU-hours when the stage held GPUs, else CPU-seconds (status.cost, all attempts)."""
+    cost = status.get("cost") or {}
+    if cost.get("gpuSeconds"):
+        return f"{cost['gpuSeconds'] / 3600:.2f} GPU-h"
+    if isinstance(cost.get("cpuSeconds"), (int, float)):
+        return f"{cost['cpuSeconds']:.1f} CPU-s"
+    return "-"
+
+
 def get_table(records: list[dict], now: datetime | None = None) -> str:
-    """One table per kind, in pipeline order: NAME PHASE REASON <kind column> PROGRESS DURATION AGE."""
+    """One table per kind, in pipeline order: NAME PHASE REASON <kind column> PROGRESS DURATION [COST] AGE
+    (COST once a stage of the kind has a measured cost)."""
     now = now or datetime.now(timezone.utc)
     blocks = []
     for kind in KIND_ORDER:
@@ -46,8 +57,9 @@ def get_table(records: list[dict], now: datetime | None = None) -> str:
         if not rows:
             continue
         column_name, _, path = KIND_INFO[kind].column
+        costs = any((r.get("status") or {}).get("cost") for r in rows)
         header = [f"{KIND_INFO[kind].plural.upper()}", "PHASE", "REASON", column_name.upper(), "PROGRESS",
-                  "DURATION", "AGE"]
+                  "DURATION"] + (["COST"] if costs else []) + ["AGE"]
         lines = [header]
         for r in rows:
             status = r.get("status", {})
@@ -56,7 +68,7 @@ def get_table(records: list[dict], now: datetime | None = None) -> str:
                 r["metadata"]["name"], status.get("phase", "Pending"), reason_of(r) or "-",
                 _cell(jsonpath(r, path)),
                 f"{fraction * 100:.0f}%" if isinstance(fraction, (int, float)) else "-",
-                fmt_duration(duration(status)), _age(r, now),
+                fmt_duration(duration(status)), *([cost_cell(status)] if costs else []), _age(r, now),
             ])
         widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
         blocks.append("\n".join("   ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines))

@@ -105,3 +105,25 @@ def test_format_cost():
     assert format_cost({"wallSeconds": 2.25, "cpuSeconds": 1.0, "gpus": 0, "gpuSeconds": 0}) == \
         "wall 2.2 s, CPU 1.0 s, no GPU"
     assert format_cost(None) == "not measured"
+
+
+def test_status_table_shows_cost_once_measured():
+    from datetime import datetime, timezone
+
+    from branchmerge.operator.local.table import get_table
+
+    def rec(kind, name, cost=None):
+        status = {"phase": "Succeeded", "conditions": [], "startTime": "2026-01-01T00:00:00Z",
+                  "completionTime": "2026-01-01T00:00:10Z"}
+        if cost:
+            status["cost"] = cost
+        return {"kind": kind, "metadata": {"name": name}, "spec": {}, "status": status}
+
+    text = get_table([rec("Merge", "cpu", {"cpuSeconds": 12.345, "gpuSeconds": 0}),
+                      rec("Merge", "gpu", {"cpuSeconds": 1.0, "gpuSeconds": 2 * H}), rec("Merge", "old"),
+                      rec("Eval", "e")], now=datetime(2026, 1, 1, 0, 1, tzinfo=timezone.utc))
+    merges, evals = text.split("\n\n")
+    lines = merges.splitlines()
+    assert lines[0].split() == ["MERGES", "PHASE", "REASON", "METHOD", "PROGRESS", "DURATION", "COST", "AGE"]
+    assert "12.3 CPU-s" in lines[1] and "2.00 GPU-h" in lines[2] and lines[3].split()[-2] == "-"
+    assert "COST" not in evals.splitlines()[0]  # no Eval measured: no column
