@@ -5,7 +5,7 @@ import sys
 
 
 def register(sub) -> None:
-    p = sub.add_parser("validate", help="validate manifests (schema, rules, duplicates, from: refs, cycles)")
+    p = sub.add_parser("validate", help="validate manifests (schema, rules, duplicates, from: refs, cycles); warn about training data that reaches a benchmark without a decontamination gate")
     p.add_argument("-f", "--filename", action="append", required=True, metavar="PATH",
                    help="a manifest file or a folder of them (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -33,4 +33,13 @@ def run(args) -> int:
     if not args.quiet:
         order = result.dag().order()
         print(f"{len(result.resources)} manifest(s) valid; run order: {', '.join(order)}")
+        for line in warnings(result.resources):
+            print(line, file=sys.stderr)
     return 0
+
+
+def warnings(resources) -> list[str]:
+    """Valid but risky: training data reaching a benchmark without a decontamination gate between them."""
+    from branchmerge.api.decontamination_check import ungated
+
+    return [f"warning: {u.message()}" for u in ungated(resources)]

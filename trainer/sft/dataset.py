@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..decontamination import add_counts, counts, gate_of
 from ..errors import InvalidInput
 from .chat import encode
 from .packing import Sample
@@ -23,6 +24,7 @@ class DataStats:
     no_label_after_truncation: int = 0
     shortest_prompt: int | None = None
     per_dataset: list[int] = field(default_factory=list)
+    decontaminated: dict[str, int] = field(default_factory=dict)  # reason -> records dropped (spec.decontaminate)
 
 
 def _prompt_length(labels: list[int]) -> int:
@@ -43,6 +45,18 @@ def training_template(spec, tokenizer) -> str | None:
     return template
 
 
+def _decontaminate(gate, conversations: list[list[dict]], stats: DataStats, what: str) -> list[list[dict]]:
+    """The conversations whose user turns match no benchmark question (spec.decontaminate)."""
+    reasons = gate.check_records([[m["content"] for m in messages if m["role"] == "user"]
+                                  for messages in conversations])
+    stats.decontaminated = add_counts(stats.decontaminated, counts(reasons))
+    kept = [messages for messages, reason in zip(conversations, reasons) if reason is None]
+    if not kept:
+        raise InvalidInput(f"{what}: all {len(conversations)} records match the benchmarks of "
+                           f"spec.decontaminate ({counts(reasons)}); nothing is left to train on")
+    return kept
+
+
 def build_samples(spec, tokenizer, input_path) -> tuple[list[Sample], DataStats]:
     """``input_path(ref, what)`` resolves a dataset ref to a local path (StageContext.input_path).
 
@@ -54,10 +68,15 @@ def build_samples(spec, tokenizer, input_path) -> tuple[list[Sample], DataStats]
     max_len = training.max_seq_len
     stats = DataStats()
     kept_per_dataset: list[list[Sample]] = []
+    gate = gate_of(getattr(spec, "decontaminate", None), input_path, "spec.decontaminate")
+    if gate is not None:
+        stats.decontaminated = counts(())
     for i, ref in enumerate(spec.data):
         what = f"spec.data[{i}]"
         conversations = load_dataset(input_path(ref, what), Layout.of(ref), what)
         stats.records += len(conversations)
+        if gate is not None:
+            conversations = _decontaminate(gate, conversations, stats, what)
         kept = []
         for messages in conversations:
             enc = encode(tokenizer, messages, template)

@@ -48,7 +48,8 @@ log = logging.getLogger("branchmerge.sft")
 FORMAT = 1
 TOKENS, MANIFEST = "tokens.safetensors", "manifest.json"
 # the modules whose code decides the samples: an edit to any of them is a new key
-SOURCES = ("chat.py", "dataset.py", "records.py", "packing.py", "token_cache.py", "../datasets.py")
+SOURCES = ("chat.py", "dataset.py", "records.py", "packing.py", "token_cache.py", "../datasets.py",
+           "../decontamination.py")
 TOKENIZER_FILE_LIMIT = 64 << 20  # larger files of the base folder are weights, not tokenizer
 WAIT_SECONDS = 3 * 3600.0  # rank 0 may tokenise a large dataset for a long time
 POLL_SECONDS = 2.0
@@ -104,6 +105,12 @@ def cache_key(spec, template: str | None, tokenizer_dir: Path, input_path) -> st
         "data": [_data_digests(input_path(ref, f"spec.data[{i}]"), f"spec.data[{i}]")
                  for i, ref in enumerate(spec.data)],
     }
+    gate = getattr(spec, "decontaminate", None)
+    if gate is not None:  # the gate decides which records are kept: its settings and its benchmarks' content
+        parts["decontaminate"] = gate.model_dump(mode="json", by_alias=True)
+        parts["benchmarks"] = [_data_digests(input_path(ref, f"spec.decontaminate.benchmarks[{i}]"),
+                                             f"spec.decontaminate.benchmarks[{i}]")
+                               for i, ref in enumerate(gate.benchmarks)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -51,6 +51,7 @@ from collections import Counter
 from pathlib import Path
 
 from ...api.teachergen import TeacherGenSpec
+from .. import decontamination
 from ..engine import TextEngine, open_engine
 from ..errors import InvalidInput, Retryable
 from ..grading import grade
@@ -160,6 +161,11 @@ class TeacherGenRun:
         if missing:
             raise InvalidInput(f"template: records have no field {missing[0]!r} "
                                f"(fields: {', '.join(sorted(prompts[0][1]))})")
+        # the decontamination gate: a prompt matching a benchmark question is never generated for
+        self.gate = decontamination.gate_of(spec.decontaminate, ctx.input_path, "decontaminate")
+        self.prompt_drops: dict[str, int] = {}
+        if self.gate is not None:
+            prompts = self._decontaminate_prompts(prompts)
         self.prompts = prompts
         self.by_shard: dict[int, list[tuple[str, dict]]] = {s: [] for s in range(spec.shards)}
         for pid, record in prompts:
@@ -182,6 +188,34 @@ class TeacherGenRun:
         self.totals = Totals()
         self.engine: TextEngine | None = None
         self.started = time.time()
+
+    def _decontaminate_prompts(self, prompts: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+        """Drop the prompts whose user message, or a record field it is made of, matches a benchmark question
+        (a field alone: the template may add words the benchmark's question does not have)."""
+        fields = template_fields(self.spec.template)
+        texts = [[render(self.spec.template, record, pid)]
+                 + [record[f] for f in fields if isinstance(record.get(f), str)] for pid, record in prompts]
+        reasons = self.gate.check_records(texts)
+        self.prompt_drops = decontamination.counts(reasons)
+        kept = [p for p, reason in zip(prompts, reasons) if reason is None]
+        if not kept:
+            raise InvalidInput(f"decontaminate: all {len(prompts)} prompts match the benchmarks' questions "
+                               f"({self.prompt_drops}); nothing is left to generate for")
+        return kept
+
+    def publish_sha(self) -> str:
+        """What a published dataset was made from: the work's fingerprint, and the gate's benchmark questions
+        and settings (a new gate re-filters the same committed samples)."""
+        sha = fingerprint(self.spec, self.model_uri, self.prompts)["sha256"]
+        if self.gate is None:
+            return sha
+        return hashlib.sha256(f"{sha}:{self.gate.fingerprint}".encode()).hexdigest()
+
+    def decontamination_metrics(self, sample_drops: dict[str, int]) -> dict:
+        """``decontamination``: records dropped by reason (prompts before generation + traces after)."""
+        if self.gate is None:
+            return {}
+        return {"decontamination": decontamination.add_counts(self.prompt_drops, sample_drops)}
 
     # ---- work dir ---------------------------------------------------------------------------------------
     def shard_store(self, shard: int, writer: bool = False) -> ShardStore:
@@ -422,7 +456,13 @@ class TeacherGenRun:
         keys = [(r["promptId"], r["sampleIndex"]) for r in records]
         if len(set(keys)) != len(keys):  # cannot happen with committed batches; never publish it if it does
             raise Retryable("duplicate (promptId, sampleIndex) in committed shards")
-        metrics = totals.metrics(len(self.prompts))
+        sample_drops: dict[str, int] = {}
+        if self.gate is not None:  # kept traces that restate a benchmark question
+            reasons = self.gate.check_records([[m["content"] for m in r["messages"] if m["role"] == "assistant"]
+                                               for r in records])
+            sample_drops = decontamination.counts(reasons)
+            records = [r for r, reason in zip(records, reasons) if reason is None]
+        metrics = {**totals.metrics(len(self.prompts)), **self.decontamination_metrics(sample_drops)}
         spec = self.spec
         manifest = {
             "kind": "TeacherGen", "format": "chat-jsonl", "dataset": DATASET_FILE,
@@ -445,8 +485,13 @@ class TeacherGenRun:
             "sampling": spec.sampling.model_dump(by_alias=True),
             "verify": spec.verify.model_dump(by_alias=True), "select": spec.select.model_dump(by_alias=True),
             "filters": spec.filters.model_dump(by_alias=True),
-            "specSha256": fingerprint(spec, self.model_uri, self.prompts)["sha256"],
+            "specSha256": self.publish_sha(),
         }
+        if self.gate is not None:
+            manifest["counts"]["samplesPublished"] = len(records)
+            manifest["decontamination"] = {**decontamination.describe(spec.decontaminate),
+                                           "prompts": self.prompt_drops, "samples": sample_drops,
+                                           "dropped": metrics["decontamination"]}
         with atomic_folder(self.ctx.output_dir) as tmp:
             with open(tmp / DATASET_FILE, "w", encoding="utf-8") as f:
                 for r in records:
@@ -475,14 +520,22 @@ def run(ctx, *, engine: TextEngine | None = None) -> dict:
     if job.rank != 0:  # worker 0 waits for this worker's shards and publishes
         return job.totals.metrics(len(job.prompts))
     job.wait_for_other_shards()
-    if read_manifest(ctx.output_dir) is not None and _published_sha(ctx.output_dir) == fingerprint(
-            job.spec, job.model_uri, job.prompts)["sha256"]:
+    if read_manifest(ctx.output_dir) is not None and _published_sha(ctx.output_dir) == job.publish_sha():
         job.totals = job.count_committed()  # a rerun of a published spec: the dataset is already there
         metrics = job.totals.metrics(len(job.prompts))
+        if job.gate is not None:
+            metrics.update(job.decontamination_metrics(_published_gate(ctx.output_dir).get("samples", {})))
     else:
         metrics = job.publish()
     ctx.progress.update(1.0, "published", force=True, **metrics)
     return metrics
+
+
+def _published_gate(folder: Path) -> dict:
+    try:
+        return json.loads((folder / MANIFEST_FILE).read_text()).get("decontamination") or {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _published_sha(folder: Path) -> str | None:
