@@ -283,6 +283,7 @@ def train(ctx) -> dict:
         "packing": t.packing, "rows": sum(len(r) for r in plan.rows_by_epoch),
         "samples": stats.samples, "records": stats.records, "droppedSamples": stats.dropped,
         "truncatedSamples": stats.truncated, "worldSize": env.world_size,
+        **({"decontamination": stats.decontaminated} if stats.decontaminated else {}),
         "gradientAccumulation": plan.accumulation, "warmupSteps": warmup, "zeroStage": spec.deepspeed.zero_stage,
         "precision": precision, "resumedFromStep": resumed_from, "tokenCache": token_status,
     }
