@@ -18,8 +18,10 @@ COMMAND_MODULES = [
     "branchmerge.commands.run",
     "branchmerge.commands.status",
     "branchmerge.commands.report",
+    "branchmerge.commands.lineage",
     "branchmerge.commands.quickstart",
     "branchmerge.commands.compare",
+    "branchmerge.commands.rescore",
     "branchmerge.commands.convert",
     "branchmerge.commands.operator",
 ]

@@ -73,3 +73,26 @@ def reduced_quickstart(tmp_path_factory) -> tuple[Path, object]:
     proc = subprocess.run([sys.executable, "-m", "branchmerge.cli", "quickstart", str(root), "--size", "reduced",
                            "--plain"], capture_output=True, text=True, timeout=900)
     return root, proc
+
+
+# What a stage writes about its own run (timings, input URIs) next to what it made: these differ between
+# any two runs by design; everything else an output holds must not.
+RUN_RECORDS = {"branchsft": ("branchmerge_sft.json",), "merge": ("branchmerge_merge.json",),
+               "teachergen": ("teachergen.json",), "eval": ("results.json", "results.md")}
+
+
+@pytest.fixture(scope="session")
+def output_content():
+    """``content(folder)``: the file digests of a published output without its run records (file name ->
+    sha256): equal for two runs that made the same thing."""
+    from branchmerge.trainer.publish import read_manifest
+
+    records = {name for names in RUN_RECORDS.values() for name in names}
+
+    def content(folder: Path) -> dict[str, str]:
+        files = read_manifest(folder)
+        assert files is not None, f"{folder}: not published"
+        return {path: digest for path, digest in files.items() if path.split("/")[-1] not in records}
+
+    return content
+

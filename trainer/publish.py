@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 MANIFEST = "_manifest.json"
+# A model's card and what it is made from (trainer/card.py): about the output, not part of it. Regenerated when
+# a downstream Eval finishes, so they stay out of the digest (an output's identity must not change then).
+CARD = "README.md"
+CARD_DIR = "_card"
 _manifest_fields: dict = {}  # see manifest_fields
 
 
@@ -27,13 +31,18 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def folder_digests(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
-    """sha256 of every file under ``folder``; ``known`` gives digests already computed by the writer."""
+def is_card(name: str) -> bool:
+    return name == CARD or name.startswith(CARD_DIR + "/")
+
+
+def folder_digests(folder: Path, known: dict[str, str] | None = None, *, output: bool = True) -> dict[str, str]:
+    """sha256 of every file under ``folder``; ``known`` gives digests already computed by the writer. An
+    ``output``'s digests leave its card out; a raw input's (``output=False``) count every file."""
     known = known or {}
     digests = {}
     for p in sorted(folder.rglob("*")):
         name = str(p.relative_to(folder))
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name != MANIFEST and not (output and is_card(name)):
             digests[name] = known[name] if name in known else sha256_file(p)
     return digests
 
@@ -63,8 +72,9 @@ def clean_stale_temps(dest: Path) -> None:
 
 @contextlib.contextmanager
 def manifest_fields(**fields) -> Iterator[None]:
-    """Add ``fields`` to every manifest written meanwhile: trainer/stage.py records the commits of the run's
-    hf:// inputs there. One stage per process, so a module setting (stages may publish from any thread)."""
+    """Add ``fields`` to every manifest written meanwhile: trainer/stage.py records the run's lineage there. A
+    callable value is called when the manifest is written (what the stage cost up to its publication).
+    One stage per process, so a module setting (stages may publish from any thread)."""
     global _manifest_fields
     before, _manifest_fields = _manifest_fields, {**_manifest_fields, **fields}
     try:
@@ -85,7 +95,8 @@ def atomic_folder(dest: Path, known_digests: dict[str, str] | None = None) -> It
     tmp.mkdir()
     try:
         yield tmp
-        write_json_atomic(tmp / MANIFEST, {"files": folder_digests(tmp, known_digests), **_manifest_fields})
+        fields = {k: v() if callable(v) else v for k, v in _manifest_fields.items()}
+        write_json_atomic(tmp / MANIFEST, {"files": folder_digests(tmp, known_digests), **fields})
         old = None
         if dest.exists():
             old = dest.parent / f".tmp-{dest.name}-old-{uuid.uuid4().hex[:8]}"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -28,23 +30,32 @@ pytestmark = NEEDS_IMAGES
 
 NS = "qs"
 CLAIM = "qs"
-# The run's record of itself: input URIs and timings differ between any two runs by design.
-RUN_RECORDS = {"branchmerge_sft.json", "branchmerge_merge.json", "teachergen.json", "results.json", "results.md"}
-
-
-def _content(files: dict[str, str]) -> dict[str, str]:
-    return {path: digest for path, digest in files.items() if path.split("/")[-1] not in RUN_RECORDS}
-
-
 def _scores(folder) -> dict:
     results = json.loads((folder / "results.json").read_text())
     return {name: (b["pass1"], b["n"]) for name, b in results["benchmarks"].items()}
 
 
+def _check_lineage(tree: dict, statuses: dict) -> None:
+    """Every output node is a CR of the pipeline with the digest in its status; every leaf is a raw input."""
+    nodes, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.get("inputs", []))
+    outputs = [n for n in nodes if "kind" in n]
+    assert {f"{n['kind']}/{n['name']}" for n in outputs} >= {"Merge/qs-merged", "Merge/qs-math-science",
+                                                             "BranchSFT/qs-code", "TeacherGen/qs-traces-math",
+                                                             "BranchSFT/qs-teacher"}
+    for n in outputs:
+        assert n["digest"] == statuses[f"{n['kind']}/{n['name']}"]["output"]["digest"], n
+    leaves = {n["uri"] for n in nodes if "kind" not in n}
+    assert leaves and all(u.startswith(f"pvc://{CLAIM}/inputs/") for u in leaves), leaves
+
+
 # The session's reduced quickstart (setup, ~3 min) plus 25 CRs through the operator, every SFT pod building
 # DeepSpeed's CPU op in its own /tmp as a real pod does: over the suite's 900 s on a loaded machine.
 @pytest.mark.timeout(2400)
-def test_quickstart_through_the_operator_matches_branchmerge_run(reduced_quickstart, tmp_path):
+def test_quickstart_through_the_operator_matches_branchmerge_run(reduced_quickstart, output_content, tmp_path):
     root, proc = reduced_quickstart
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     local = [d for f in sorted((root / "manifests").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
@@ -75,6 +86,12 @@ def test_quickstart_through_the_operator_matches_branchmerge_run(reduced_quickst
         children = sum(1 for kind in ("Merge", "Eval") for cr in cluster.api.list(kind, NS)
                        if any(o.get("kind") == "MergeSearch" for o in cr["metadata"].get("ownerReferences", [])))
         assert children == 4 + 2, children  # the reduced search: 2 trials, each a chain of 2 Merges and an Eval
+        # lineage from the CRs alone: from: refs lead to the upstream CRs, whose status has the output's digest
+        lineage = subprocess.run([sys.executable, "-m", "branchmerge.cli", "lineage", "--kubernetes", "-n", NS,
+                                  "--kubeconfig", str(cluster.kubeconfig), "Merge/qs-merged", "-o", "json"],
+                                 capture_output=True, text=True, timeout=120)
+        assert lineage.returncode == 0, lineage.stderr
+        tree = json.loads(lineage.stdout)
 
     compared = 0
     for key, status in statuses.items():
@@ -93,12 +110,15 @@ def test_quickstart_through_the_operator_matches_branchmerge_run(reduced_quickst
             ref_folder = root / "outputs" / kind.lower() / name
         files = read_manifest(published)
         assert files is not None, f"{key}: nothing published at {published}"
-        ref_files = read_manifest(ref_folder)
-        assert _content(files) == _content(ref_files), f"{key}: outputs differ from branchmerge run's"
-        compared += len(_content(files))
+        assert output_content(published) == output_content(ref_folder), f"{key}: outputs differ from branchmerge run's"
+        compared += len(output_content(published))
         if kind == "Eval":
             assert _scores(published) == _scores(ref_folder), key
         assert status["output"]["digest"] == combined_digest(files), f"{key}: status does not match what is published"
+    _check_lineage(tree, statuses)
+    # The Eval pods added their scores to the cards of the models they scored (the models' claim is theirs too)
+    card = (claim / "outputs" / NS / "merge" / "qs-merged" / "README.md").read_text()
+    assert "| qs-eval-merged | math |" in card and "model-index:" in card
     # Each stage ran once, as a pod of the trainer-cpu image, non-root, and every pod succeeded: the pipeline's
     # own CRs and the search's children (owned Merge and Eval CRs); a MergeSearch runs no pod itself.
     assert len(pods) == len(docs) - 1 + children and all(p["status"]["phase"] == "Succeeded" for p in pods)
