@@ -11,7 +11,9 @@
     MergeSearch search       methods and chain orders scored on the dev split (Merge + Eval children per trial)
     BranchSFT mixed          the baseline: the student base on all traces at once (full size only)
     Eval eval-<model>        every model, the search's winner included, on the three held-out test benchmarks
-Every name carries the prefix ``qs-``.
+Every name carries the prefix ``qs-``. Every stage that reads training data from outside the pipeline (the
+teacher's and the backbone's SFTs, the TeacherGens) declares a decontamination gate against every benchmark split
+(``_gate``); the branches read only gated TeacherGen output.
 """
 from __future__ import annotations
 
@@ -68,6 +70,19 @@ CPU_ENV = [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}, {"name": "TOKENIZER
 POLICY = {"backoffLimit": 0}
 
 
+def _gate(data: Path) -> dict:
+    """The decontamination gate of every stage reading training data from outside the pipeline (the teacher's and
+    the backbone's SFTs, the TeacherGens' prompts and traces) against every benchmark split the Evals and the
+    MergeSearch score on. The questions come from one sentence frame per domain, so two different code
+    questions share 12 of their 13 words ("write a python function h x that returns x plus 2 minus 6" vs "...
+    minus 1"): Open-R1's 8-grams would match the frame, and their shingle similarity reaches 0.8 (8 of 10 word
+    5-grams). Here an n-gram is longer than any question (16 words > 13), so a hit is a whole question inside a
+    training text, and near-duplicates start at 0.9. Only the raw ``prompt`` is indexed: ``question`` holds the
+    templated text, whose instruction line is in every math prompt."""
+    return {"benchmarks": [{"uri": _uri(data / f"qs-{d}-{split}.jsonl")} for d in DOMAINS for split in ("eval", "dev")],
+            "questionFields": ["prompt"], "ngram": 16, "nearDuplicate": 0.9}
+
+
 def _doc(kind: str, name: str, spec: dict) -> dict:
     return {"apiVersion": API, "kind": kind, "metadata": {"name": PREFIX + name, "labels": dict(LABELS)},
             "spec": spec}
@@ -78,10 +93,11 @@ def _uri(path: Path) -> str:
 
 
 def _sft(name: str, base: dict, data: list[dict], epochs: float, lr: float, domain: str | None,
-         seed: int = 42, adam_epsilon: float | None = None) -> dict:
+         seed: int = 42, adam_epsilon: float | None = None, gate: dict | None = None) -> dict:
     spec = {
         "base": base,
         "data": data,
+        **({"decontaminate": gate} if gate else {}),
         "training": {"epochs": epochs, "learningRate": lr, "scheduler": "cosine", "warmupRatio": 0.05,
                      "globalBatchSize": 4, "microBatchSize": 4, "maxSeqLen": 160, "packing": "neat",
                      "weightDecay": 0.0, "gradClip": 1.0, "seed": seed, "gradientCheckpointing": False,
@@ -111,7 +127,7 @@ def pipeline(inputs: str | Path, size: str = "full") -> list[dict]:
     data, models = inputs / "data", inputs / "models"
     docs = [_sft("teacher", {"uri": _uri(models / "teacher-init")},
                  [{"uri": _uri(data / f"qs-{d}-solutions.jsonl")} for d in DOMAINS], plan["teacher_epochs"],
-                 plan.get("teacher_lr", 3e-3), "teacher")]
+                 plan.get("teacher_lr", 3e-3), "teacher", gate=_gate(data))]
     for domain in DOMAINS:
         docs.append(_doc("TeacherGen", f"traces-{domain}", {
             "teacher": {"model": _sft_ref("teacher"), "engine": ENGINE},
@@ -124,11 +140,13 @@ def pipeline(inputs: str | Path, size: str = "full") -> list[dict]:
             "verify": VERIFY[domain],
             "select": {"mode": "first-correct", "maxPerPrompt": 1},
             "filters": {"dedup": True, "maxResponseTokens": 96},
+            "decontaminate": _gate(data),
             "resources": {"env": CPU_ENV},
             "runPolicy": POLICY,
         }))
     docs.append(_sft("student-base", {"uri": _uri(models / "student-init")},
-                     [{"uri": _uri(data / "qs-general.jsonl")}], plan["base_epochs"], plan.get("base_lr", 3e-3), None))
+                     [{"uri": _uri(data / "qs-general.jsonl")}], plan["base_epochs"], plan.get("base_lr", 3e-3), None,
+                     gate=_gate(data)))
     for domain in DOMAINS:
         branch = BRANCH[domain]
         docs.append(_sft(domain, _sft_ref("student-base"), [{"from": {"kind": "TeacherGen", "name": f"{PREFIX}traces-{domain}"}}],
