@@ -276,3 +276,39 @@ def describe(spec_decontaminate) -> dict:
     d = spec_decontaminate
     return {"benchmarks": [ref.uri for ref in d.benchmarks], "questionFields": list(d.question_fields),
             "ngram": d.ngram, "nearDuplicate": d.near_duplicate}
+
+
+# ---- overlap of published datasets (the report) ----------------------------------------------------------
+
+PROMPT_FIELDS = ("prompt", "problem", "question")
+RESPONSE_FIELDS = ("response", "solution", "completion")
+
+
+def record_texts(record: dict) -> tuple[list[str], list[str]]:
+    """(prompt-side texts, response-side texts) of a training record in any layout BranchSFT reads:
+    ``messages``/``conversations`` turns (OpenAI role/content or ShareGPT from/value), else prompt/response."""
+    turns = record.get("messages") or record.get("conversations")
+    if isinstance(turns, list):
+        users, answers = [], []
+        for turn in turns:
+            if not isinstance(turn, dict):
+                continue
+            role = turn.get("role", turn.get("from"))
+            content = turn.get("content", turn.get("value"))
+            if isinstance(content, str):
+                if role in ("user", "human"):
+                    users.append(content)
+                elif role in ("assistant", "gpt"):
+                    answers.append(content)
+        return users, answers
+    return ([record[f] for f in PROMPT_FIELDS if isinstance(record.get(f), str)],
+            [record[f] for f in RESPONSE_FIELDS if isinstance(record.get(f), str)])
+
+
+def overlap(gate: Gate, records: Sequence[dict]) -> dict[str, int]:
+    """What ``gate`` finds in a dataset: records by reason (their prompt side), and ``responses``: records
+    whose response side matches a question (any reason)."""
+    texts = [record_texts(r) for r in records]
+    found = counts(gate.check_records([prompts for prompts, _ in texts]))
+    found["responses"] = sum(1 for r in gate.check_records([answers for _, answers in texts]) if r)
+    return {"records": len(records), **found}

@@ -704,6 +704,97 @@ def cost_comparison(data: RunData) -> str | None:
         "<ul>" + "".join(lines) + "</ul>" if lines else ""])
 
 
+# ---- decontamination ------------------------------------------------------------------------------
+
+def _dataset_path(data: RunData, ref: dict | None) -> Path | None:
+    """Local path of a dataset ref: its URI, or the output of the TeacherGen it names."""
+    if not ref:
+        return None
+    uri = ref.get("uri")
+    if ref.get("from"):
+        upstream = data.stages.get(ref_key(ref) or "")
+        uri = ((upstream.status.get("output") or {}).get("uri")
+               if upstream and upstream.status.get("phase") == "Succeeded" else None)
+    try:
+        return local_path(uri) if uri else None
+    except UnresolvableUri:
+        return None
+
+
+def decontamination_rows(data: RunData) -> list[list[str]]:
+    """The overlap that remained between each training dataset (TeacherGen outputs, BranchSFT data read from
+    URIs) and each benchmark scored in the run (Evals, MergeSearch dev splits), counted on the published files
+    with the gate the training stage declared for that benchmark (else the defaults: 8-grams, 0.8)."""
+    from ...api.decontamination import DEFAULT_QUESTION_FIELDS
+    from ...trainer import decontamination as dc
+    from ...trainer.datasets import read_records
+    from ...trainer.errors import InvalidInput
+
+    benchmarks: dict[str, tuple[str, dict]] = {}  # ref key -> (label, ref)
+    for stage in data.of_kind("Eval") + data.of_kind("MergeSearch"):
+        spec = stage.spec.get("eval", {}) if stage.kind == "MergeSearch" else stage.spec
+        for b in spec.get("benchmarks") or []:
+            key = ref_key(b.get("dataset"))
+            if key and key not in benchmarks:
+                benchmarks[key] = (f"{b.get('name', '?')} ({Path(key).name})", b["dataset"])
+    training: list[tuple[str, Stage, dict]] = []  # (label, stage whose gate applies, dataset ref)
+    for stage in sorted(data.of_kind("TeacherGen"), key=lambda s: s.name):
+        training.append((f"{stage.key} output", stage, {"from": {"kind": "TeacherGen", "name": stage.name}}))
+    for stage in sorted(data.of_kind("BranchSFT"), key=lambda s: s.name):
+        for i, item in enumerate(stage.spec.get("data") or []):
+            if item.get("uri"):
+                training.append((f"{stage.key} spec.data[{i}]", stage, item))
+    if not benchmarks or not training:
+        return []
+    gates: dict[tuple, object] = {}
+    rows = []
+    for label, stage, ref in training:
+        path = _dataset_path(data, ref)
+        try:
+            records = read_records(path, label) if path else None
+        except (InvalidInput, OSError):
+            records = None
+        declared = stage.spec.get("decontaminate") or {}
+        gated = {ref_key(b) for b in declared.get("benchmarks") or []}
+        for key, (bench_label, bench_ref) in benchmarks.items():
+            settings = ((tuple(declared.get("questionFields") or DEFAULT_QUESTION_FIELDS),
+                         int(declared.get("ngram", 8)), float(declared.get("nearDuplicate", 0.8)))
+                        if key in gated else (DEFAULT_QUESTION_FIELDS, 8, 0.8))
+            found = None
+            bench_path = _dataset_path(data, bench_ref)
+            if records is not None and bench_path is not None:
+                if (key, settings) not in gates:
+                    try:
+                        questions = dc.load_questions(bench_path, settings[0], bench_label)
+                        gates[key, settings] = dc.Gate(questions, ngram=settings[1], near=settings[2])
+                    except (InvalidInput, OSError, ValueError):
+                        gates[key, settings] = None
+                if gates[key, settings] is not None:
+                    found = dc.overlap(gates[key, settings], records)
+            if found is None:  # a dataset or benchmark this machine cannot read (moved, another volume)
+                continue
+            rows.append([label, bench_label, f"yes (n={settings[1]})" if key in gated else "no"]
+                        + [str(found[k]) for k in ("records", "exact", "near-duplicate", "ngram", "responses")])
+    return rows
+
+
+DECONTAMINATION_HEADER = ["training data", "benchmark", "gate", "records", "exact", "near-duplicate", "n-gram",
+                          "in responses"]
+
+
+def decontamination_section(data: RunData) -> str | None:
+    rows = decontamination_rows(data)
+    if not rows:
+        return None
+    classes = [["", "", "" if r[2] != "no" else "bad"] + ["num bad" if c != "0" and j > 0 else "num"
+                                                          for j, c in enumerate(r[3:])] for r in rows]
+    return ("<p>Benchmark questions still found in the published training data: records whose prompt side is "
+            "an exact copy, a near-duplicate or shares an n-gram with a question, and records whose responses "
+            "match one. Counted with the settings of the gate the stage declared for that benchmark "
+            "(spec.decontaminate), else with the defaults (8-grams, near-duplicates from 0.8). A gated dataset "
+            "should show zeros.</p>" + _table(DECONTAMINATION_HEADER, rows, classes))
+
+
 def build_html(data: RunData) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>branchmerge report</title>"
              f"<style>{CSS}</style></head><body>",
@@ -759,6 +850,9 @@ def build_html(data: RunData) -> str:
     merges = merge_table(data)
     if merges:
         parts += ["<h2>Merges</h2>", merges]
+    gate = decontamination_section(data)
+    if gate:
+        parts += ["<h2>Decontamination</h2>", gate]
     parts.append("</body></html>")
     return "\n".join(parts)
 
