@@ -48,6 +48,16 @@ class KD:
     temperature: float = 1.0
     beta: float = 0.5
     taid_t: float = 0.0
+    sinkhorn_form: str = "batch"
+    sinkhorn_iterations: int = 20
+    sinkhorn_epsilon: float = 0.1
+    sinkhorn_group: int = 64
+
+    @property
+    def group(self) -> int:
+        """Positions that are coupled in the loss (the batch-wise Sinkhorn groups), 1 otherwise: chunk
+        boundaries fall on multiples of it, so chunking never changes the loss."""
+        return self.sinkhorn_group if self.kind == "sinkhorn" and self.sinkhorn_form == "batch" else 1
 
 
 def chunk_count(tokens: int, chunk_tokens: int = CHUNK_TOKENS) -> int:
@@ -108,10 +118,23 @@ def _chunk_sums(hidden, targets, teacher_hidden, *, head, teacher_head, kd: KD |
         teacher_logits = teacher_head(teacher_hidden)
     vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # padded embedding rows may differ
     per_token = divergence(logits[..., :vocab], teacher_logits[..., :vocab], kd.kind,
-                           temperature=kd.temperature, beta=kd.beta, taid_t=kd.taid_t)
+                           temperature=kd.temperature, beta=kd.beta, taid_t=kd.taid_t, mask=targets != IGNORE,
+                           sinkhorn_form=kd.sinkhorn_form, sinkhorn_iterations=kd.sinkhorn_iterations,
+                           sinkhorn_epsilon=kd.sinkhorn_epsilon, sinkhorn_group=kd.sinkhorn_group)
     # masked by where, not by boolean indexing: no device-to-host sync for the number of targets
     kd_sum = torch.where(targets != IGNORE, per_token, torch.zeros_like(per_token)).sum()
     return torch.stack([ce, kd_sum])
+
+
+def _split_points(positions: int, chunks: int, group: int) -> int | list[int]:
+    """``chunks`` slices of the positions (tensor_split's argument): equal ones, or for coupled groups of
+    positions slices whose boundaries are multiples of ``group`` (trailing slices may be empty: the number of
+    head calls stays ``chunks``)."""
+    if group <= 1:
+        return chunks
+    per = -(-positions // chunks)
+    per = -(-per // group) * group
+    return [min(k * per, positions) for k in range(1, chunks)]
 
 
 def loss_sums(hidden: torch.Tensor, head, targets: torch.Tensor, *, chunks: int,
@@ -124,8 +147,9 @@ def loss_sums(hidden: torch.Tensor, head, targets: torch.Tensor, *, chunks: int,
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
-    pieces = zip(torch.tensor_split(flat, chunks), torch.tensor_split(flat_targets, chunks),
-                 torch.tensor_split(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), chunks)
+    splits = _split_points(flat.shape[0], chunks, kd.group if kd is not None else 1)
+    pieces = zip(torch.tensor_split(flat, splits), torch.tensor_split(flat_targets, splits),
+                 torch.tensor_split(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), splits)
                  if kd is not None else [None] * chunks)
     fn = functools.partial(_chunk_sums, head=head, teacher_head=teacher_head, kd=kd)
     # no randomness in a head and a loss: no RNG state to save and restore for the recomputation

@@ -30,7 +30,8 @@ from . import token_cache
 from .engine import (check_same_tokenizer, deepspeed_config, load_model, load_tokenizer,
                      optimizer_and_scheduler)
 from .chunked_loss import KD, chunk_count, loss_sums, student_states, teacher_states
-from .losses import taid_weight
+from .losses import TaidSchedule
+from . import ddk as ddk_mixing
 from .packing import IGNORE, collate
 from .plan import Plan, make_plan
 from .build_locks import watch_build_locks
@@ -54,10 +55,15 @@ class RunState:
     last_ce: float | None = None
     last_kd: float | None = None
     history: list[float] = field(default_factory=list)
+    taid: dict | None = None  # TaidSchedule.state()
+    taid_history: list[float] = field(default_factory=list)
+    taid_objectives: list[float] = field(default_factory=list)  # J_n: the step's mean TAID divergence
+    ddk: dict | None = None  # DomainSampler.state()
 
     def client_state(self) -> dict:
         return {k: getattr(self, k) for k in ("step", "tokens_seen", "label_tokens", "initial_loss", "last_loss",
-                                              "last_ce", "last_kd", "history")}
+                                              "last_ce", "last_kd", "history", "taid", "taid_history", "taid_objectives",
+                                              "ddk")}
 
     @classmethod
     def from_client_state(cls, state: dict) -> "RunState":
@@ -85,9 +91,18 @@ def micro_batch_sums(engine, teacher, batch: dict[str, torch.Tensor], *, objecti
     kd = teacher_hidden = teacher_head = None
     if teacher is not None:
         teacher_hidden, teacher_head = teacher_states(teacher, inputs)
-        kd = KD(objective.divergence, temperature=objective.temperature, beta=objective.jsd_beta, taid_t=taid_t)
+        kd = kd_term(objective, taid_t)
     return loss_sums(hidden, head, batch["targets"], chunks=chunks, teacher_hidden=teacher_hidden,
                      teacher_head=teacher_head, kd=kd)
+
+
+def kd_term(objective, taid_t: float) -> KD:
+    """The distillation term of spec.objective at TAID weight ``taid_t``."""
+    return KD(objective.divergence, temperature=objective.temperature, beta=objective.jsd_beta, taid_t=taid_t,
+              sinkhorn_form=getattr(objective, "sinkhorn_form", "batch"),
+              sinkhorn_iterations=getattr(objective, "sinkhorn_iterations", 20),
+              sinkhorn_epsilon=getattr(objective, "sinkhorn_epsilon", 0.1),
+              sinkhorn_group=getattr(objective, "sinkhorn_batch_tokens", 64))
 
 
 def train_step(engine, teacher, micro_batches, samples, *, packing: str, pad_id: int, objective, n_labels: int,
@@ -194,7 +209,16 @@ def train(ctx) -> dict:
                                                              ctx.rank, ctx.world_size)
     if ctx.rank == 0:
         print(f"branchmerge sft: tokenCache: {token_status} ({tokens_root})", file=sys.stderr)
-    plan = make_plan([len(s.input_ids) for s in samples], t, ctx.world_size)
+    lengths = [len(s.input_ids) for s in samples]
+    domains = None
+    if kd and spec.objective.ddk is not None:  # DDK: held-out validation samples per domain, rows by weight
+        domains = ddk_mixing.split_domains(spec, samples, stats.per_dataset)
+        pool = sorted(j for members in domains.train for j in members)
+        plan = ddk_mixing.DomainSampler(make_plan([lengths[j] for j in pool], t, ctx.world_size), domains,
+                                        lengths, t.packing, t.max_seq_len, t.seed,
+                                        ddk_mixing.initial_weights(domains))
+    else:
+        plan = make_plan(lengths, t, ctx.world_size)
     env = prepare_env()  # after validating inputs: a bad spec fails fast without touching the environment
     precision, precision_note = choose_precision(t.precision)
     if precision_note and env.rank == 0:
@@ -232,6 +256,8 @@ def train(ctx) -> dict:
     if found:
         resumed_from, folder = found[-1]
         state = RunState.from_client_state(ckpt.load(engine, folder))
+        if domains is not None:
+            plan.restore(state.ddk)
         if env.rank == 0:
             print(f"branchmerge sft: resumed from {folder} (step {state.step})", file=sys.stderr)
 
@@ -240,13 +266,22 @@ def train(ctx) -> dict:
     w = objective.kd_weight if kd else 0.0
     scale = env.world_size * plan.accumulation
     chunks = chunk_count(t.micro_batch_size * t.max_seq_len)  # lm_head calls per micro batch (chunked_loss)
+    taid = TaidSchedule(objective.taid_start, objective.taid_end, plan.total_steps,
+                        alpha=getattr(objective, "taid_alpha", 5e-4), beta=getattr(objective, "taid_beta", 0.99),
+                        adaptive=getattr(objective, "taid_schedule", "linear") == "adaptive")
+    taid.restore(state.taid)
+    is_taid = kd and objective.divergence == "taid"
+    teacher_losses: list[float] | None = None
     loop_started, session_tokens, checkpoint_bytes = time.time(), 0, 0
     bar = _ProgressBar(env.rank, plan.total_steps, state.step)
     for step in range(state.step, plan.total_steps):
+        if domains is not None and step % objective.ddk.every_steps == 0:  # before this step's rows are dealt
+            teacher_losses = _ddk_update(engine, teacher, samples, plan, objective.ddk, step, t.micro_batch_size,
+                                         pad_id, chunks, teacher_losses)
         real_tokens, n_labels = _row_counts(plan.step_rows(step), samples)
         n_labels = max(n_labels, 1)
         lr = engine.get_lr()[0]
-        taid_t = taid_weight(objective.taid_start, objective.taid_end, step / max(plan.total_steps - 1, 1))
+        taid_t = taid.value(step)
         sums = train_step(engine, teacher, plan.micro_batches(step, env.rank), samples, packing=t.packing,
                           pad_id=pad_id, objective=objective, n_labels=n_labels, scale=scale, taid_t=taid_t,
                           world_size=env.world_size, chunks=chunks)
@@ -258,12 +293,19 @@ def train(ctx) -> dict:
         state.initial_loss = loss if state.initial_loss is None else state.initial_loss
         state.last_loss, state.last_ce, state.last_kd = loss, ce, (kd_value if kd else None)
         state.history.append(round(loss, 6))
+        if is_taid:
+            state.taid_history.append(round(taid_t, 6))
+            state.taid_objectives.append(kd_value)
+            taid.update(step, kd_value)
+            state.taid = taid.state()
+        if domains is not None:
+            state.ddk = plan.state()
         session_tokens += real_tokens
         tps = session_tokens / max(time.time() - loop_started, 1e-9)
         ctx.progress.update(state.step / plan.total_steps, f"step {state.step}/{plan.total_steps}",
                             force=state.step == plan.total_steps, step=state.step,
                             epoch=round(plan.epoch_float(state.step), 4), loss=round(loss, 6), lr=lr,
-                            tokensPerSecond=round(tps, 1),
+                            tokensPerSecond=round(tps, 1), **({"taidT": round(taid_t, 6)} if is_taid else {}),
                             **({"checkpointBytes": checkpoint_bytes} if checkpoint_bytes else {}))
         bar.update(state.step, loss)
         if _is_checkpoint_step(plan, spec.checkpointing.every_steps, state.step):
@@ -294,6 +336,16 @@ def train(ctx) -> dict:
     if kd:
         metrics.update(finalCrossEntropy=state.last_ce, finalDivergence=state.last_kd,
                        divergence=objective.divergence)
+    if is_taid and state.taid_history:
+        metrics.update(taidSchedule=objective.taid_schedule, taidT=state.taid_history[-1],
+                       taidTHistory=state.taid_history, taidObjectiveHistory=state.taid_objectives)
+    if domains is not None:
+        last = plan.history[-1] if plan.history else {}
+        metrics.update(domainWeights=dict(zip(domains.names, [round(w, 6) for w in plan.weights])),
+                       domainInitialWeights=dict(zip(domains.names, [round(w, 6) for w in
+                                                                     ddk_mixing.initial_weights(domains)])),
+                       domainStudentLoss=last.get("studentLoss", {}), domainTeacherLoss=last.get("teacherLoss", {}),
+                       domainWeightsHistory=plan.history)
     publish_model(ctx, engine, tokenizer, base, spec, env.rank, dist.barrier, metrics, state)
     metrics["wallSeconds"] = round(time.time() - started, 3)
     if env.rank == 0:  # the run is complete: its resumable state is no longer needed
@@ -303,6 +355,30 @@ def train(ctx) -> dict:
     clean_shm(env)
     del zero3_handle
     return metrics
+
+
+def _ddk_update(engine, teacher, samples, plan, ddk, step: int, micro: int, pad_id: int, chunks: int,
+                teacher_losses: list[float] | None) -> list[float]:
+    """Measure each domain's student and teacher CE on its validation samples and update the sampling weights
+    (ddk.py). Every rank evaluates the same batches (ZeRO-3 gathers in the same order everywhere) and so
+    computes the same weights. The teacher is frozen: its losses are measured once per run."""
+    domains = plan.domains
+    device = engine.device
+    module = getattr(engine, "module", engine)
+    was_training = module.training
+    module.eval()
+    student = [ddk_mixing.domain_losses(lambda inputs: student_states(engine, module, inputs), samples, idx, micro,
+                                        pad_id, chunks, device) for idx in domains.validation]
+    if was_training:
+        module.train()
+    if teacher_losses is None:
+        teacher_losses = [ddk_mixing.domain_losses(lambda inputs: teacher_states(teacher, inputs), samples, idx,
+                                                   micro, pad_id, chunks, device) for idx in domains.validation]
+    plan.weights = ddk_mixing.smooth_update(plan.weights, student, teacher_losses, ddk.smoothing)
+    plan.history.append({"step": step, "weights": dict(zip(domains.names, [round(w, 6) for w in plan.weights])),
+                         "studentLoss": dict(zip(domains.names, [round(x, 6) for x in student])),
+                         "teacherLoss": dict(zip(domains.names, [round(x, 6) for x in teacher_losses]))})
+    return teacher_losses
 
 
 def publish_model(ctx, engine, tokenizer, base: Path, spec, rank: int, barrier, metrics: dict,
