@@ -232,6 +232,41 @@ def loss_figure(data: RunData) -> str | None:
     return _png(fig)
 
 
+def domain_weights_section(data: RunData) -> str | None:
+    """DDK: each BranchSFT's domain sampling weights over the optimizer steps (metrics.domainWeightsHistory)."""
+    stages = [s for s in sorted(data.of_kind("BranchSFT"), key=lambda s: s.name)
+              if isinstance(((s.result.get("metrics") or {}).get("domainWeightsHistory")), list)
+              and (s.result.get("metrics") or {}).get("domainWeightsHistory")]
+    if not stages:
+        return None
+    plt = _pyplot()
+    parts = ["<p>DDK: the sampling weight of each domain, updated from the student's and the teacher's "
+             "cross-entropy on held-out samples of the domain (weight moves to where the student lags most).</p>"]
+    for stage in stages:
+        metrics = stage.result["metrics"]
+        history = [h for h in metrics["domainWeightsHistory"] if isinstance(h, dict) and "weights" in h]
+        domains = list(dict.fromkeys(d for h in history for d in h["weights"]))
+        start = metrics.get("domainInitialWeights") or {}
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        for d in domains:
+            xs = ([-0.5] if d in start else []) + [float(h.get("step", i)) for i, h in enumerate(history)]
+            ys = ([float(start[d])] if d in start else []) + [float(h["weights"].get(d, 0.0)) for h in history]
+            ax.step(xs, ys, where="post", label=d, lw=1.4)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("sampling weight")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        last = history[-1]
+        rows = [[d, _scalar(start.get(d, "-")), _scalar(last["weights"].get(d)),
+                 _scalar((last.get("studentLoss") or {}).get(d, "-")),
+                 _scalar((last.get("teacherLoss") or {}).get(d, "-"))] for d in domains]
+        parts += [f"<h3>{html.escape(stage.name)}</h3>", _img(_png(fig), f"domain weights of {stage.name}"),
+                  _table(["domain", "initial weight", f"weight (step {last.get('step', '?')})", "student CE",
+                          "teacher CE"], rows)]
+    return "\n".join(parts)
+
+
 def acceptance(stage: Stage) -> dict[str, int]:
     """kept + rejected counts by reason from a TeacherGen's metrics."""
     metrics = stage.result.get("metrics") or stage.status.get("metrics") or {}
@@ -841,6 +876,9 @@ def build_html(data: RunData) -> str:
     loss = loss_figure(data)
     if loss:
         parts += ["<h2>Training loss per branch</h2>", _img(loss, "training loss")]
+    weights = domain_weights_section(data)
+    if weights:
+        parts += ["<h2>Domain weights (DDK)</h2>", weights]
     acc = acceptance_figure(data)
     if acc:
         parts += ["<h2>TeacherGen acceptance</h2>", _img(acc, "teachergen acceptance by reason")]
