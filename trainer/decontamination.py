@@ -24,6 +24,7 @@ through an inverted index, with the questions they share shingles with.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -42,7 +43,7 @@ from .errors import InvalidInput
 REASONS = ("exact", "near-duplicate", "ngram")
 SHINGLE = 5  # words per near-duplicate shingle (Lee et al. 2022, NearDup)
 SHORT_MIN_WORDS = 3  # shorter questions are matched only exactly
-BATCH_WORDS = 4_000_000  # words hashed per numpy batch (bounded memory: ~10 arrays of this many uint64)
+BATCH_WORDS = 1_000_000  # words hashed per numpy batch (bounded memory: ~10 arrays of this many 8-byte values)
 _MASK = (1 << 64) - 1
 
 
@@ -51,68 +52,96 @@ def _punctuation_table() -> dict[int, str]:
     return {cp: " " for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)).startswith("P")}
 
 
+def words(text: str) -> list[str]:
+    """The words of the normalised text: NFKC, lower case, punctuation -> space, split on whitespace."""
+    return unicodedata.normalize("NFKC", text).lower().translate(_punctuation_table()).split()
+
+
 def normalize(text: str) -> str:
     """NFKC, lower case, punctuation -> space, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).lower().translate(_punctuation_table())
-    return " ".join(text.split())
+    return " ".join(words(text))
 
 
-def words(text: str) -> list[str]:
-    return normalize(text).split()
+class _HashSet:
+    """A sorted array of 64-bit hashes with a bitmap over their top bits in front: most lookups of hashes that
+    are not in it end at one random read of the bitmap instead of a binary search (~17 reads)."""
+
+    def __init__(self, hashes: np.ndarray):
+        self.sorted = np.unique(hashes)
+        bits = int(min(24, max(16, math.ceil(math.log2(max(len(self.sorted), 1) * 64)))))  # ~1.5% false hits
+        self.shift = np.uint64(64 - bits)
+        self.bitmap = np.zeros(1 << bits, dtype=bool)
+        self.bitmap[(self.sorted >> self.shift).astype(np.intp)] = True
+
+    def __len__(self) -> int:
+        return len(self.sorted)
+
+    def contains(self, h: np.ndarray) -> np.ndarray:
+        found = self.bitmap[(h >> self.shift).astype(np.intp)]
+        maybe = np.flatnonzero(found)
+        if len(maybe) and len(self.sorted):
+            at = np.minimum(np.searchsorted(self.sorted, h[maybe]), len(self.sorted) - 1)
+            found[maybe] = self.sorted[at] == h[maybe]
+        return found
 
 
-def _multipliers(n: int) -> np.ndarray:
-    """Odd 64-bit constants, one per position in an n-gram (fixed: hashes are comparable across indexes)."""
-    rng = np.random.default_rng(20)
-    return rng.integers(1, 2 ** 63, size=n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+_SEP = "\x00"  # a text boundary inside the joined batch (not whitespace, not punctuation: survives normalising)
+_BASE = 0x9E3779B97F4A7C15  # odd: invertible mod 2^64
+_BASE_INV = pow(_BASE, -1, 1 << 64)
 
 
 @dataclass
 class _Batch:
-    """Texts as one array of word ids (0: a word the benchmark does not have) with their boundaries."""
+    """Texts as one array of word ids (0: a word the benchmark does not have) with their boundaries, and the
+    prefix sums that give the hash of any run of words in two operations."""
 
     ids: np.ndarray  # int64 word ids, all texts concatenated
     owner: np.ndarray  # int64 text index of each position
     pos: np.ndarray  # int64 position of each word within its text
     lengths: np.ndarray  # int64 words per text
+    prefix: np.ndarray  # uint64, len(ids) + 1: sum of key[w_j] * BASE^-j over j < i
+    unknown: np.ndarray  # int64, len(ids) + 1: unknown words before position i
 
 
 @dataclass
 class Gate:
-    """An index of benchmark questions; ``check`` gives each training text its reason (or None)."""
+    """An index of benchmark questions; ``check`` gives each training text its reason (or None).
+
+    A run of words w_i..w_{i+n-1} hashes to sum_j key[w_j] * BASE^(i+n-1-j) mod 2^64 (random 64-bit word keys):
+    the same words give the same hash wherever they are, and with prefix sums every window of a batch costs
+    two vector operations. Two different runs collide with probability about 2^-64 per comparison.
+    """
 
     questions: Sequence[str]
     ngram: int = 8
     near: float = 0.8
     fingerprint: str = ""
-    _exact: set = field(default_factory=set, repr=False)
     _vocab: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.ngram < SHORT_MIN_WORDS:
             raise ValueError(f"ngram must be >= {SHORT_MIN_WORDS}")
         tokenised = [words(q) for q in self.questions]
-        self._exact = {" ".join(w) for w in tokenised if w}
-        vocab: dict[str, int] = {}
+        vocab: dict[str, int] = {_SEP: -1}
         for ws in tokenised:
             for w in ws:
-                vocab.setdefault(w, len(vocab) + 1)
+                if w not in vocab:
+                    vocab[w] = len(vocab)
         self._vocab = vocab
         rng = np.random.default_rng(7)
         self._keys = rng.integers(1, 2 ** 63, size=len(vocab) + 1, dtype=np.uint64)
         self._keys[0] = 0
-        self._mult = _multipliers(max(self.ngram, SHINGLE))
-        batch = self._batch(tokenised)
-        # n-gram tables: length n for long questions, each shorter length (>= 3) for the short ones
-        self._tables: dict[int, np.ndarray] = {}
-        lengths = {len(ws) for ws in tokenised}
-        for length in sorted({self.ngram} | {n for n in lengths if SHORT_MIN_WORDS <= n < self.ngram}):
-            h, owner, _ = self._windows(batch, length)
-            if length < self.ngram:  # only whole short questions, not windows of longer ones
-                keep = batch.lengths[owner] == length
-                h = h[keep]
-            if len(h):
-                self._tables[length] = np.unique(h)
+        self._powers = np.ones(1, dtype=np.uint64)  # BASE^i, grown on demand
+        self._inverse = np.ones(1, dtype=np.uint64)  # BASE^-i
+        batch = self._tokenise([" ".join(ws) for ws in tokenised])
+        whole, known = self._whole(batch)
+        self._exact = _HashSet(whole[known & (batch.lengths > 0)])
+        # n-gram tables: length n for long questions, each shorter length (>= 3) for the short ones (whole)
+        self._tables: dict[int, _HashSet] = {}
+        if np.any(batch.lengths >= self.ngram):
+            self._tables[self.ngram] = _HashSet(self._windows(batch, self.ngram)[0])
+        for length in sorted({int(n) for n in batch.lengths if SHORT_MIN_WORDS <= n < self.ngram}):
+            self._tables[length] = _HashSet(whole[batch.lengths == length])
         # near-duplicate shingles: per question a set, an inverted index, and all of them sorted
         h, owner, _ = self._windows(batch, SHINGLE)
         self._shingles: list[set] = [set() for _ in tokenised]
@@ -122,39 +151,61 @@ class Gate:
                 self._shingles[q].add(value)
                 postings.setdefault(value, []).append(q)
         self._postings = postings
-        self._shingle_table = np.unique(h) if len(h) else np.zeros(0, np.uint64)
+        self._shingle_table = _HashSet(h)
         if not self.fingerprint:
-            digest = hashlib.sha256(json.dumps([self.ngram, self.near, sorted(self._exact)]).encode())
-            self.fingerprint = digest.hexdigest()
+            normalised = sorted({" ".join(ws) for ws in tokenised if ws})
+            self.fingerprint = hashlib.sha256(json.dumps([self.ngram, self.near, normalised]).encode()).hexdigest()
 
     # ---- hashing --------------------------------------------------------------------------------------
-    def _batch(self, tokenised: Iterable[list[str]]) -> _Batch:
-        get = self._vocab.get
-        id_lists = [[get(w, 0) for w in ws] for ws in tokenised]
-        lengths = np.fromiter((len(x) for x in id_lists), dtype=np.int64, count=len(id_lists))
-        total = int(lengths.sum())
-        ids = np.fromiter((i for x in id_lists for i in x), dtype=np.int64, count=total)
-        owner = np.repeat(np.arange(len(id_lists), dtype=np.int64), lengths)
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(lengths) else np.zeros(0, np.int64)
+    def _pow(self, table: str, base: int, count: int) -> np.ndarray:
+        have = getattr(self, table)
+        if len(have) < count:  # uint64 products wrap: powers mod 2^64
+            more = np.full(max(count, 2 * len(have)), base, dtype=np.uint64)
+            more[0] = 1
+            have = np.cumprod(more, dtype=np.uint64)
+            setattr(self, table, have)
+        return have[:count]
+
+    def _tokenise(self, texts: Sequence[str]) -> _Batch:
+        """Normalise and split a whole batch at once: one call per step instead of one per text."""
+        joined = f" {_SEP} ".join(t.replace(_SEP, " ") if _SEP in t else t for t in texts)
+        tokens = unicodedata.normalize("NFKC", joined).lower().translate(_punctuation_table()).split()
+        # dict.get mapped in C over every word: 0 for a word the benchmark does not have, -1 a boundary
+        ids = np.fromiter(map(self._vocab.get, tokens, itertools.repeat(0)), dtype=np.int64, count=len(tokens))
+        bounds = np.flatnonzero(ids == -1)
+        lengths = np.diff(np.concatenate(([-1], bounds, [len(ids)]))) - 1
+        ids = ids[ids != -1]
+        total = len(ids)
+        owner = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         pos = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
-        return _Batch(ids, owner, pos, lengths)
+        prefix = np.zeros(total + 1, dtype=np.uint64)
+        np.cumsum(self._keys[ids] * self._pow("_inverse", _BASE_INV, total), out=prefix[1:])
+        unknown = np.zeros(total + 1, dtype=np.int64)
+        np.cumsum(ids == 0, out=unknown[1:])
+        return _Batch(ids, owner, pos, lengths, prefix, unknown)
+
+    def _run_hash(self, batch: _Batch, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """Hash of the words [start, end) of the batch (position-independent)."""
+        powers = self._pow("_powers", _BASE, len(batch.ids) + 1)
+        return powers[np.maximum(end - 1, 0)] * (batch.prefix[end] - batch.prefix[start])
+
+    def _whole(self, batch: _Batch) -> tuple[np.ndarray, np.ndarray]:
+        """(hash, all words known) of each whole text."""
+        ends = np.cumsum(batch.lengths)
+        starts = ends - batch.lengths
+        return self._run_hash(batch, starts, ends), batch.unknown[ends] == batch.unknown[starts]
 
     def _windows(self, batch: _Batch, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(hash, text index, all-words-known) of every n-word window inside one text."""
+        """(hash, text index, all words known) of every n-word window inside one text."""
         total = len(batch.ids)
         if total < n:
-            empty = np.zeros(0, np.int64)
-            return np.zeros(0, np.uint64), empty, np.zeros(0, bool)
+            return np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, bool)
         m = total - n + 1
-        starts = np.arange(m)
-        inside = batch.pos[:m] + n <= batch.lengths[batch.owner[:m]]
-        keys = self._keys[batch.ids]
-        h = np.zeros(m, dtype=np.uint64)
-        for k in range(n):  # uint64 arithmetic wraps: a polynomial hash mod 2^64
-            h += keys[k:k + m] * self._mult[k]
-        unknown = np.concatenate(([0], np.cumsum(batch.ids == 0)))
-        known = (unknown[starts + n] - unknown[starts]) == 0
-        return h[inside], batch.owner[:m][inside], known[inside]
+        starts = np.flatnonzero(batch.pos[:m] + n <= batch.lengths[batch.owner[:m]])
+        h = self._run_hash(batch, starts, starts + n)
+        known = batch.unknown[starts + n] == batch.unknown[starts]
+        return h, batch.owner[starts], known
 
     # ---- checks ---------------------------------------------------------------------------------------
     def _ngram_hits(self, batch: _Batch, count: int) -> np.ndarray:
@@ -162,35 +213,33 @@ class Gate:
         for length, table in self._tables.items():
             h, owner, known = self._windows(batch, length)
             h, owner = h[known], owner[known]
-            if not len(h):
-                continue
-            at = np.minimum(np.searchsorted(table, h), len(table) - 1)
-            hit[np.unique(owner[table[at] == h])] = True
+            if len(h):
+                hit[owner[table.contains(h)]] = True
         return hit
 
     def _near_hits(self, batch: _Batch, count: int, skip: np.ndarray) -> np.ndarray:
         hit = np.zeros(count, dtype=bool)
-        if not len(self._shingle_table) or self.near > 1:
+        if not len(self._shingle_table):
             return hit
         h, owner, known = self._windows(batch, SHINGLE)
         if not len(h):
             return hit
-        # distinct shingles per text, and how many of them the benchmark has at all
-        mixed = h ^ (owner.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-        _, first = np.unique(mixed, return_index=True)
-        distinct = np.bincount(owner[first], minlength=count)
-        table = self._shingle_table
-        at = np.minimum(np.searchsorted(table, h[first]), len(table) - 1)
-        in_bench = known[first] & (table[at] == h[first])
-        shared = np.bincount(owner[first][in_bench], minlength=count)
-        need = np.ceil(self.near * distinct - 1e-9)
-        candidates = np.flatnonzero((shared >= np.maximum(need, 1)) & (distinct > 0) & ~skip)
-        if not len(candidates):
+        in_bench = known & self._shingle_table.contains(h)
+        maybe = np.bincount(owner[in_bench], minlength=count) > 0
+        maybe &= ~skip
+        if not maybe.any():
             return hit
-        order = np.argsort(owner, kind="stable")
-        bounds = np.searchsorted(owner[order], np.arange(count + 1))
+        keep = maybe[owner]  # the windows of texts sharing at least one shingle with the benchmark
+        h, owner, in_bench = h[keep], owner[keep], in_bench[keep]
+        # distinct shingles per text, and how many of them the benchmark has at all
+        _, first = np.unique(h ^ (owner.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)), return_index=True)
+        distinct = np.bincount(owner[first], minlength=count)
+        shared = np.bincount(owner[first][in_bench[first]], minlength=count)
+        need = np.maximum(np.ceil(self.near * distinct - 1e-9), 1)
+        candidates = np.flatnonzero(maybe & (shared >= need))
+        bounds = np.searchsorted(owner, np.arange(count + 1))  # windows stay in text order
         for t in candidates.tolist():
-            mine = set(h[order[bounds[t]:bounds[t + 1]]].tolist())
+            mine = set(h[bounds[t]:bounds[t + 1]].tolist())
             overlap = Counter(q for s in mine for q in self._postings.get(s, ()))
             for q, inter in overlap.items():
                 if inter / (len(mine) + len(self._shingles[q]) - inter) >= self.near - 1e-12:
@@ -202,20 +251,20 @@ class Gate:
         """The reason of each text (exact, near-duplicate, ngram) or None when it matches no question."""
         out: list[str | None] = [None] * len(texts)
         start = 0
-        while start < len(texts):  # batches of about BATCH_WORDS words
-            tokenised, size = [], 0
-            while start + len(tokenised) < len(texts) and (not tokenised or size < BATCH_WORDS):
-                ws = words(texts[start + len(tokenised)])
-                tokenised.append(ws)
-                size += len(ws)
-            self._check_batch(tokenised, out, start)
-            start += len(tokenised)
+        while start < len(texts):  # batches of about BATCH_WORDS words (estimated from characters)
+            end, chars = start, 0
+            while end < len(texts) and (end == start or chars < BATCH_WORDS * 6):
+                chars += len(texts[end])
+                end += 1
+            self._check_batch(texts[start:end], out, start)
+            start = end
         return out
 
-    def _check_batch(self, tokenised: list[list[str]], out: list, offset: int) -> None:
-        count = len(tokenised)
-        exact = np.fromiter((" ".join(ws) in self._exact for ws in tokenised), dtype=bool, count=count)
-        batch = self._batch(tokenised)
+    def _check_batch(self, texts: Sequence[str], out: list, offset: int) -> None:
+        count = len(texts)
+        batch = self._tokenise(texts)
+        whole, known = self._whole(batch)
+        exact = known & (batch.lengths > 0) & self._exact.contains(whole)
         near = self._near_hits(batch, count, exact)
         ngram = self._ngram_hits(batch, count)
         for i in np.flatnonzero(exact | near | ngram).tolist():
