@@ -5,14 +5,17 @@ sample sees its own seeded order of the options, so it has its own prompt and it
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...api.eval import Benchmark
-from ..grading import grade
+from ..grading import function_name, grade
 from .prompts import LETTERS, TemplateError, lettered, mcq_view, reference_index, render, shuffled_order
 
 MAX_CHOICES = len(LETTERS)
+MAX_INLINE_TESTS = 256 << 10  # bytes of JSON; bigger tests are saved as a digest
 
 
 class QuestionError(ValueError):
@@ -49,9 +52,10 @@ def _require(record: dict, key: str, source: str) -> Any:
     return value
 
 
-def build_question(record: dict, qid: str, benchmark: Benchmark, seed: int) -> Question:
+def graded_record(record: dict, benchmark: Benchmark) -> dict:
+    """The canonical record the grader reads (options in dataset order, mcq reference as a letter); checks
+    that the fields the kind needs are usable (QuestionError)."""
     rec = canonical_record(record, benchmark)
-    values = dict(record)
     if benchmark.kind in ("math", "exact"):
         rec["answer"] = str(_require(rec, "answer", benchmark.fields.answer))
     elif benchmark.kind == "code":
@@ -61,19 +65,28 @@ def build_question(record: dict, qid: str, benchmark: Benchmark, seed: int) -> Q
         if probe.correct is None:
             raise QuestionError(f"field {benchmark.fields.tests!r}: unusable tests ({probe.reason}; "
                                 f"see docs/eval-data.md)")
+    elif benchmark.kind == "mcq":
+        choices = _require(rec, "choices", benchmark.fields.choices)
+        if not isinstance(choices, list) or not 2 <= len(choices) <= MAX_CHOICES:
+            raise QuestionError(f"field {benchmark.fields.choices!r} must be a list of 2 to {MAX_CHOICES} options")
+        choices = [str(c) for c in choices]
+        try:
+            correct = reference_index(_require(rec, "answer", benchmark.fields.answer), choices)
+        except ValueError as err:
+            raise QuestionError(f"field {benchmark.fields.answer!r}: {err}") from None
+        rec.update(choices=choices, answer=LETTERS[correct])
+    return rec
+
+
+def build_question(record: dict, qid: str, benchmark: Benchmark, seed: int) -> Question:
+    rec = graded_record(record, benchmark)
+    values = dict(record)
     if benchmark.kind != "mcq":
         prompt = _render(benchmark.template, values)
         return Question(qid, rec, [prompt], [rec])
 
-    choices = _require(rec, "choices", benchmark.fields.choices)
-    if not isinstance(choices, list) or not 2 <= len(choices) <= MAX_CHOICES:
-        raise QuestionError(f"field {benchmark.fields.choices!r} must be a list of 2 to {MAX_CHOICES} options")
-    choices = [str(c) for c in choices]
-    try:
-        correct = reference_index(_require(rec, "answer", benchmark.fields.answer), choices)
-    except ValueError as err:
-        raise QuestionError(f"field {benchmark.fields.answer!r}: {err}") from None
-    rec.update(choices=choices, answer=LETTERS[correct])
+    choices = rec["choices"]
+    correct = LETTERS.index(rec["answer"])
     if not benchmark.shuffle_choices:
         values["choices"] = lettered(choices)
         return Question(qid, rec, [_render(benchmark.template, values)], [rec])
@@ -86,6 +99,37 @@ def build_question(record: dict, qid: str, benchmark: Benchmark, seed: int) -> Q
         question.graded.append({**rec, "choices": [choices[i] for i in order], "answer": letter})
         question.orders.append(order)  # type: ignore[union-attr]
     return question
+
+
+def tests_digest(tests: Any) -> str:
+    """Identity of a code question's tests (what a record holds instead of tests too big to copy)."""
+    return "sha256:" + hashlib.sha256(json.dumps(tests, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def grading_material(kind: str, rec: dict) -> dict[str, Any]:
+    """What the grader reads of a question, saved in its Eval record so the samples can be re-graded later
+    without the dataset (trainer/eval/rescore.py). Tests above MAX_INLINE_TESTS bytes (LiveCodeBench's
+    hidden tests reach megabytes per question) are saved as their digest: re-grading then reads them from
+    the dataset and checks the digest."""
+    if kind == "code":
+        tests = rec.get("tests")
+        size = len(json.dumps(tests, ensure_ascii=False))
+        out: dict[str, Any] = {"tests": tests} if size <= MAX_INLINE_TESTS else {"testsDigest": tests_digest(tests)}
+        name = function_name(rec)
+        if name:
+            out["fnName"] = name
+        return out
+    if kind == "mcq":
+        return {"answer": rec.get("answer"), "choices": rec.get("choices")}
+    return {"answer": rec.get("answer")}
+
+
+def material_record(material: dict[str, Any]) -> dict[str, Any]:
+    """The record the grader reads, from saved grading material (inverse of :func:`grading_material`)."""
+    rec = {k: v for k, v in material.items() if k in ("answer", "choices", "tests")}
+    if material.get("fnName"):
+        rec["fn_name"] = material["fnName"]
+    return rec
 
 
 def _render(template: str, values: dict) -> str:

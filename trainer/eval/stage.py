@@ -38,7 +38,7 @@ from ..workers import (DEFAULT_POLL_SECONDS, DEFAULT_WAIT_SECONDS, POLL_ENV, WAI
                        prepare_work_dir, ranges, wait_until_done, work_folder)
 from .aggregate import SampleOutcome, overall_score, summarize
 from .data import DataError, load_records, question_id
-from .questions import Question, QuestionError, build_question
+from .questions import Question, QuestionError, build_question, grading_material
 from .report import RESULTS_JSON, RESULTS_MD, results_markdown
 from .scoring import grade_all
 from .work import EvalWork, Request, assigned, chunk_size, fingerprint
@@ -148,6 +148,8 @@ def question_record(run: BenchmarkRun, q: Question, samples: list[dict]) -> dict
         record["tests"] = len(tests) if isinstance(tests, (list, dict)) else 1
     else:
         record["reference"] = q.record.get("answer")
+    # what the grader read, so `branchmerge rescore` can re-grade these samples without the dataset
+    record["grading"] = grading_material(spec.kind, q.record)
     record.update(correct=sum(s["correct"] for s in samples), samples=samples)
     return record
 
@@ -199,10 +201,45 @@ def score_benchmark(r: BenchmarkRun, completions: list[list[Any]], spec, report)
     return summary, rows, tokens
 
 
+def dataset_fields(benchmark: Benchmark) -> dict:
+    """Where a benchmark's questions came from, in results.json: re-grading falls back to that dataset for
+    what old records lack."""
+    return {"dataset": benchmark.dataset.uri, "fields": benchmark.fields.wire()}
+
+
+def publish(output_dir, results: dict, records: dict[str, list[dict]], extra: dict[str, list[dict]] | None = None
+            ) -> None:
+    """results.json, results.md, records/<benchmark>.jsonl (and ``extra`` JSONL files), atomically."""
+    def write_jsonl(path, rows: list[dict]) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    with atomic_folder(output_dir) as out:
+        write_json_atomic(out / RESULTS_JSON, results)
+        (out / RESULTS_MD).write_text(results_markdown(results))
+        folder = out / "records"
+        folder.mkdir()
+        for name, rows in records.items():
+            write_jsonl(folder / f"{name}.jsonl", rows)
+        for name, rows in (extra or {}).items():
+            write_jsonl(out / name, rows)
+
+
+def status_metrics(summaries: dict[str, dict]) -> dict:
+    return {"score": overall_score(summaries.values()),
+            "benchmarks": {name: {k: s[k] for k in STATUS_KEYS} for name, s in summaries.items()},
+            "questions": sum(s["n"] for s in summaries.values())}
+
+
 def run(ctx) -> dict:
     spec = ctx.spec
     rank, world = int(ctx.rank), int(ctx.world_size)
     check_rank(rank, world)
+    if spec.regrade is not None:  # no model, engine or GPU: the saved generations of another Eval
+        from .rescore import run_regrade
+
+        return run_regrade(ctx) if rank == 0 else {}
     started = time.time()
     model_path = ctx.input_path(spec.model, "spec.model") if spec.model is not None else None
     runs = [load_benchmark(ctx, i, b) for i, b in enumerate(spec.benchmarks)]
@@ -266,26 +303,17 @@ def run(ctx) -> dict:
         "engine": spec.engine.wire(),
         "sampling": spec.sampling.wire(),
         "score": score,
-        "benchmarks": {name: {**s, "dataset": next(b.dataset.uri for b in spec.benchmarks if b.name == name)}
+        "benchmarks": {name: {**s, **dataset_fields(next(b for b in spec.benchmarks if b.name == name))}
                        for name, s in summaries.items()},
+        "codeTimeoutSeconds": spec.code_timeout_seconds,
         "generatedTokens": generated_tokens,
         "timing": timing,
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
-    with atomic_folder(ctx.output_dir) as out:
-        write_json_atomic(out / RESULTS_JSON, results)
-        (out / RESULTS_MD).write_text(results_markdown(results))
-        folder = out / "records"
-        folder.mkdir()
-        for name, rows in records.items():
-            with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    publish(ctx.output_dir, results, records)
     ctx.progress.update(1.0, f"score {score:.3f}", force=True)
     return _rounded({
-        "score": score,
-        "benchmarks": {name: {k: s[k] for k in STATUS_KEYS} for name, s in summaries.items()},
-        "questions": sum(s["n"] for s in summaries.values()),
+        **status_metrics(summaries),
         "generatedTokens": generated_tokens,
         "generationSeconds": timing["generation"],
         "gradingSeconds": timing["grading"],

@@ -27,10 +27,11 @@ KINDS = ("math", "mcq", "code", "exact", "none")
 DEFAULT_ANSWER_FIELD = "answer"
 DEFAULT_TESTS_FIELD = "tests"
 
-__all__ = ["KINDS", "Limits", "Verdict", "grade", "grade_code", "grade_exact", "grade_math", "grade_mcq"]
+__all__ = ["KINDS", "Limits", "Verdict", "function_name", "grade", "grade_code", "grade_exact", "grade_math", "grade_mcq"]
 
 
-def _fn_name(record: dict) -> str | None:
+def function_name(record: dict) -> str | None:
+    """The function a functional code test calls: ``fn_name``, else ``metadata.func_name`` (LiveCodeBench)."""
     if record.get("fn_name"):
         return str(record["fn_name"])
     meta = record.get("metadata")
@@ -58,6 +59,6 @@ def grade(kind: str, response: str, record: dict, *, answer_field: str | None = 
         return grade_exact(response, reference)
     if kind == "code":
         limits = Limits(timeout_seconds=timeout_seconds, memory_mb=memory_mb)
-        return grade_code(response, record.get(tests_field or DEFAULT_TESTS_FIELD), fn_name=_fn_name(record),
+        return grade_code(response, record.get(tests_field or DEFAULT_TESTS_FIELD), fn_name=function_name(record),
                           limits=limits)
     raise ValueError(f"unknown verification kind {kind!r}; expected one of {', '.join(KINDS)}")
