@@ -334,3 +334,28 @@ def test_the_committed_crd_accepts_a_regrade_eval_and_rejects_mixed_ones():
             with pytest.raises(InvalidManifest) as local:
                 parse_resource(manifest)
             assert message in str(local.value), name
+
+
+def test_big_tests_are_saved_as_a_digest_and_read_back_from_the_dataset(tmp_path, data_dir, monkeypatch):
+    """Tests too big to copy into a record (LiveCodeBench's reach megabytes) are kept as their digest; re-grading
+    reads them from the recorded dataset and refuses a dataset whose tests differ."""
+    import branchmerge.trainer.eval.questions as questions
+
+    monkeypatch.setattr(questions, "MAX_INLINE_TESTS", 100)  # every synthetic test list is bigger than this
+    (tmp_path / "eval").mkdir()
+    source = _scripted_eval(tmp_path / "eval", data_dir)
+    rows = read_jsonl(source / "records" / "code.jsonl")
+    assert all(set(r["grading"]) <= {"testsDigest", "fnName"} and r["grading"]["testsDigest"].startswith("sha256:")
+               for r in rows)
+    assert next(r for r in rows if r["id"] == "code-add-fn")["grading"]["fnName"] == "add"
+    results, changes = rescore(open_source(source), tmp_path / "new")
+    _same_scores(json.loads((source / "results.json").read_text()), results)
+    assert read_jsonl(tmp_path / "new" / "records" / "code.jsonl") == rows
+
+    changed = tmp_path / "code.jsonl"
+    data = read_jsonl(data_dir / "eval-code.jsonl")
+    data[0]["tests"][1]["output"] = "-9\n"
+    changed.write_text("".join(json.dumps(r) + "\n" for r in data))
+    proc = _cli(str(source), "--out", str(tmp_path / "bad"), "--dataset", f"code={changed}")
+    assert proc.returncode == 2
+    assert "question 'code-double': the dataset's tests differ from those the Eval graded with" in proc.stderr
