@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from ..api.cost import format_bytes
 from ..api.lineage import Node, render_tree
 from .lineage import read_lineage, tree
 from .publish import CARD, CARD_DIR, write_json_atomic
@@ -228,7 +229,7 @@ def _cost_rows(root: Node) -> tuple[list[list[str]], float, float]:
         cpu_total += float(cost.get("cpuSeconds") or 0)
         peak = cost.get("peakMemoryBytes")
         rows.append([node.label, _fmt(cost.get("wallSeconds"), 1), _fmt(cost.get("cpuSeconds"), 1),
-                     _hours(cost.get("gpuSeconds")), "-" if peak is None else f"{peak / 2**30:.2f}"])
+                     _hours(cost.get("gpuSeconds")), "-" if peak is None else format_bytes(peak)])
     return rows, gpu_total, cpu_total
 
 
@@ -282,7 +283,7 @@ def render_card(model_dir: Path) -> str:
     out += ["", "## Recipe", ""] + _recipe(root)
     cost_rows, gpu_total, cpu_total = _cost_rows(root)
     out += ["", "## Cost", "", "What each stage had used when it published (retries not included).", ""]
-    out += _table(["stage", "wall s", "CPU s", "GPU h", "peak memory GiB"], cost_rows)
+    out += _table(["stage", "wall s", "CPU s", "GPU h", "peak memory"], cost_rows)
     out += ["", f"Total: {gpu_total / 3600:.3f} GPU-hours, {cpu_total / 3600:.3f} CPU-hours."]
     out += ["", "## Lineage", "", "```", render_tree(root), "```"]
     out += ["", "## Licences", ""]
