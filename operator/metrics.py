@@ -84,7 +84,8 @@ class OperatorMetrics:
         elif kind == "Eval":
             if _number(metrics.get("score")) is not None:  # mean pass@1 over benchmarks
                 self._set(self.eval_score, (ns, name, "all"), metrics["score"], ns, name)
-            for bench in (cr.get("spec") or {}).get("benchmarks") or []:
+            # a re-grading Eval (spec.regrade) lists no benchmarks: it reports those of the Eval it re-grades
+            for bench in (cr.get("spec") or {}).get("benchmarks") or [{"name": n} for n in metric_benchmarks(metrics)]:
                 score = benchmark_score(metrics, bench.get("name", ""))
                 if score is not None:
                     self._set(self.eval_score, (ns, name, bench["name"]), score, ns, name)
@@ -125,6 +126,15 @@ def acceptance_ratio(metrics: dict) -> float | None:
     if kept is None or rejected is None or kept + rejected <= 0:
         return None
     return kept / (kept + rejected)
+
+
+def metric_benchmarks(metrics: dict) -> list[str]:
+    """Benchmark names an Eval's metrics report (nested, or the termination message's flattened keys)."""
+    nested = metrics.get("benchmarks")
+    if isinstance(nested, dict) and nested:
+        return list(nested)
+    return [k[len("benchmarks."):-len(".pass1")] for k in metrics
+            if k.startswith("benchmarks.") and k.endswith(".pass1")]
 
 
 def benchmark_score(metrics: dict, bench: str) -> float | None:

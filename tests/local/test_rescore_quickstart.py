@@ -45,15 +45,18 @@ def test_rescore_reproduces_every_quickstart_eval(reduced_quickstart, tmp_path):
         new = json.loads((tmp_path / name / "results.json").read_text())
         assert new["score"] == old["score"], name
         for bench, b in old["benchmarks"].items():
-            assert {k: new["benchmarks"][bench][k] for k in SCORE_KEYS} == {k: b[k] for k in SCORE_KEYS}, (name, bench)
-            assert _jsonl(tmp_path / name / "records" / f"{bench}.jsonl") == _jsonl(folder / "records" / f"{bench}.jsonl")
+            assert {k: new["benchmarks"][bench][k] for k in SCORE_KEYS} == {k: b[k] for k in SCORE_KEYS}, \
+                (name, bench)
+            assert _jsonl(tmp_path / name / "records" / f"{bench}.jsonl") == \
+                _jsonl(folder / "records" / f"{bench}.jsonl")
             # the printed table: old and new pass@1 of each benchmark, no changed verdicts
             row = next(line.split() for line in run.stdout.splitlines() if line.startswith(bench + " "))
             assert row[2] == f"{100 * b['pass1']:.1f}" and row[3] == f"{100 * b['pass1']:.1f}" and row[-1] == "0"
         assert _jsonl(tmp_path / name / "changes.jsonl") == []
         assert {p: sha256_file(p) for p in folder.rglob("*") if p.is_file()} == before  # old results untouched
     # the quickstart's benchmarks include code: its samples ran in the sandbox again
-    kinds = {b["kind"] for f in outputs.values() for b in json.loads((f / "results.json").read_text())["benchmarks"].values()}
+    kinds = {b["kind"] for f in outputs.values()
+             for b in json.loads((f / "results.json").read_text())["benchmarks"].values()}
     assert "code" in kinds
 
 

@@ -121,7 +121,8 @@ class DatasetFallback:
                 raise InvalidInput(f"{where} {uri} cannot be read here ({err})") from None
         if not path.exists():
             raise InvalidInput(f"{where} {uri or path} does not exist ({path})")
-        bench = Benchmark.model_validate({"name": self.name, "kind": self.kind, "dataset": {"uri": uri or path.resolve().as_uri()},
+        bench = Benchmark.model_validate({"name": self.name, "kind": self.kind,
+                                          "dataset": {"uri": uri or path.resolve().as_uri()},
                                           "fields": self.info.get("fields") or {}})
         try:
             rows = load_records(path, None, bench.fields.id)

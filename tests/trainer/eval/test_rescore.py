@@ -359,3 +359,21 @@ def test_big_tests_are_saved_as_a_digest_and_read_back_from_the_dataset(tmp_path
     proc = _cli(str(source), "--out", str(tmp_path / "bad"), "--dataset", f"code={changed}")
     assert proc.returncode == 2
     assert "question 'code-double': the dataset's tests differ from those the Eval graded with" in proc.stderr
+
+
+def test_a_regrade_eval_exports_its_benchmark_scores_as_gauges():
+    """operator/metrics.py: a re-grading Eval lists no benchmarks in its spec; its gauges follow its metrics
+    (nested locally, flattened in the termination message on Kubernetes)."""
+    from branchmerge.operator.metrics import OperatorMetrics, metric_benchmarks
+
+    assert metric_benchmarks({"benchmarks": {"math": {"pass1": 0.5}, "code": {"pass1": 0.25}}}) == ["math", "code"]
+    assert metric_benchmarks({"score": 0.4, "benchmarks.math.pass1": 0.4, "benchmarks.math.n": 9}) == ["math"]
+    m = OperatorMetrics(lambda: [])
+    m.observe_cr({"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Eval",
+                  "metadata": {"name": "fixed", "namespace": "ns"},
+                  "spec": {"regrade": {"from": {"kind": "Eval", "name": "gen"}}},
+                  "status": {"phase": "Succeeded", "metrics": {"score": 0.6, "benchmarks.math.pass1": 0.444444,
+                                                               "benchmarks.mcq.pass1": 0.875}}})
+    for bench, value in (("math", 0.444444), ("mcq", 0.875), ("all", 0.6)):
+        assert m.registry.get_sample_value("branchmerge_eval_score", {"namespace": "ns", "name": "fixed",
+                                                                      "benchmark": bench}) == value
