@@ -377,3 +377,30 @@ def test_a_regrade_eval_exports_its_benchmark_scores_as_gauges():
     for bench, value in (("math", 0.444444), ("mcq", 0.875), ("all", 0.6)):
         assert m.registry.get_sample_value("branchmerge_eval_score", {"namespace": "ns", "name": "fixed",
                                                                       "benchmark": bench}) == value
+
+
+def test_the_operator_gives_a_regrade_eval_a_pod_without_gpus(tmp_path):
+    """``branchmerge render`` (the operator's own builders): the generating Eval's Job asks for its GPU, the
+    re-grading Eval's for none, and mounts only the claim holding the upstream's output (read) and its own."""
+    manifests = [
+        {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Eval", "metadata": {"name": "gen"},
+         "spec": {"model": {"uri": "pvc://models/m"}, "resources": {"gpusPerNode": 1},
+                  "benchmarks": [{"name": "m", "kind": "math", "dataset": {"uri": "pvc://datasets/m.jsonl"}}]}},
+        {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Eval", "metadata": {"name": "fixed"},
+         "spec": {"regrade": {"from": {"kind": "Eval", "name": "gen"}}}},
+    ]
+    (tmp_path / "evals.yaml").write_text(yaml.safe_dump_all(manifests))
+    proc = subprocess.run([sys.executable, "-m", "branchmerge.cli", "render", "-f", str(tmp_path / "evals.yaml"),
+                           "--default-output-root", "pvc://scratch/out", "-o", "json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    docs = json.loads(proc.stdout)["items"]
+    jobs = {d["metadata"]["name"].split("-")[0]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Job"}
+    gen, fixed = (jobs[n]["containers"][0]["resources"] for n in ("gen", "fixed"))
+    assert gen["limits"]["nvidia.com/gpu"] == "1"
+    assert not any("gpu" in key for part in fixed.values() for key in part)
+    claims = [v["persistentVolumeClaim"] for v in jobs["fixed"].get("volumes", []) if "persistentVolumeClaim" in v]
+    assert claims == [{"claimName": "scratch", "readOnly": False}]
+    resolved = next(yaml.safe_load(next(iter(d["data"].values()))) for d in docs
+                    if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("fixed"))
+    assert resolved["spec"]["regrade"] == {"uri": "pvc://scratch/out/default/eval/gen"}
