@@ -9,7 +9,11 @@
 3. Code grading: P correct programs x T stdin tests through the shared sandbox, one at a time (baseline) and
    through the stage's thread pool; tests/s for both.
 
-    .venv/bin/python bench/eval.py [--samples 4] [--max-tokens 256] [--programs 24] [--tests 4]
+    .venv/bin/python bench/eval.py [--samples 4] [--max-tokens 256] [--programs 24] [--tests 4] [--smoke]
+
+--smoke: the smallest sizes (2 questions per benchmark, 1 sample, 8 tokens, 2 programs x 1 test) and one
+repeat; every part still runs (two engine start-ups: about a minute), so tests/test_bench_smoke.py notices
+when the bench stops running. Its numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -42,17 +46,20 @@ def benchmark_runs(bench: list[dict], seed: int):
     runs = []
     for i, doc in enumerate(bench):
         b = Benchmark.model_validate(doc)
-        records = load_records(local_path(b.dataset.uri), b.limit)
-        runs.append(BenchmarkRun(b, i, [build_question(r, question_id(r, j), b, seed) for j, r in enumerate(records)]))
+        records = load_records(local_path(b.dataset.uri), b.limit, b.fields.id)
+        runs.append(BenchmarkRun(b, i, [build_question(r, question_id(r, j, b.fields.id), b, seed)
+                                        for j, r in enumerate(records)]))
     return runs
 
 
-def raw_generation_seconds(model: Path, bench: list[dict], sampling, repeats: int) -> tuple[float, int, float]:
+def raw_generation_seconds(model: Path, bench: list[dict], sampling, repeats: int,
+                           tmp: Path) -> tuple[float, int, float]:
     """(raw generate seconds, raw tokens, warm ratio of the stage's generate path to raw) on ONE vLLM instance.
 
     The first raw call is the cold baseline (as in a fresh stage). Then raw calls and the stage's own
-    ``generate`` (engine layer: chat template, seeds, progress forwarding, regrouping) alternate ``repeats``
-    times and the best of each is kept, which cancels most of the noise of a shared machine.
+    generation (``generate_share``: chunks through the engine layer -- chat template, seeds, progress
+    forwarding -- each committed to a work folder) alternate ``repeats`` times and the best of each is kept,
+    which cancels most of the noise of a shared machine.
     """
     from vllm import LLM
 
@@ -60,14 +67,15 @@ def raw_generation_seconds(model: Path, bench: list[dict], sampling, repeats: in
     from branchmerge.trainer.engine.base import TextEngine
     from branchmerge.trainer.engine.chat import load_tokenizer, prompt_token_ids
     from branchmerge.trainer.engine.vllm_engine import VllmEngine, llm_kwargs, sampling_params
-    from branchmerge.trainer.eval.stage import generate, sample_requests
+    from branchmerge.trainer.eval.stage import generate_share, sample_requests
+    from branchmerge.trainer.eval.work import EvalWork
 
     engine = Engine.model_validate(ENGINE)
     tokenizer = load_tokenizer(model)
     runs = benchmark_runs(bench, sampling.seed)
-    conversations, seeds = sample_requests(runs, sampling.seed)  # exactly the stage's requests
-    prompts = [{"prompt_token_ids": prompt_token_ids(tokenizer, conv)} for conv in conversations]
-    params = [sampling_params(sampling, 1, seed) for seed in seeds]
+    requests = sample_requests(runs, sampling.seed)  # exactly the stage's requests
+    prompts = [{"prompt_token_ids": prompt_token_ids(tokenizer, r.conversation)} for r in requests]
+    params = [sampling_params(sampling, 1, r.seed) for r in requests]
     llm = LLM(**llm_kwargs(engine, model))
 
     def raw() -> tuple[float, int]:
@@ -78,10 +86,14 @@ def raw_generation_seconds(model: Path, bench: list[dict], sampling, repeats: in
     wrapped = VllmEngine.__new__(VllmEngine)  # the stage's engine class around the SAME LLM instance
     TextEngine.__init__(wrapped, None)
     wrapped.tokenizer, wrapped.llm = tokenizer, llm
+    wrapped.close = lambda: None  # generate_share closes its engine: keep this one for the next repeat
+    calls = iter(range(10 ** 6))
 
     def staged() -> float:
+        work = EvalWork(tmp / f"work-{next(calls)}", 0)  # a fresh work folder: nothing committed yet
         started = time.perf_counter()
-        generate(wrapped, runs, sampling, lambda done, total: None)
+        generate_share(lambda: wrapped, work, requests, list(range(len(requests))), sampling,
+                       lambda done: None, {})
         return time.perf_counter() - started
 
     cold, tokens = raw()
@@ -140,7 +152,11 @@ def main() -> None:
     parser.add_argument("--programs", type=int, default=24)
     parser.add_argument("--tests", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="warm raw/stage generate pairs on one engine")
+    parser.add_argument("--limit", type=int, default=None, help="questions per benchmark (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, one repeat: does the bench still run")
     args = parser.parse_args()
+    if args.smoke:
+        args.samples, args.max_tokens, args.programs, args.tests, args.repeats, args.limit = 1, 8, 2, 1, 1, 2
 
     from branchmerge.api.common import Sampling
     from branchmerge.trainer.tiny import build_tiny_model
@@ -149,9 +165,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         tmp = Path(tmp)
         model = build_tiny_model(tmp / "model")
-        bench = benchmarks(copy_data(tmp / "data"), samples=args.samples)
+        bench = benchmarks(copy_data(tmp / "data"), samples=args.samples, limit=args.limit)
         sampling = Sampling(temperature=0.6, top_p=0.95, max_tokens=args.max_tokens, seed=0)
-        raw_s, raw_tokens, warm_ratio = raw_generation_seconds(model, bench, sampling, args.repeats)
+        raw_s, raw_tokens, warm_ratio = raw_generation_seconds(model, bench, sampling, args.repeats, tmp)
         wall, results = stage_run(tmp, model, bench, args.max_tokens)
     t = results["timing"]
     rest = t["total"] - t["load"] - t["generation"] - t["grading"] - t["prepare"] - t["shutdown"]

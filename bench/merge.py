@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/merge.py [--workdir /tmp/branchmerge-bench-merge] [--layers 8]
                                     [--mergekit .venv-mergekit/bin/mergekit-yaml] [--scale-check]
-                                    [--threads N] [--repeat N]
+                                    [--threads N] [--repeat N] [--smoke]
 
 Builds (once, cached in --workdir) a Llama-shaped base model in bf16 safetensors shards plus two
 "fine-tuned" variants (base + small random deltas), then times in this run, each as a subprocess with its
@@ -15,6 +15,9 @@ interpreter, torch and numba imports, spec checks -- is a fixed ~2 s that a larg
 bound for engine / raw (start-up + writing the output alone, also measured), and how far the outputs agree
 with mergekit's.
 --scale-check also merges a model with half the layers: peak RSS should not follow model size.
+--smoke: a 2-layer model of a few MB in a fresh temporary folder (removed after), ties only (and mergekit),
+--scale-check, one repeat; a mergekit failure is fatal there too. Seconds, so tests/test_bench_smoke.py
+notices when the bench stops running; its numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -269,7 +273,9 @@ def agreement(ours: Path, theirs: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/branchmerge-bench-merge"))
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="models are built once and cached here (default /tmp/branchmerge-bench-merge; "
+                         "--smoke: a fresh temporary folder)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
@@ -283,9 +289,23 @@ def main() -> int:
                     help="OMP_NUM_THREADS for the engine (its number of tensors merged at once) and mergekit")
     ap.add_argument("--scale-check", action="store_true", help="also merge a model with half the layers")
     ap.add_argument("--repeat", type=int, default=1, help="runs of raw and engine each; the median is kept")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, ties only: does the bench still run")
     args = ap.parse_args()
-    work = args.workdir.resolve()
+    if args.smoke:
+        args.layers, args.hidden, args.intermediate, args.vocab = 2, 256, 512, 1024
+        args.methods, args.scale_check, args.repeat = "ties", True, 1
+    if args.workdir is None and args.smoke:
+        work = Path(tempfile.mkdtemp(prefix="bm-bench-merge-smoke-"))
+        try:
+            return run(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return run(args, (args.workdir or Path("/tmp/branchmerge-bench-merge")).resolve())
+
+
+def run(args, work: Path) -> int:
     work.mkdir(parents=True, exist_ok=True)
+    failures = []
     t0 = time.time()
     dtype = getattr(torch, args.model_dtype)
     base, ft1, ft2 = build_models(work, args.layers, args.hidden, args.intermediate, args.vocab, dtype)
@@ -332,6 +352,7 @@ def main() -> int:
                                            "--no-write-model-card", "--random-seed", "0", "--quiet"], env)
             except RuntimeError as err:  # reported beside our timings, not fatal to the table
                 print(f"[{method}] mergekit failed: {str(err)[-300:]}", flush=True)
+                failures.append(f"mergekit {method}")
             if any(mk_out.glob("*.safetensors")):  # (a method mergekit lacks or refuses: timings only)
                 row["agreement"] = agreement(out, mk_out)
             shutil.rmtree(mk_out, ignore_errors=True)
@@ -379,6 +400,9 @@ def main() -> int:
                   f"{small['rss'] / 2**20:.0f} MB, cpu {small['cpu']:.1f} s; {args.layers} layers "
                   f"({size / 1e9:.2f} GB) peak RSS {big['rss'] / 2**20:.0f} MB, cpu {big['cpu']:.1f} s; "
                   f"RSS ratio {big['rss'] / small['rss']:.2f}")
+    if failures and args.smoke:  # the full run reports them beside the table; a smoke run must not pass
+        print(f"failed: {', '.join(failures)}")
+        return 1
     return 0
 
 

@@ -12,7 +12,10 @@ Two servers, one after the other in the same run (``--server both``, the default
 faithful stand-in: decoding, pruning, CRD defaulting, schema and CEL validation, Job defaulting, async GC)
 and ``emulator`` (the older kmock-based one, operator/emulator.py, which skips all of that).
 
-    .venv/bin/python bench/operator.py [--crs 200] [--workers 8] [--server both|testcluster|emulator]
+    .venv/bin/python bench/operator.py [--crs 200] [--workers 8] [--server both|testcluster|emulator] [--smoke]
+
+--smoke: 5 CRs against each server (seconds), so tests/test_bench_smoke.py notices when the bench stops
+running; its numbers mean nothing. Exit status 1 when a Job is missing.
 """
 from __future__ import annotations
 
@@ -131,7 +134,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--server", choices=("both", "testcluster", "emulator"), default="both")
     ap.add_argument("--profile", metavar="FILE", help="run the operator under cProfile, write stats here")
+    ap.add_argument("--smoke", action="store_true", help="5 CRs per server: does the bench still run")
     args = ap.parse_args()
+    if args.smoke:
+        args.crs = 5
     servers = ("testcluster", "emulator") if args.server == "both" else (args.server,)
     failed = 0
     for which in servers:

@@ -1,7 +1,7 @@
 """Benchmark the BranchSFT stage: packing utilisation and training throughput vs a plain HF Trainer loop.
 
     .venv/bin/python bench/sft.py [--workdir /tmp/branchmerge-bench-sft] [--samples 600] [--max-seq-len 1024]
-                                  [--skip-throughput]
+                                  [--skip-throughput] [--smoke]
 
 Synthetic data with a long-tailed length distribution like reasoning traces (many short answers, a few very
 long <think> traces: Pareto-distributed, capped at maxSeqLen). On a tiny Qwen2 model, in this one run:
@@ -14,6 +14,9 @@ Prints ratios against the Trainer baseline.
   3. start-up: the samples of a rank from the token cache (token_cache.py: digest the inputs, load) vs
      tokenising the data (dataset.build_samples), on --cache-samples records; ratio against tokenising.
 (The loss's memory, chunked vs all logits at once, is bench/sft_loss.py.)
+--smoke: 16 samples of at most 128 tokens (2 optimizer steps per run), 32 records for the cache, in a fresh
+temporary folder (removed after); every part still runs, so tests/test_bench_smoke.py notices when the bench
+stops running. Its numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,12 +181,29 @@ def trainer_throughput(workdir: Path, model_path: Path, data: Path, max_len: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/branchmerge-bench-sft"))
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="default /tmp/branchmerge-bench-sft (the model is kept); --smoke: a fresh temporary "
+                             "folder")
     parser.add_argument("--samples", type=int, default=600)
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--cache-samples", type=int, default=5000, help="records for the token-cache timing")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes: does the bench still run")
     a = parser.parse_args()
+    if a.smoke:
+        a.samples, a.max_seq_len, a.cache_samples = 16, 128, 32
+    if a.workdir is None and a.smoke:
+        a.workdir = Path(tempfile.mkdtemp(prefix="bm-bench-sft-smoke-"))
+        try:
+            run(a)
+        finally:
+            shutil.rmtree(a.workdir, ignore_errors=True)
+        return
+    a.workdir = a.workdir or Path("/tmp/branchmerge-bench-sft")
+    run(a)
+
+
+def run(a) -> None:
     from branchmerge.trainer.tiny import build_tiny_model
 
     a.workdir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Benchmark the TeacherGen stage against a raw ``vllm.LLM.generate`` call on the same prompts and sampling.
 
     .venv/bin/python bench/teachergen.py [--model DIR] [--prompts 256] [--n 4] [--max-tokens 128] [--repeats 3]
-        [--tail 4] [--tail-tokens 768] [--tail-only]
+        [--tail 4] [--tail-tokens 768] [--tail-only] [--smoke]
 
 One vLLM engine is started once (startup is the same for both and excluded). Each repeat times:
   raw       tokenize with the chat template + ``llm.generate(prompts, SamplingParams(...))`` in one call;
@@ -18,6 +18,8 @@ One vLLM engine is started once (startup is the same for both and excluded). Eac
 Prints median seconds, generated tokens/s and overhead ratios stage / raw (goal: <= 1.05 with verification
 off), and the long-tail wall-time ratio stream / batch=64 measured in the same run.
 Without --model a tiny Qwen2 model is built (branchmerge.trainer.tiny) in a temp folder.
+--smoke: the smallest sizes and one repeat (every variant still runs; about a minute with the engine's start-up),
+so tests/test_bench_smoke.py notices when the bench stops running; its numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -136,7 +138,10 @@ def main() -> None:
     parser.add_argument("--tail", type=int, default=4, help="prompts with a long answer in the long-tail case")
     parser.add_argument("--tail-tokens", type=int, default=768, help="their max_tokens (within maxModelLen 1024)")
     parser.add_argument("--tail-only", action="store_true", help="time raw and the long-tail case only")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes, one repeat: does the bench still run")
     args = parser.parse_args()
+    if args.smoke:
+        args.prompts, args.n, args.max_tokens, args.repeats, args.tail, args.tail_tokens = 4, 2, 8, 1, 1, 16
     work = Path(tempfile.mkdtemp(prefix="bm-bench-teachergen-"))
     try:
         model = args.model

@@ -181,8 +181,6 @@ def test_default_requests_are_operator_flags():
 def test_chart_passes_default_requests_to_the_operator():
     from tests.deploy import chart as C
 
-    if C.renderer() is None:
-        pytest.skip(C.SKIP_REASON)
     from branchmerge.cli import build_parser
     from branchmerge.commands.operator import options_from_args
 

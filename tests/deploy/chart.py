@@ -1,5 +1,6 @@
 """Render the Helm chart with real Helm: the `helm` binary when it is on PATH, else the helm-python-sdk
-package (Helm's Go SDK as a shared library, no binary). Neither available -> tests skip and say so."""
+package (Helm's Go SDK as a shared library, no binary; a pinned dev dependency). Neither available -> the
+tests fail and say what to install: a missing renderer is a broken environment, not a reason to skip."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .helpers import CHART
@@ -33,6 +35,7 @@ def renderer() -> str | None:
 
 def _sdk(action: str, values: dict, namespace: str = NAMESPACE):
     """helm-python-sdk in a child process (tests/deploy/helm_sdk.py)."""
+    require_renderer()
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("helm_sdk.py")), action, str(CHART), RELEASE,
                            namespace], input=json.dumps(values), capture_output=True, text=True, timeout=120)
     if proc.returncode:
@@ -43,8 +46,16 @@ def _sdk(action: str, values: dict, namespace: str = NAMESPACE):
     return out["result"]
 
 
-SKIP_REASON = ("chart rendering not checked: neither the `helm` binary is on PATH nor the helm-python-sdk "
-               "package is installed (pip install helm-python-sdk==0.2.2)")
+MISSING_RENDERER = ("chart cannot be rendered: neither the `helm` binary is on PATH nor the helm-python-sdk "
+                    "package is installed (a dev dependency: pip install -e '.[dev]', or helm-python-sdk==0.2.2)")
+
+
+def require_renderer() -> str:
+    """The renderer, or the test fails with what to install."""
+    found = renderer()
+    if found is None:
+        pytest.fail(MISSING_RENDERER, pytrace=False)
+    return found
 
 
 class RenderError(Exception):
@@ -59,7 +70,7 @@ def render(values: dict | None = None, namespace: str = NAMESPACE) -> list[tuple
 @functools.lru_cache(maxsize=None)
 def _render(values_json: str, namespace: str) -> list[tuple[str, dict]]:
     values = json.loads(values_json)
-    if renderer() == "helm":
+    if require_renderer() == "helm":
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
             yaml.safe_dump(values, fh)
             fh.flush()

@@ -58,7 +58,6 @@ def test_dashboard_queries_parse():
     assert parse_failures(exprs) == []
 
 
-@pytest.mark.skipif(C.renderer() is None, reason=C.SKIP_REASON)
 def test_alert_expressions_parse():
     (rule,) = C.by_kind(C.render({"metrics": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")
     exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
