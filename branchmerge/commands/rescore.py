@@ -77,5 +77,7 @@ def run(args) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    before, now = results["rescore"]["previousGraders"], results["graders"]
+    print("graders: " + ("unchanged" if before == now else f"{(before or 'not recorded')[:19]} -> {now[:19]}"))
     print(f"re-graded {source.folder} -> {out}")
     return 0

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from ...api.eval import Benchmark
 from ..engine.base import Completion
 from ..errors import InvalidInput
+from ..grading import graders_digest
 from ..publish import combined_digest, read_manifest, sha256_file
 from ..uris import UnresolvableUri, local_path
 from .data import DataError, load_records, question_id
@@ -266,10 +267,12 @@ def rescore(source: Source, out_dir: Path, *, name: str | None = None, code_time
         "score": metrics["score"],
         "benchmarks": summaries,
         "codeTimeoutSeconds": timeout,
+        "graders": graders_digest(),
         "generatedTokens": old.get("generatedTokens"),
         "rescore": {"source": source.folder.resolve().as_uri(), "sourceDigest": source.digest,
                     "sourceName": old.get("name"), "sourceCreatedAt": old.get("createdAt"),
-                    "previousScore": old.get("score"), "changedVerdicts": len(changes)},
+                    "previousScore": old.get("score"), "previousGraders": old.get("graders"),
+                    "changedVerdicts": len(changes)},
         "timing": {"grading": time.time() - started},
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })

@@ -33,6 +33,7 @@ from typing import Any
 from ...api.eval import Benchmark
 from ..engine import open_engine, request_seed  # light: backends are imported when opened
 from ..errors import InvalidInput
+from ..grading import graders_digest
 from ..publish import atomic_folder, write_json_atomic
 from ..workers import (DEFAULT_POLL_SECONDS, DEFAULT_WAIT_SECONDS, POLL_ENV, WAIT_ENV, check_rank, env_seconds,
                        prepare_work_dir, ranges, wait_until_done, work_folder)
@@ -306,6 +307,7 @@ def run(ctx) -> dict:
         "benchmarks": {name: {**s, **dataset_fields(next(b for b in spec.benchmarks if b.name == name))}
                        for name, s in summaries.items()},
         "codeTimeoutSeconds": spec.code_timeout_seconds,
+        "graders": graders_digest(),
         "generatedTokens": generated_tokens,
         "timing": timing,
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

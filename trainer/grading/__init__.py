@@ -13,7 +13,9 @@ Record format (one JSON object per prompt; field names are configurable, these a
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from .code import grade_code
@@ -27,7 +29,16 @@ KINDS = ("math", "mcq", "code", "exact", "none")
 DEFAULT_ANSWER_FIELD = "answer"
 DEFAULT_TESTS_FIELD = "tests"
 
-__all__ = ["KINDS", "Limits", "Verdict", "function_name", "grade", "grade_code", "grade_exact", "grade_math", "grade_mcq"]
+__all__ = ["KINDS", "Limits", "Verdict", "function_name", "grade", "graders_digest", "grade_code", "grade_exact", "grade_math", "grade_mcq"]
+
+
+def graders_digest() -> str:
+    """sha256 over this package's source files: which graders produced a verdict (results.json records it, so a
+    re-scored result says whether the graders changed since)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return "sha256:" + h.hexdigest()
 
 
 def function_name(record: dict) -> str | None:

@@ -161,7 +161,10 @@ def test_a_grader_fix_flips_exactly_the_affected_samples(before_fix, scripted, t
             {k: today["benchmarks"][name][k] for k in SCORE_KEYS}
     assert read_jsonl(tmp_path / "fixed" / "records" / "math.jsonl") == read_jsonl(scripted / "records" / "math.jsonl")
     assert "math" in proc.stdout and "33.3" in proc.stdout and "44.4" in proc.stdout
-    assert proc.stdout.splitlines()[-2].split()[-1] == "2"  # the score row: 2 changed verdicts
+    score_row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("score "))
+    assert score_row[-1] == "2"  # changed verdicts in all
+    # the graders' sources are those the Eval recorded (the fix was simulated in-process)
+    assert "graders: unchanged" in proc.stdout and new["graders"] == old["graders"] == grading.graders_digest()
     assert _tree(before_fix) == before  # old results untouched
 
 
