@@ -3,6 +3,7 @@ positions per lm_head call, each chunk checkpointed).
 
     .venv/bin/python bench/sft_loss.py [--seq 2048] [--kd-seq 1024] [--vocab 152064] [--hidden 64]
                                        [--chunk 128 256 1024] [--dtype fp32 bf16] [--kd forward-kl]
+                                       (--kd also takes taid, sinkhorn (batch-wise form), sinkhorn-token)
 
 Qwen's vocabulary (152064) and a CPU-sized sequence with a small hidden size: the loss's memory is positions x
 vocab, the rest of the model does not matter here. Each measurement runs in a fresh process: the peak resident
@@ -29,11 +30,20 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def kd_of(name: str):
+    """The KD term a --kd name stands for: a divergence, or sinkhorn-token for Sinkhorn's per-token form."""
+    from branchmerge.trainer.sft.chunked_loss import KD
+
+    if name == "sinkhorn-token":
+        return KD("sinkhorn", sinkhorn_form="token")
+    return KD(name, taid_t=0.4)
+
+
 def measure(seq: int, vocab: int, hidden: int, chunk: int, dtype: str, kd: str | None) -> dict:
     """One loss forward + backward in this process; chunk 0 = unchunked."""
     import torch
 
-    from branchmerge.trainer.sft.chunked_loss import KD, chunk_count, loss_sums
+    from branchmerge.trainer.sft.chunked_loss import chunk_count, loss_sums
     from branchmerge.trainer.sft.losses import divergence, token_cross_entropy
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -47,7 +57,7 @@ def measure(seq: int, vocab: int, hidden: int, chunk: int, dtype: str, kd: str |
     th = torch.randn(1, seq, hidden, generator=gen).to(device, dt)
     targets = torch.randint(vocab, (1, seq), generator=gen).to(device)
     targets[:, : seq // 10] = -100  # a prompt
-    kd_spec = KD(kd, temperature=1.0) if kd else None
+    kd_spec = kd_of(kd) if kd else None
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -62,7 +72,8 @@ def measure(seq: int, vocab: int, hidden: int, chunk: int, dtype: str, kd: str |
         if kd_spec:
             with torch.no_grad():
                 teacher_logits = teacher_head(th)
-            per_token = divergence(logits, teacher_logits, kd)
+            per_token = divergence(logits, teacher_logits, kd_spec.kind, taid_t=kd_spec.taid_t, mask=targets != -100,
+                                   sinkhorn_form=kd_spec.sinkhorn_form, sinkhorn_group=kd_spec.sinkhorn_group)
             kd_sum = torch.where(targets != -100, per_token, torch.zeros_like(per_token)).sum()
     else:
         ce, kd_sum = loss_sums(h, head, targets, chunks=chunk_count(seq, chunk), kd=kd_spec,

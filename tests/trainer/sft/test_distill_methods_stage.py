@@ -1,5 +1,5 @@
-"""TAID (adaptive), Sinkhorn and DDK through the real stage: DeepSpeed ZeRO-2 on CPU (gloo), a tiny Qwen2 student and a
-teacher fine-tuned here on one domain (so the teacher-student gap differs between domains)."""
+"""TAID (adaptive), Sinkhorn and DDK through the real stage: DeepSpeed on CPU (gloo; ZeRO-2, ZeRO-3 for DDK), a tiny
+Qwen2 student and a teacher fine-tuned here on one domain (so the teacher-student gap differs between domains)."""
 from __future__ import annotations
 
 import json
@@ -91,7 +91,9 @@ def test_sinkhorn_batch_form_through_the_stage(tmp_path, tiny_model, math_data, 
 
 def test_ddk_moves_weight_to_the_domain_with_the_larger_gap(tmp_path, tiny_model, math_data, words_data,
                                                             math_teacher):
+    # ZeRO-3 (the API's default): the validation forwards gather the partitioned weights like the training ones
     spec = make_spec(tmp_path, tiny_model, [math_data, words_data], training={"epochs": 1},
+                     deepspeed={"zeroStage": 3},
                      objective=_kd(math_teacher, divergence="forward-kl",
                                    ddk={"everySteps": 3, "smoothing": 0.5, "validationSamples": 6}))
     doc = __import__("yaml").safe_load(spec.read_text())
