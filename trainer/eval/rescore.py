@@ -198,7 +198,9 @@ def rebuild(name: str, info: dict, rows: list[dict], fallback: DatasetFallback) 
             choices = rec.get("choices") or []
             graded = []
             for s, order in zip(samples, orders):
-                if sorted(order) != list(range(len(choices))) or s.get("reference") not in LETTERS[:len(choices)] \
+                valid = LETTERS[:len(choices)]
+                if sorted(order) != list(range(len(choices))) or s.get("reference") not in valid \
+                        or rec.get("answer") not in valid \
                         or LETTERS[order.index(LETTERS.index(rec["answer"]))] != s["reference"]:
                     raise InvalidInput(f"{where}: sample {s.get('index')}: its option order and reference do not "
                                        f"match the question's options")
