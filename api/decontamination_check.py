@@ -32,7 +32,7 @@ def scored_benchmarks(resource) -> list[tuple[str, str]]:
         benchmarks = resource.spec.eval.benchmarks
     else:
         return []
-    return [(b.name, ref_key(b.dataset)) for b in benchmarks]
+    return [(b.name, ref_key(b.dataset)) for b in benchmarks or []]  # a re-grading Eval (regrade) has none
 
 
 @dataclass

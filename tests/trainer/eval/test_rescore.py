@@ -407,3 +407,20 @@ def test_the_operator_gives_a_regrade_eval_a_pod_without_gpus(tmp_path):
     resolved = next(yaml.safe_load(next(iter(d["data"].values()))) for d in docs
                     if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("fixed"))
     assert resolved["spec"]["regrade"] == {"uri": "pvc://scratch/out/default/eval/gen"}
+
+
+def test_validate_accepts_a_pipeline_with_a_regrade_eval(tmp_path):
+    """``branchmerge validate`` (schema, CEL, refs, and the decontamination warning's walk over Evals, which
+    meets an Eval without benchmarks of its own)."""
+    docs = [
+        {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Eval", "metadata": {"name": "gen"},
+         "spec": {"model": {"uri": "file:///models/m"},
+                  "benchmarks": [{"name": "m", "kind": "math", "dataset": {"uri": "file:///data/m.jsonl"}}]}},
+        {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Eval", "metadata": {"name": "fixed"},
+         "spec": {"regrade": {"from": {"kind": "Eval", "name": "gen"}}}},
+    ]
+    (tmp_path / "evals.yaml").write_text(yaml.safe_dump_all(docs))
+    proc = subprocess.run([sys.executable, "-m", "branchmerge.cli", "validate", "-f", str(tmp_path / "evals.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "run order: Eval/gen, Eval/fixed" in proc.stdout
