@@ -648,11 +648,20 @@ class Route:
     stages: list[str]
 
 
-def _mixed_baselines(data: RunData) -> list[Stage]:
-    """BranchSFTs trained on several datasets that no merge takes as an input: the data-mixture retraining."""
-    merged_inputs = {ref_key(r) for m in data.of_kind("Merge") + data.of_kind("MergeSearch")
-                     for r in m.spec.get("models", []) + [m.spec.get("base")]}
-    return [b for b in data.of_kind("BranchSFT") if len(b.spec.get("data") or []) > 1 and b.key not in merged_inputs]
+def _merge_inputs(stage: Stage) -> list[str]:
+    """The models a Merge or MergeSearch combines. Not its ``base`` alone: a task-vector base is the shared
+    backbone (Arcee Fusion's base is one of its models anyway)."""
+    refs = stage.spec.get("models", []) + [b.get("model") for b in stage.spec.get("branches", []) or []]
+    return [k for k in (ref_key(r) for r in refs if r) if k]
+
+
+def _mixed_baselines(data: RunData, routes: list[Route]) -> list[Stage]:
+    """The data-mixture retraining: BranchSFTs on several datasets, from the same base as the branches of a
+    route, that are no branch themselves (a teacher's SFT on its own base is not one)."""
+    branches = {k for r in routes for k in r.stages if k.startswith("BranchSFT/")}
+    bases = {ref_key(data.stages[k].spec.get("base")) for k in branches if k in data.stages}
+    return [b for b in data.of_kind("BranchSFT") if len(b.spec.get("data") or []) > 1 and b.key not in branches
+            and ref_key(b.spec.get("base")) in bases]
 
 
 def merge_routes(data: RunData) -> list[Route]:
@@ -675,7 +684,7 @@ def merge_routes(data: RunData) -> list[Route]:
                 branches.append(key)
                 continue
             merges.append(key)
-            todo += [ref_key(r) for r in stage.spec.get("models", []) + [stage.spec.get("base")] if r]
+            todo += _merge_inputs(stage)
         trials = [s.key for s in data.stages.values() if s.search and f"MergeSearch/{s.search}" in merges]
         merge_keys = merges + trials
         routes.append(Route(f"branch + merge: {final.name}", final.key,
@@ -697,7 +706,8 @@ def cost_comparison(data: RunData) -> str | None:
     side. Only when both are in the pipeline."""
     from ...api.cost import add_costs
 
-    mixed, routes = _mixed_baselines(data), merge_routes(data)
+    routes = merge_routes(data)
+    mixed = _mixed_baselines(data, routes)
     if not mixed or not routes:
         return None
     baseline = [Route(f"mixed-data SFT: {b.name}", b.key, stage_cost(b), None, [b.key]) for b in mixed]

@@ -10,6 +10,7 @@ from branchmerge.api.cost import format_cost
 from branchmerge.operator.local.report import build_html, gather
 from branchmerge.operator.local.store import StatusStore
 from branchmerge.operator.local.workdir import Workdir
+from branchmerge.operator.searchplan import LABEL_SEARCH
 
 H = 3600.0
 
@@ -18,14 +19,16 @@ def _ref(kind: str, name: str) -> dict:
     return {"from": {"kind": kind, "name": name}}
 
 
-def _record(kind: str, name: str, spec: dict, gpu_hours: float | None, output: str | None = None) -> dict:
+def _record(kind: str, name: str, spec: dict, gpu_hours: float | None, output: str | None = None,
+            search: str | None = None) -> dict:
     status = {"phase": "Succeeded", "attempts": 1, "conditions": [], "metrics": {}}
     if gpu_hours is not None:
         status["cost"] = {"wallSeconds": gpu_hours * H / 8, "cpuSeconds": gpu_hours * H * 4, "gpus": 8,
                           "gpuSeconds": gpu_hours * H, "peakMemoryBytes": 64 * 2**30, "attempts": 1}
     if output:
         status["output"] = {"uri": Path(output).as_uri()}
-    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec,
+    meta = {"name": name, "labels": {LABEL_SEARCH: search}} if search else {"name": name}
+    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": kind, "metadata": meta, "spec": spec,
             "status": status}
 
 
@@ -57,6 +60,16 @@ def tinyr1_workdir(tmp: Path) -> Workdir:
         _record("Merge", "final", {"method": "arcee_fusion", "base": _ref("BranchSFT", "code"),
                                    "models": [_ref("Merge", "mid"), _ref("BranchSFT", "code")]}, 2.5),
         _record("Merge", "unevaluated", {"method": "linear", "models": [_ref("BranchSFT", "math")]}, None),
+        # a teacher's SFT on several datasets from another base: not the mixed-data baseline
+        _record("BranchSFT", "teacher", {"base": {"uri": "hf://org/teacher"},
+                                         "data": [{"uri": "file:///d/a.jsonl"}, {"uri": "file:///d/b.jsonl"}]}, 20),
+        # a MergeSearch over the three branches (its base is the shared backbone): its trials are its cost
+        _record("MergeSearch", "search", {"base": _ref("BranchSFT", "base"),
+                                          "branches": [{"name": d, "model": _ref("BranchSFT", d)}
+                                                       for d in ("math", "science", "code")]}, None),
+        _record("Merge", "search-m-1", {"method": "ties", "models": []}, 1.0, search="search"),
+        _record("Eval", "search-e-1", {"model": _ref("Merge", "search-m-1")}, 0.25, search="search"),
+        _eval(tmp, "eval-search", ("MergeSearch", "search"), {"aime": 0.70, "gpqa": 0.60}),
         _eval(tmp, "eval-final", ("Merge", "final"), {"aime": 0.781, "gpqa": 0.650}),
         _eval(tmp, "eval-mixed", ("BranchSFT", "mixed"), {"aime": 0.753, "gpqa": 0.657}),
     ]
@@ -78,7 +91,8 @@ def test_cost_table_and_table2_comparison(tmp_path):
     # stage, attempts, wall, CPU-s, GPUs, GPU-s, peak memory
     assert rows["BranchSFT/mixed"][1:] == ["1", "92h30m", f"{740 * H * 4:.1f}", "8", f"{740 * H:.1f}", "64.0 GiB"]
     assert "Merge/unevaluated" not in rows  # no cost recorded: not listed
-    total_gpu_h = 50 + 300 + 100 + 250 + 740 + 1.5 + 2.5 + 0.5 + 0.5
+    total_gpu_h = 50 + 300 + 100 + 250 + 740 + 1.5 + 2.5 + 0.5 + 0.5 + 20 + 1.0 + 0.25 + 0.5
+    assert rows["Merge/search-m-1 (trial of search)"][5] == f"{1.0 * H:.1f}"
     assert rows["total"][5] == f"{total_gpu_h * H:.1f}"
 
     table2 = {r[0]: r for r in _rows(comparison)}
@@ -86,6 +100,9 @@ def test_cost_table_and_table2_comparison(tmp_path):
     assert table2["mixed-data SFT: mixed"] == ["mixed-data SFT: mixed", "740", "-", "740", "92h30m", "75.3", "65.7"]
     assert table2["branch + merge: final"][1:4] == ["650", "4", "654"]
     assert table2["branch + merge: final"][5:] == ["78.1", "65.0"]
+    assert "mixed-data SFT: teacher" not in table2
+    # the search: the same three branches (not the backbone it names as base), every trial as merging cost
+    assert table2["branch + merge: search"][1:4] == ["650", "1.25", "651"]
     assert "merging costs 0.5% of the mixed-data retraining (mixed)" in comparison
     assert f"branches and merges together {654 / 740:.2f}x" in comparison
 
