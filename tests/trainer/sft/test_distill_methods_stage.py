@@ -121,3 +121,53 @@ def test_ddk_moves_weight_to_the_domain_with_the_larger_gap(tmp_path, tiny_model
     flat = _flat_metrics(m)
     assert flat["domainWeights.math"] == m["domainWeights"]["math"] and "domainWeightsHistory" not in flat
     assert m["finalLoss"] < m["initialLoss"]
+
+
+def test_taid_and_ddk_state_resumes_after_a_kill(tmp_path, tiny_model, math_data, words_data, math_teacher):
+    """Killed after a checkpoint and rerun: TAID's t trajectory and DDK's weights are those of an uninterrupted
+    run (their state is in the checkpoint: t, momentum, J_{n-1}; weights, cursors, deficits, history)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    from branchmerge.trainer.sft.checkpoint import checkpoint_root
+
+    from sft_helpers import stage_command, stage_env
+
+    def spec_in(folder: Path) -> Path:
+        spec = make_spec(folder, tiny_model, [math_data, words_data], training={"epochs": 1},
+                         checkpointing={"everySteps": 2, "keep": 2},
+                         objective=_kd(math_teacher, divergence="taid", kdWeight=0.8, taidStart=0.4, taidEnd=0.5,
+                                       taidAlpha=0.05, taidBeta=0.9,
+                                       ddk={"everySteps": 3, "smoothing": 0.5, "validationSamples": 4}))
+        doc = yaml.safe_load(spec.read_text())
+        doc["spec"]["data"][0]["domain"], doc["spec"]["data"][1]["domain"] = "math", "words"
+        spec.write_text(yaml.safe_dump(doc))
+        return spec
+
+    ref_spec = spec_in(tmp_path / "ref")
+    code, ref, output = run_stage(ref_spec)
+    assert code == 0, output[-3000:]
+
+    spec = spec_in(tmp_path / "killed")
+    root = checkpoint_root(tmp_path / "killed" / "out")
+    proc = subprocess.Popen(stage_command(spec, tmp_path / "killed" / "result.json"), env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not list(root.glob("step-*/complete.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "out").exists(), "the run finished before it could be killed"
+    code, result, output = run_stage(spec)
+    assert code == 0, output[-3000:]
+    m, r = result["metrics"], ref["metrics"]
+    assert m["resumedFromStep"] >= 2 and m["steps"] == r["steps"]
+    assert m["taidTHistory"] == pytest.approx(r["taidTHistory"], abs=1e-5)
+    assert [h["step"] for h in m["domainWeightsHistory"]] == [h["step"] for h in r["domainWeightsHistory"]]
+    for got, want in zip(m["domainWeightsHistory"], r["domainWeightsHistory"]):
+        assert got["weights"] == pytest.approx(want["weights"], abs=1e-4)
+    assert m["finalLoss"] == pytest.approx(r["finalLoss"], rel=1e-4)
