@@ -85,12 +85,14 @@ def baseline(bench: list[str], texts: list[str], n: int) -> list[bool]:
 
 
 def median_time(fn, repeats: int):
-    times, result = [], None
+    """(median wall s, median CPU s of this process, result): CPU time is the steadier figure on a shared machine."""
+    times, cpu, result = [], [], None
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         result = fn()
         times.append(time.perf_counter() - started)
-    return statistics.median(times), result
+        cpu.append(time.process_time() - started_cpu)
+    return statistics.median(times), statistics.median(cpu), result
 
 
 def main() -> None:
@@ -110,11 +112,11 @@ def main() -> None:
     n_words = sum(len(t.split()) for t in prompts) + (sum(len(t.split()) for t in traces) if traces else 0)
     print(f"decontamination bench: {args.questions} questions vs {args.records} records ({n_words:,} words), "
           f"n={args.ngram}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
-    t_index, gate = median_time(lambda: Gate(bench, ngram=args.ngram), args.repeats)
+    t_index, c_index, gate = median_time(lambda: Gate(bench, ngram=args.ngram), args.repeats)
     records = [[p, t] for p, t in zip(prompts, traces)] if traces else [[p] for p in prompts]
-    t_gate, reasons = median_time(lambda: gate.check_records(records), args.repeats)
+    t_gate, c_gate, reasons = median_time(lambda: gate.check_records(records), args.repeats)
     texts = [" ".join(r) for r in records]  # n-grams across the join are possible but absent in clean text
-    t_base, flagged = median_time(lambda: baseline(bench, texts, args.ngram), args.repeats)
+    t_base, c_base, flagged = median_time(lambda: baseline(bench, texts, args.ngram), args.repeats)
     injected = [i for i, k in enumerate(kinds) if k]
     missed = [i for i in injected if reasons[i] is None]
     by_kind = {k: sum(1 for i in injected if kinds[i] == k and reasons[i] == k) for k in ("exact", "near-duplicate",
@@ -122,10 +124,12 @@ def main() -> None:
     clean_flags = sum(1 for i, k in enumerate(kinds) if k is None and reasons[i])
     base_missed = [i for i in injected if not flagged[i]]
     base_clean = sum(1 for i, k in enumerate(kinds) if k is None and flagged[i])
-    print(f"  index   {t_index:8.3f} s")
-    print(f"  gate    {t_gate:8.3f} s  ({args.records / t_gate:,.0f} records/s; exact, near-duplicate, n-gram)")
-    print(f"  baseline{t_base:8.3f} s  (plain Python n-gram set, n-gram only)")
-    print(f"  ratio gate / baseline: {t_gate / t_base:.3f}")
+    print(f"  load average {os.getloadavg()[0]:.1f}; median of {args.repeats}: wall s, CPU s")
+    print(f"  index   {t_index:8.3f} {c_index:8.3f}")
+    print(f"  gate    {t_gate:8.3f} {c_gate:8.3f}  ({args.records / c_gate:,.0f} records per CPU s; exact, "
+          f"near-duplicate, n-gram)")
+    print(f"  baseline{t_base:8.3f} {c_base:8.3f}  (plain Python n-gram set, n-gram only)")
+    print(f"  ratio gate / baseline: wall {t_gate / t_base:.3f}, CPU {c_gate / c_base:.3f}")
     print(f"  injected {len(injected)}: gate charged {by_kind} and missed {len(missed)}; baseline missed "
           f"{len(base_missed)}; clean records flagged: gate {clean_flags}, baseline {base_clean}")
     assert not missed and not base_missed, "an injected record was missed"

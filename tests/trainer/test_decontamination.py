@@ -288,3 +288,28 @@ def test_sft_token_cache_key_follows_the_gate_and_its_benchmark(tmp_path, tiny_m
     assert key != token_cache.cache_key(_sft_spec(tmp_path, bench, ngram=13), None, tiny_model, _resolve)
     bench.write_text(json.dumps({"prompt": GAS}) + "\n")
     assert key != token_cache.cache_key(_sft_spec(tmp_path, bench), None, tiny_model, _resolve)
+
+
+def test_the_quickstart_gate_passes_its_training_data_and_catches_a_leaked_question(tmp_path):
+    """The quickstart declares the gate on its TeacherGens and outside-data SFTs: its own data (prompts drawn
+    apart from the held-out splits) passes whole, and a held-out question copied into the prompts is caught."""
+    from branchmerge.operator.local.quickstart.manifests import pipeline
+    from branchmerge.operator.local.quickstart.prepare import prepare
+    from branchmerge.trainer.teachergen.prompts import render
+
+    root = prepare(tmp_path / "inputs", "reduced")
+    docs = {d["metadata"]["name"]: parse_resource(d) for d in pipeline(root, "reduced")}
+    for domain in ("math", "code", "science"):
+        spec = docs[f"qs-traces-{domain}"].spec
+        gate = dc.gate_of(spec.decontaminate, _resolve)
+        prompts = [json.loads(line) for line in (root / "data" / f"qs-{domain}-prompts.jsonl").read_text().splitlines()]
+        leaked = [json.loads(line) for line in (root / "data" / f"qs-{domain}-eval.jsonl").read_text().splitlines()]
+        texts = [[render(spec.template, r), r["question"]] for r in prompts + leaked[:3]]
+        reasons = gate.check_records(texts)
+        assert reasons[:len(prompts)] == [None] * len(prompts), domain
+        assert all(reasons[len(prompts):]), (domain, reasons[len(prompts):])
+    teacher = docs["qs-teacher"].spec
+    gate = dc.gate_of(teacher.decontaminate, _resolve)
+    for ref in teacher.data:
+        rows = [json.loads(line) for line in _resolve(ref, "").read_text().splitlines()]
+        assert gate.check([r["prompt"] for r in rows]) == [None] * len(rows)

@@ -361,7 +361,7 @@ class TeacherGenRun:
         total = len(self.prompts)
         done = self.totals.prompts + pending
         self.ctx.progress.update(done / total if total else 1.0, f"{message}: {done}/{total} prompts", force=force,
-                                 **self.totals.metrics(total))
+                                 **self.totals.metrics(total), **self.decontamination_metrics({}))
 
     def run_shards(self, shards: list[int]) -> None:
         """Generate this worker's shards: streamed through one engine window across all of them (shard by
