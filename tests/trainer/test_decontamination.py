@@ -313,3 +313,17 @@ def test_the_quickstart_gate_passes_its_training_data_and_catches_a_leaked_quest
     for ref in teacher.data:
         rows = [json.loads(line) for line in _resolve(ref, "").read_text().splitlines()]
         assert gate.check([r["prompt"] for r in rows]) == [None] * len(rows)
+
+
+def test_both_control_planes_resolve_a_benchmark_from_an_upstream_teachergen():
+    """The operator and the local runner share resolve(): a ``from:`` benchmark becomes its output URI."""
+    from branchmerge.operator.resolve import blockers, resolve
+
+    doc = {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "BranchSFT", "metadata": {"name": "b"},
+           "spec": {"base": {"uri": "file:///m"}, "data": [{"uri": "file:///d.jsonl"}],
+                    "decontaminate": {"benchmarks": [{"from": {"kind": "TeacherGen", "name": "held-out"}}],
+                                      "ngram": 10}}}
+    resource = parse_resource(doc)
+    assert [b.reason for b in blockers(resource, {"TeacherGen/held-out": "Running"})] == ["UpstreamNotReady"]
+    resolved = resolve(resource, {"TeacherGen/held-out": "file:///out/held-out"})
+    assert resolved["spec"]["decontaminate"] == {"benchmarks": [{"uri": "file:///out/held-out"}], "ngram": 10}
