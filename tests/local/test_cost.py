@@ -8,6 +8,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from branchmerge.api.common import Status
 from branchmerge.api.manifests import load
 from branchmerge.operator.local import runner as runner_mod
@@ -86,3 +88,35 @@ def test_a_real_stage_reports_its_cost(models, tmp_path):
     assert own["wallSeconds"] <= cost["wallSeconds"] <= elapsed
     assert cost["cpuSeconds"] >= own["cpuSeconds"] and cost["peakMemoryBytes"] >= own["peakMemoryBytes"]
     assert cost["gpus"] == 0 and cost["gpuSeconds"] == 0 and cost["attempts"] == 1
+
+
+@pytest.mark.slow  # ~45 s: two DeepSpeed ranks under torchrun
+def test_two_rank_sft_counts_both_ranks(tmp_path):
+    """Under torchrun, rank 0 (which writes the result) cannot see rank 1, its sibling: the runner's wait4 on
+    the launcher does. Both ranks do the same data-parallel work, so the whole must be well above rank 0's."""
+    import yaml
+
+    from branchmerge.trainer.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "models" / "base")
+    records = [{"prompt": f"what is {a} + {b}?", "response": f"<think>{a} + {b} = {a + b}.</think> "
+                f"The answer is \\boxed{{{a + b}}}."} for a in range(4) for b in range(4)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    doc = {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "BranchSFT", "metadata": {"name": "two-ranks"},
+           "spec": {"base": {"uri": (tmp_path / "models" / "base").as_uri()},
+                    "data": [{"uri": (tmp_path / "data" / "train.jsonl").as_uri()}],
+                    "training": {"epochs": 1, "learningRate": 2e-3, "globalBatchSize": 4, "microBatchSize": 1,
+                                 "maxSeqLen": 256, "packing": "neat", "seed": 7, "precision": "fp32"},
+                    "deepspeed": {"zeroStage": 2}, "resources": {"nodes": 2}, "runPolicy": {"backoffLimit": 0}}}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "stage.yaml").write_text(yaml.safe_dump(doc))
+    code, log = _run(tmp_path / "m", tmp_path / "wd")
+    assert code == 0, log
+    wd = Workdir.at(tmp_path / "wd")
+    rank0 = json.loads(wd.result_file("BranchSFT/two-ranks").read_text())["cost"]
+    record = StatusStore(wd).load("BranchSFT/two-ranks")
+    assert record["metadata"]["annotations"].get("local.branchmerge.dev/ranks") == "2"
+    cost = record["status"]["cost"]
+    assert cost["cpuSeconds"] >= 1.5 * rank0["cpuSeconds"], (cost, rank0)
+    assert cost["wallSeconds"] >= rank0["wallSeconds"] and cost["gpus"] == 0
