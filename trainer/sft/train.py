@@ -337,8 +337,8 @@ def train(ctx) -> dict:
         metrics.update(finalCrossEntropy=state.last_ce, finalDivergence=state.last_kd,
                        divergence=objective.divergence)
     if is_taid and state.taid_history:
-        metrics.update(taidSchedule=objective.taid_schedule, taidT=state.taid_history[-1],
-                       taidTHistory=state.taid_history, taidObjectiveHistory=state.taid_objectives)
+        # the per-step trajectory goes to the published result file (beside lossHistory), not into status
+        metrics.update(taidSchedule=objective.taid_schedule, taidT=state.taid_history[-1])
     if domains is not None:
         last = plan.history[-1] if plan.history else {}
         metrics.update(domainWeights=dict(zip(domains.names, [round(w, 6) for w in plan.weights])),
@@ -404,6 +404,8 @@ def publish_model(ctx, engine, tokenizer, base: Path, spec, rank: int, barrier, 
         with atomic_folder(ctx.output_dir) as tmp:
             module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
             tokenizer.save_pretrained(tmp)
-            write_json_atomic(tmp / RESULT_FILE, {"metrics": metrics, "lossHistory": state.history,
+            extra = {"taidHistory": {"t": state.taid_history, "objective": state.taid_objectives}} \
+                if state.taid_history else {}
+            write_json_atomic(tmp / RESULT_FILE, {"metrics": metrics, "lossHistory": state.history, **extra,
                                                   "spec": spec.model_dump(mode="json", by_alias=True)})
     barrier()

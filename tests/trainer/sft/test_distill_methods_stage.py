@@ -57,7 +57,8 @@ def test_adaptive_taid_through_the_stage(tmp_path, tiny_model, math_data, math_t
     code, result, output = run_stage(spec)
     assert code == 0, output[-3000:]
     m = result["metrics"]
-    ts, objectives = m["taidTHistory"], m["taidObjectiveHistory"]
+    published = json.loads((tmp_path / "out" / "branchmerge_sft.json").read_text())["taidHistory"]
+    ts, objectives = published["t"], published["objective"]
     n = m["steps"]
     assert m["taidSchedule"] == "adaptive" and len(ts) == len(objectives) == n >= 8
     assert ts[0] == 0.4 and m["taidT"] == ts[-1]
@@ -166,7 +167,11 @@ def test_taid_and_ddk_state_resumes_after_a_kill(tmp_path, tiny_model, math_data
     assert code == 0, output[-3000:]
     m, r = result["metrics"], ref["metrics"]
     assert m["resumedFromStep"] >= 2 and m["steps"] == r["steps"]
-    assert m["taidTHistory"] == pytest.approx(r["taidTHistory"], abs=1e-5)
+    def taid_t(folder: Path) -> list[float]:
+        return json.loads((folder / "out" / "branchmerge_sft.json").read_text())["taidHistory"]["t"]
+
+    assert taid_t(tmp_path / "killed") == pytest.approx(taid_t(tmp_path / "ref"), abs=1e-5)
+    assert m["taidT"] == pytest.approx(r["taidT"], abs=1e-5)
     assert [h["step"] for h in m["domainWeightsHistory"]] == [h["step"] for h in r["domainWeightsHistory"]]
     for got, want in zip(m["domainWeightsHistory"], r["domainWeightsHistory"]):
         assert got["weights"] == pytest.approx(want["weights"], abs=1e-4)
