@@ -131,3 +131,24 @@ def test_cost_reaches_status_and_counters_once_through_the_operator():
             assert m['branchmerge_stage_gpu_seconds_total{kind="BranchSFT"}'] == 21600.0
             assert m['branchmerge_stage_cpu_seconds_total{kind="BranchSFT"}'] == 7200.0
             assert m['branchmerge_stage_wall_seconds_total{kind="BranchSFT"}'] == 3600.0
+
+
+def test_the_termination_message_keeps_the_cost_when_metrics_do_not_fit(tmp_path, monkeypatch):
+    """The stage's compact message (at most 4096 bytes, what Kubernetes keeps) drops its metrics first; the
+    cost stays, and the operator reads it back from the pod."""
+    from branchmerge.operator.plan import attempt_cost
+    from branchmerge.trainer.stage import TERMINATION_LOG_LIMIT, _write_termination_log, process_cost
+
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("BRANCHMERGE_TERMINATION_LOG", str(log))
+    cost = process_cost(12.5)
+    assert cost["wallSeconds"] == 12.5 and cost["cpuSeconds"] > 0 and cost["peakMemoryBytes"] > 2**20
+    assert cost["gpus"] == 0 and cost["gpuSeconds"] == 0  # this machine has no GPU
+    _write_termination_log({"phase": "Succeeded", "outputUri": "pvc://m/x", "digest": "sha256:abc",
+                            "metrics": {f"m{i}": "x" * 40 for i in range(200)}, "cost": cost})
+    text = log.read_text()
+    assert len(text.encode()) <= TERMINATION_LOG_LIMIT and json.loads(text)["metrics"] == {}
+    pod = {"metadata": {"name": "p", "annotations": {}}, "spec": {"containers": [{"name": "stage"}]},
+           "status": {"containerStatuses": [{"name": "stage", "state": {"terminated": {
+               "exitCode": 0, "message": text, "startedAt": at(0), "finishedAt": at(14)}}}]}}
+    assert attempt_cost([pod]) == {**cost, "wallSeconds": 14.0, "gpus": 0, "gpuSeconds": 0.0, "attempts": 1}
