@@ -98,6 +98,7 @@ class DomainSampler:
     cursors: list[list[int]] = field(default_factory=list)  # per domain: [pass, next row]
     target: list[float] = field(default_factory=list)
     given: list[int] = field(default_factory=list)
+    fill: list[int] = field(default_factory=lambda: [0, 0, 0])  # real tokens, computed tokens, rows dealt
     recorded: dict[int, list[list[Piece]]] = field(default_factory=dict)
     _rows: dict[tuple[int, int], list[list[Piece]]] = field(default_factory=dict)
 
@@ -144,6 +145,11 @@ class DomainSampler:
                 self.given[d] += 1
                 rows.append(self._next_row(d))
             self.recorded = {step: rows}  # only the current step is needed again (micro_batches)
+            for rank in range(self.base.world_size):
+                for micro in self.micro_batches(step, rank):
+                    sizes = [sum(e - s for _, s, e in row) for row in micro]
+                    self.fill = [self.fill[0] + sum(sizes), self.fill[1] + max(sizes) * len(sizes),
+                                 self.fill[2] + len(sizes)]
         return self.recorded[step]
 
     def micro_batches(self, step: int, rank: int) -> list[list[list[Piece]]]:
@@ -152,14 +158,20 @@ class DomainSampler:
         mine = self.recorded[step][rank::self.base.world_size]
         return [mine[i:i + self.base.micro_batch] for i in range(0, len(mine), self.base.micro_batch)]
 
+    def utilisation(self, max_len: int) -> tuple[float, float]:
+        """(row fill, compute fill) over the steps dealt so far (train._utilisation's measures)."""
+        real, computed, rows = self.fill
+        return (real / (rows * max_len) if rows else 0.0), (real / computed if computed else 0.0)
+
     def state(self) -> dict:
         return copy.deepcopy({"weights": self.weights, "history": self.history, "cursors": self.cursors,
-                              "target": self.target, "given": self.given})
+                              "target": self.target, "given": self.given, "fill": self.fill})
 
     def restore(self, state: dict | None) -> None:
         if state:
-            for key in ("weights", "history", "cursors", "target", "given"):
-                setattr(self, key, copy.deepcopy(state[key]))
+            for key in ("weights", "history", "cursors", "target", "given", "fill"):
+                if key in state:
+                    setattr(self, key, copy.deepcopy(state[key]))
 
 
 def initial_weights(domains: Domains) -> list[float]:

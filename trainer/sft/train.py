@@ -316,7 +316,8 @@ def train(ctx) -> dict:
     bar.close()
     train_seconds = time.time() - loop_started
 
-    row_fill, compute_fill = _utilisation(plan, t.max_seq_len)
+    row_fill, compute_fill = (plan.utilisation(t.max_seq_len) if domains is not None
+                              else _utilisation(plan, t.max_seq_len))
     metrics = {
         "finalLoss": state.last_loss, "initialLoss": state.initial_loss, "steps": state.step,
         "epoch": round(plan.epoch_float(state.step), 4), "tokensSeen": state.tokens_seen,

@@ -56,6 +56,8 @@ def test_rows_follow_the_weights():
     counts = [_counts(sampler.step_rows(step), train) for step in range(6, 11)]
     assert sum(c[0] for c in counts) == 12 and sum(c[1] for c in counts) == 8
     assert all(c[0] in (2, 3) for c in counts)
+    # 11 steps x 4 rows of one 5-token sample each, micro batches of 1: rows 5/64 full, no padding
+    assert sampler.utilisation(64) == pytest.approx((5 / 64, 1.0))
 
 
 def test_each_domain_cycles_through_its_rows_and_resumes():

@@ -121,6 +121,7 @@ def test_ddk_moves_weight_to_the_domain_with_the_larger_gap(tmp_path, tiny_model
     assert m["domainWeights"] == history[-1]["weights"]
     flat = _flat_metrics(m)
     assert flat["domainWeights.math"] == m["domainWeights"]["math"] and "domainWeightsHistory" not in flat
+    assert 0.3 < m["packingUtilisation"] <= 1 and 0.3 < m["computeUtilisation"] <= 1  # neat rows dealt by DDK
     assert m["finalLoss"] < m["initialLoss"]
 
 
