@@ -108,7 +108,11 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # chunk, dtype (child)
     p.add_argument("--one-kd", default="", help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true",
+                   help="small sizes (512 positions, vocab 32768, fp32, one chunk size): does the bench still run")
     a = p.parse_args()
+    if a.smoke:  # seconds; large enough that each loss's peak stays well above the resident set before it
+        a.seq, a.kd_seq, a.vocab, a.chunk, a.dtype = 512, 256, 32768, [128], ["fp32"]
     if a.child:
         chunk, dtype = a.one
         print(json.dumps(measure(a.seq, a.vocab, a.hidden, int(chunk), dtype, a.one_kd or None)))
