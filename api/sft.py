@@ -28,6 +28,9 @@ class TrainingData(DatasetRef):
     ``correctness_math_verify`` for OpenR1-Math."""
     domain: Annotated[str, Field(pattern=r"^[a-z0-9][-a-z0-9_]*$", max_length=63)] | None = None
     """Domain label of this dataset (objective.ddk weighs the datasets by domain; default ``data<i>``)."""
+    validation: DatasetRef | None = None
+    """objective.ddk: this domain's validation records (this dataset's layout fields; at most
+    ddk.validationSamples of them, seeded); default: ddk.validationSamples records held out of the dataset."""
 
 
 class Training(ApiModel):

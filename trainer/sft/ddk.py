@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InvalidInput
-from .packing import IGNORE, Piece, collate, epoch_rows
+from .packing import IGNORE, Piece, Sample, collate, epoch_rows
 
 
 @dataclass
@@ -44,14 +44,47 @@ def domain_names(spec) -> list[str]:
     return names
 
 
-def split_domains(spec, samples, per_dataset: list[int]) -> Domains:
+def load_validation(spec, tokenizer, input_path, samples: list[Sample]) -> dict[int, list[int]]:
+    """The ``spec.data[i].validation`` sets, tokenised like the training data (the training template, the
+    dataset's layout; longer than maxSeqLen: truncated) and appended to ``samples``: {i: their indices}, at
+    most validationSamples per domain (a seeded subset)."""
+    from .chat import encode
+    from .records import Layout, load_dataset
+
+    template = spec.chat_template or tokenizer.chat_template
+    k, max_len = spec.objective.ddk.validation_samples, spec.training.max_seq_len
+    rng = random.Random(spec.training.seed * 7919 + 29)
+    found: dict[int, list[int]] = {}
+    for i, ref in enumerate(spec.data):
+        if ref.validation is None:
+            continue
+        what = f"spec.data[{i}].validation"
+        conversations = load_dataset(input_path(ref.validation, what), Layout.of(ref), what)
+        if len(conversations) > k:
+            conversations = [conversations[j] for j in sorted(rng.sample(range(len(conversations)), k))]
+        found[i] = []
+        for messages in conversations:
+            enc = encode(tokenizer, messages, template)
+            ids, labels = enc.input_ids[:max_len], enc.labels[:max_len]
+            if all(x == IGNORE for x in labels[1:]):
+                continue  # nothing to score within maxSeqLen
+            found[i].append(len(samples))
+            samples.append(Sample(ids, labels))
+        if not found[i]:
+            raise InvalidInput(f"{what}: no record has an assistant token within maxSeqLen={max_len}")
+    return found
+
+
+def split_domains(spec, samples, per_dataset: list[int], given: dict[int, list[int]] | None = None) -> Domains:
     """Each dataset's samples (their range in the mixed list, records.mix's order) split into held-out
-    validation samples and training samples. A duplicate of a held-out sample (a weight above 1 repeats
-    samples) is not trained on."""
+    validation samples and training samples; a dataset with its own validation set (``given``: indices of
+    samples appended after the mixed ones) trains on all of its samples. A duplicate of a held-out sample (a
+    weight above 1 repeats samples) is not trained on."""
     names = domain_names(spec)
+    given = given or {}
     k = spec.objective.ddk.validation_samples
     sizes = [max(1, round(ref.weight * n)) for ref, n in zip(spec.data, per_dataset)]  # records.mix's sizes
-    if sum(sizes) != len(samples) or len(sizes) != len(spec.data):
+    if sum(sizes) + sum(len(v) for v in given.values()) != len(samples) or len(sizes) != len(spec.data):
         raise InvalidInput(f"objective.ddk: cannot tell the domains apart ({len(samples)} samples, per dataset "
                            f"{per_dataset})")
     rng = random.Random(spec.training.seed * 7919 + 17)
@@ -59,6 +92,10 @@ def split_domains(spec, samples, per_dataset: list[int]) -> Domains:
     for i, size in enumerate(sizes):
         indices = list(range(start, start + size))
         start += size
+        if i in given:
+            validation.append(list(given[i]))
+            train.append(indices)
+            continue
         unique: dict[tuple, int] = {}
         for j in indices:
             unique.setdefault(tuple(samples[j].input_ids), j)

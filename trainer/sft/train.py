@@ -212,7 +212,9 @@ def train(ctx) -> dict:
     lengths = [len(s.input_ids) for s in samples]
     domains = None
     if kd and spec.objective.ddk is not None:  # DDK: held-out validation samples per domain, rows by weight
-        domains = ddk_mixing.split_domains(spec, samples, stats.per_dataset)
+        given = ddk_mixing.load_validation(spec, tokenizer, ctx.input_path, samples)
+        domains = ddk_mixing.split_domains(spec, samples, stats.per_dataset, given)
+        lengths = [len(s.input_ids) for s in samples]
         pool = sorted(j for members in domains.train for j in members)
         plan = ddk_mixing.DomainSampler(make_plan([lengths[j] for j in pool], t, ctx.world_size), domains,
                                         lengths, t.packing, t.max_seq_len, t.seed,
@@ -346,6 +348,7 @@ def train(ctx) -> dict:
                        domainInitialWeights=dict(zip(domains.names, [round(w, 6) for w in
                                                                      ddk_mixing.initial_weights(domains)])),
                        domainStudentLoss=last.get("studentLoss", {}), domainTeacherLoss=last.get("teacherLoss", {}),
+                       domainValidationSamples=dict(zip(domains.names, [len(v) for v in domains.validation])),
                        domainWeightsHistory=plan.history)
     publish_model(ctx, engine, tokenizer, base, spec, env.rank, dist.barrier, metrics, state)
     metrics["wallSeconds"] = round(time.time() - started, 3)

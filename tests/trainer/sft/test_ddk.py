@@ -88,3 +88,13 @@ def test_split_holds_out_validation_samples_and_their_duplicates():
     spec.objective.ddk.validation_samples = 4
     with pytest.raises(InvalidInput, match=r"validationSamples=4: spec.data\[1\] \(data1\) has only 4"):
         split_domains(spec, samples, [7, 4])
+
+
+def test_split_keeps_a_given_validation_set_apart():
+    samples = [Sample([i, i + 1], [-100, i]) for i in range(8)]  # 5 + 3 mixed, then 2 validation samples
+    spec = SimpleNamespace(data=[SimpleNamespace(domain="a", weight=1.0), SimpleNamespace(domain="b", weight=1.0)],
+                           objective=SimpleNamespace(ddk=SimpleNamespace(validation_samples=2)),
+                           training=SimpleNamespace(seed=1))
+    domains = split_domains(spec, samples + [Sample([50], [1]), Sample([51], [1])], [5, 3], {1: [8, 9]})
+    assert domains.validation[1] == [8, 9] and domains.train[1] == [5, 6, 7]  # b trains on all of its data
+    assert len(domains.validation[0]) == 2 and len(domains.train[0]) == 3

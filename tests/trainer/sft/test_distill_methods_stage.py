@@ -99,10 +99,14 @@ def test_ddk_moves_weight_to_the_domain_with_the_larger_gap(tmp_path, tiny_model
                                    ddk={"everySteps": 3, "smoothing": 0.5, "validationSamples": 6}))
     doc = __import__("yaml").safe_load(spec.read_text())
     doc["spec"]["data"][0]["domain"], doc["spec"]["data"][1]["domain"] = "math", "words"
+    # words has its own validation set (5 records); math's 6 are held out of its data
+    valid = write_jsonl(tmp_path / "words-valid.jsonl", word_records(5, seed=99))
+    doc["spec"]["data"][1]["validation"] = {"uri": valid.as_uri()}
     spec.write_text(__import__("yaml").safe_dump(doc))
     code, result, output = run_stage(spec)
     assert code == 0, output[-3000:]
     m = result["metrics"]
+    assert m["domainValidationSamples"] == {"math": 6, "words": 5}
     history = m["domainWeightsHistory"]
     assert [h["step"] for h in history] == list(range(0, m["steps"], 3))
     first = history[0]
