@@ -44,7 +44,8 @@ def observed_children(crs: dict, namespace: str, name: str, uid: str | None) -> 
         status = obj.get("status") or {}
         ready = cond.get_condition(status, "Ready") or {}
         out[f"{kind}/{child_name}"] = Child(phase=effective_phase(status), metrics=status.get("metrics") or {},
-                                            output=status.get("output") or {}, message=ready.get("message", ""))
+                                            output=status.get("output") or {}, message=ready.get("message", ""),
+                                            cost=status.get("cost"))
     return out
 
 
@@ -67,7 +68,7 @@ def next_status(cr: dict, expansion_status: dict | None, error: str | None, warn
     else:
         assert expansion_status is not None
         ready = cond.get_condition(expansion_status, "Ready") or {}
-        for field in ("metrics", "output", "progress"):
+        for field in ("metrics", "output", "progress", "cost"):
             if field in expansion_status:
                 status[field] = expansion_status[field]
         cond.set_phase(status, expansion_status["phase"], ready.get("reason", ""), ready.get("message", ""),

@@ -17,6 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from ..api.cost import sum_costs
 from . import conditions as cond
 from .search import FAILED, FINISHED, RUNNING, STEP_REF, SUCCEEDED, ObjectiveError, Search
 
@@ -38,6 +39,7 @@ class Child:
     metrics: dict = field(default_factory=dict)
     output: dict = field(default_factory=dict)  # {uri, digest}
     message: str = ""
+    cost: dict | None = None  # its status.cost
 
 
 @dataclass
@@ -145,6 +147,10 @@ def _status(search: Search, name: str, trials: list[dict], children: dict[str, C
             generation: int | None) -> dict:
     summary = search.summary(trials)
     status: dict = {"metrics": summary}
+    # what the search has cost: every child it made (trial Merges and Evals, the reference Evals), all attempts
+    cost = sum_costs(c.cost for c in children.values() if c.cost)
+    if cost:
+        status["cost"] = cost
     if ref_failed:
         cond.set_phase(status, "Failed", REFERENCE_FAILED, "the objective's reference Evals failed: "
                        + "; ".join(ref_failed), generation)

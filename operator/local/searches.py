@@ -33,7 +33,8 @@ class LocalSearches:
             status = self.runner.records[child]["status"]
             ready = cond.get_condition(status, "Ready") or {}
             out[child] = Child(phase=effective_phase(status), metrics=status.get("metrics") or {},
-                               output=status.get("output") or {}, message=ready.get("message", ""))
+                               output=status.get("output") or {}, message=ready.get("message", ""),
+                               cost=status.get("cost"))
         return out
 
     def tick(self, key: str) -> None:
@@ -50,7 +51,7 @@ class LocalSearches:
             return
         status = record["status"]
         ready = cond.get_condition(expansion.status, "Ready") or {}
-        for field in ("metrics", "output", "progress"):
+        for field in ("metrics", "output", "progress", "cost"):
             if field in expansion.status:
                 status[field] = expansion.status[field]
         downstream = [r.wire() for r in runner.manifests.resources]

@@ -72,6 +72,10 @@ class StandIn:
         for key, child in self.children.items():
             doc = self.docs[key]
             if child.phase is None and self._ready(doc):
+                # each child's status.cost: a Merge 10 CPU-s, an Eval 2 GPUs for 30 s
+                child.cost = ({"wallSeconds": 12.0, "cpuSeconds": 10.0, "gpus": 0, "gpuSeconds": 0.0}
+                              if doc["kind"] == "Merge" else
+                              {"wallSeconds": 30.0, "cpuSeconds": 4.0, "gpus": 2, "gpuSeconds": 60.0})
                 if self.fail(doc):
                     child.phase, child.message = "Failed", "exit 2: boom"
                 elif doc["kind"] == "Merge":
@@ -116,6 +120,13 @@ def test_grid_runs_as_children_and_publishes_the_winner():
     labels = {d["metadata"]["labels"][LABEL_SEARCH] for d in standin.docs.values()}
     assert labels == {"pick"}
     assert sum(d["metadata"]["labels"][LABEL_TRIAL] != "reference" for d in standin.docs.values()) == 10
+    # the search's cost is that of every child it made: a Merge and an Eval per trial (no reference Evals for
+    # this objective)
+    merges = sum(k.startswith("Merge/") for k in standin.children)
+    evals = sum(k.startswith("Eval/") for k in standin.children)
+    assert (merges, evals) == (5, 5)
+    assert exp.status["cost"] == {"wallSeconds": 12.0 * merges + 30.0 * evals, "cpuSeconds": 10.0 * merges
+                                  + 4.0 * evals, "gpuSeconds": 60.0 * evals, "gpus": 2}
 
 
 def test_a_rerun_over_the_same_children_reuses_every_result():
