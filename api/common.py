@@ -12,7 +12,6 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KINDS = ("TeacherGen", "BranchSFT", "Merge", "Eval", "MergeSearch")
 
-URI_SCHEMES = ("hf", "pvc", "s3", "file")
 # hf://[models/|datasets/|spaces/]org/name[@revision][/path] (trainer/uris.py parse_hf_uri: the rest of the rules)
 URI_PATTERN = r"^(hf://((models|datasets|spaces)/)?[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(@[^/\s]+)?(/[^\s]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[^/\s]+(/[^\s]*)?|file:///[^\s]*)$"
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import Field
 
@@ -64,8 +64,6 @@ class MergeSearch(CustomResource):
     kind: Literal["MergeSearch"] = "MergeSearch"
     spec: MergeSearchSpec
 
-
-Resource = Union[TeacherGen, BranchSFT, Merge, Eval, MergeSearch]
 
 
 @dataclass(frozen=True)

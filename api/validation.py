@@ -168,17 +168,3 @@ def parse_resource(doc: Any) -> CustomResource:
     if errors:
         raise InvalidManifest(errors)
     return resource
-
-
-def parse_spec(kind: str, spec: dict, path: str = "spec") -> Any:
-    """Validate a bare spec of ``kind`` (the stage entry point reads resolved specs)."""
-    model = KIND_INFO[kind].model.model_fields["spec"].annotation
-    try:
-        parsed = model.model_validate(spec)
-    except ValidationError as err:
-        raise InvalidManifest([FieldError(f"{path}.{e.path}" if e.path else path, e.message)
-                               for e in _schema_errors(err)]) from None
-    errors = rule_errors(parsed, path)
-    if errors:
-        raise InvalidManifest(errors)
-    return parsed

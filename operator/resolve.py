@@ -3,7 +3,6 @@ and an output URI assigned when the spec leaves it out. Pure: both control plane
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -74,8 +73,3 @@ def spec_hash(resolved: dict) -> str:
     canonical = json.dumps({"kind": resolved["kind"], "spec": resolved["spec"]}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
-
-def with_output(resolved: dict, uri: str) -> dict:
-    doc = copy.deepcopy(resolved)
-    doc["spec"].setdefault("output", {})["uri"] = uri
-    return doc

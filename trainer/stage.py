@@ -52,10 +52,6 @@ class StageContext:
     def spec(self) -> Any:
         return self.resource.spec  # type: ignore[attr-defined]
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def input_path(self, ref: ModelRef | DatasetRef, what: str = "input") -> Path:
         """Local path of a resolved ref; InvalidInput if it does not exist."""
         if ref.uri is None:

@@ -33,7 +33,6 @@ from .store import CACHE_KEY, LOG, RANKS, SPEC_HASH, StatusStore, annotations
 from .workdir import Workdir
 
 TICK = 0.2
-TERMINAL = ("Succeeded", "Failed")
 
 
 class SelectionError(ValueError):
@@ -214,7 +213,7 @@ class Runner:
                     break
                 time.sleep(TICK)
             if self.interrupted:
-                self._stop_all("Interrupted", "interrupted (SIGINT/SIGTERM): the stage was stopped")
+                self._stop_all("Interrupted")
         finally:
             self._restore_signals()
             if self.display:
@@ -513,7 +512,7 @@ class Runner:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _stop_all(self, reason: str, message: str) -> None:
+    def _stop_all(self, reason: str) -> None:
         """Stop every child: SIGINT to its process group, SIGTERM after the grace period, SIGKILL last."""
         for attempt in self.running.values():
             attempt.stop_reason = reason

@@ -1,7 +1,7 @@
 """The result of grading one response."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -12,6 +12,3 @@ class Verdict:
     """Short stable reason: correct, wrong_answer, no_answer, timeout, runtime_error, ..."""
     extracted: str | None = None
     """What was taken from the response (the boxed answer, the letter, the program)."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)

@@ -43,17 +43,6 @@ class Plan:
     def out_tensors(self) -> list[OutTensor]:
         return [t.out for t in self.tensors]
 
-    @property
-    def total_params(self) -> int:
-        return sum(_numel(t.out.shape) for t in self.tensors if t.merge)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
 
 def _source_name(folder: ModelFolder, name: str, reference: ModelFolder) -> str:
     if name in folder:

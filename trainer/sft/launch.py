@@ -1,8 +1,7 @@
 """Launching the sft stage on several local ranks (the local runner calls these).
 
 ``launch_command`` gives a torchrun command line (one node, N processes, gloo on CPU); torchrun sets RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT and OMP_NUM_THREADS=1 per rank. ``launch_env`` adds what the
-ranks need besides. ``succeeded`` judges a finished launch by its result file, because 2-rank gloo runs
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT and OMP_NUM_THREADS=1 per rank. ``succeeded`` judges a finished launch by its result file, because 2-rank gloo runs
 occasionally abort at interpreter exit (SIGABRT) after everything was written.
 """
 from __future__ import annotations
@@ -22,21 +21,6 @@ def launch_command(spec_file: str | os.PathLike, result_file: str | os.PathLike 
     if result_file is not None:
         cmd += ["--result", str(result_file)]
     return cmd
-
-
-def launch_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for the launched ranks: one OpenMP thread each (the DeepSpeed launcher does not set it
-    and 2 ranks then run ~9x slower) and the CPU accelerator when there is no GPU."""
-    env = dict(os.environ if base is None else base)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-    except ImportError:
-        pass
-    return env
 
 
 def succeeded(returncode: int, result_file: str | os.PathLike) -> bool:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("forward-kl", "reverse-kl", "jsd", "taid", "sinkhorn")
 # a zero-mass point's log-marginal: finite (no inf - inf = nan in the iterations), exp() of it is 0 in fp32 and bf16
 _LOG_ZERO = -1e30
 

@@ -408,9 +408,6 @@ class TeacherGenRun:
     def missing_shards(self) -> list[int]:
         return [s for s in range(self.spec.shards) if not self._complete_path(s).exists()]
 
-    def all_complete(self) -> bool:
-        return not self.missing_shards()
-
     def _shard_state(self, shards: list[int]) -> tuple:
         """What changes when a shard makes progress: its commit log's size and its completion."""
         state = []
