@@ -1,56 +1,26 @@
 """KFP-style caching: a stage is skipped when it already succeeded with the same resolved spec and the
 same input contents, and its output is still there unchanged.
 
-Input identity: the output digest an upstream reported (its ``_manifest.json``); for external inputs a
-published folder's manifest digest, a small file's sha256, or else a (path, size, mtime) fingerprint --
-re-hashing a 60 GB external model on every run would cost more than the run it saves.
+Input identity: the output digest an upstream reported (its ``_manifest.json``); for external inputs the
+digest their lineage records (trainer/lineage.py ``content_digest``): a published folder's manifest digest, a
+small file's or folder's sha256, or else a (path, size, mtime) fingerprint -- re-hashing a 60 GB external
+model on every run would cost more than the run it saves.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
-from ...api.base import walk
-from ...api.common import DatasetRef, ModelRef
 from ...api.validation import parse_resource
-from ...trainer.publish import combined_digest, read_manifest, sha256_file
+from ...trainer.lineage import content_digest, input_refs
+from ...trainer.publish import combined_digest, read_manifest
 from ...trainer.uris import UnresolvableUri, local_path
 from ..resolve import spec_hash
-
-SMALL_FILE = 64 << 20  # hash files below this size; fingerprint larger ones
 
 
 def input_uris(resolved: dict) -> dict[str, str]:
     """Field path -> URI of every model/dataset input of a resolved manifest."""
-    resource = parse_resource(resolved)
-    return {path: obj.uri for path, obj in walk(resource.spec, "spec")  # type: ignore[attr-defined]
-            if isinstance(obj, (ModelRef, DatasetRef)) and obj.uri}
-
-
-def _fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return "stat:" + h.hexdigest()
-
-
-def content_digest(uri: str) -> str:
-    """Identity of an external input's content (see module doc)."""
-    try:
-        path = local_path(uri)
-    except UnresolvableUri:
-        return "uri:" + uri  # hf://org/name@rev and s3:// are staged immutably by revision/key
-    if not path.exists():
-        return "missing:" + uri
-    if path.is_dir():
-        files = read_manifest(path)
-        return combined_digest(files) if files is not None else _fingerprint(path)
-    if path.stat().st_size <= SMALL_FILE:
-        return "sha256:" + sha256_file(path)
-    return _fingerprint(path)
+    return {path: ref.uri for path, ref in input_refs(parse_resource(resolved).spec)}  # type: ignore[attr-defined]
 
 
 def input_digests(resolved: dict, upstream_digests: dict[str, str]) -> dict[str, str]:

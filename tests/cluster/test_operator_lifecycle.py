@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import signal
 import time
@@ -29,27 +28,13 @@ import yaml
 from testcluster.cluster import REPO, TRAINER_CPU_IMAGE, Cluster, OperatorProcess
 
 from .helpers import NEEDS_IMAGES, diagnose
+from .test_fault_soak import _models
 
 pytestmark = NEEDS_IMAGES
 
 NS = "lc"
 RERUN = "branchmerge.dev/rerun"
 
-
-def _models(claim: Path) -> None:
-    """Two tiny safetensors models: what the Merges read."""
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(0)
-    for name in ("a", "b"):
-        folder = claim / "models" / name
-        folder.mkdir(parents=True)
-        save_file({"model.embed_tokens.weight": torch.randn((16, 8), generator=g),
-                   "lm_head.weight": torch.randn((16, 8), generator=g)}, folder / "model.safetensors",
-                  metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps({"model_type": "toy", "vocab_size": 16,
-                                                        "tie_word_embeddings": False}))
 
 
 def _merge(name: str, models: list[dict] | None = None, **spec) -> dict:

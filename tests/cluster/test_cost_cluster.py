@@ -8,29 +8,13 @@ import json
 import pytest
 
 from branchmerge.operator.plan import parse_time
-from testcluster import images
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
-              pytest.mark.skipif(not all((images.venv_dir(n) / "bin" / "python").exists()
-                                         for n in ("operator", "trainer-cpu")),
-                                 reason="image environments not built (scripts/install.sh builds them)")]
+from .helpers import NEEDS_IMAGES
+from .test_fault_soak import _models
+
+pytestmark = [*NEEDS_IMAGES, pytest.mark.timeout(600)]
 NS = "cost"
-
-
-def _models(claim) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(0)
-    for name in ("a", "b"):
-        folder = claim / "models" / name
-        folder.mkdir(parents=True)
-        save_file({"model.embed_tokens.weight": torch.randn((16, 8), generator=g),
-                   "lm_head.weight": torch.randn((16, 8), generator=g)}, folder / "model.safetensors",
-                  metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps({"model_type": "toy", "vocab_size": 16,
-                                                        "tie_word_embeddings": False}))
 
 
 def test_a_merge_pod_cost_reaches_the_status(tmp_path):
