@@ -29,9 +29,9 @@ class Sizes:
 
 
 SIZES = {
-    # The full mix makes a middling backbone on all three (measured 40 / 66 / 66 % greedy, 35 / 42 / 44 sampled): math needs many
-    # examples to be learnt at all, code few (at 100 code examples the backbone was already at 100 %, nothing
-    # left for the code branch to add), and science knows part of its 96 items. The backbone is mostly what the
+    # The full mix makes a middling backbone on all three: math needs many examples to be learnt at all, code
+    # few (with more, the backbone already solves code and leaves the code branch nothing to add), and science
+    # knows part of its 96 items. The backbone is mostly what the
     # merge keeps (TinyR1's regime: a strong backbone, small branch updates) -- README has every mix measured.
     "full": Sizes(teacher_solutions=640, prompts=320, eval_questions=50, dev_questions=30,
                   general={"math": 400, "code": 60, "science": 170}),
