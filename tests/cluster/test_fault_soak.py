@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from branchmerge.trainer.publish import combined_digest, read_manifest
+from branchmerge.trainer.publish import is_card, combined_digest, read_manifest
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 
 from .helpers import NEEDS_IMAGES, diagnose, phases
@@ -202,8 +202,11 @@ def test_pipeline_survives_fifty_random_faults(tmp_path):
         folder = claim / "outputs" / NS / "merge" / name
         files = read_manifest(folder)
         assert files is not None, f"{name}: no manifest in {folder}"
+        # the model card (README.md, _card/) is about the output, not part of it (trainer/publish.py)
         on_disk = {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                   for p in folder.rglob("*") if p.is_file() and p.name != "_manifest.json"}
+                   for p in folder.rglob("*") if p.is_file() and p.name != "_manifest.json"
+                   and not is_card(p.relative_to(folder).as_posix())}
+        assert (folder / "README.md").is_file(), f"{name}: no model card"
         assert on_disk == files, f"{name}: published files differ from their manifest"
         assert status["output"]["digest"] == combined_digest(files), name
         mine = sorted((j for j in jobs if j["metadata"]["labels"].get("branchmerge.dev/name") == name),
