@@ -18,7 +18,6 @@ first and never written to; ``branchmerge rescore`` publishes under ``<source>/r
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Callable
 
 from ...api.eval import Benchmark
 from ..engine.base import Completion
+from ..datasets import read_records
 from ..errors import InvalidInput
 from ..grading import graders_digest
 from ..publish import combined_digest, read_manifest, sha256_file
@@ -51,17 +51,6 @@ class Source:
     results: dict
     digest: str
     records: dict[str, list[dict]]
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as err:
-                raise InvalidInput(f"{path}:{n}: invalid JSON ({err})") from None
-    return rows
 
 
 def open_source(folder: str | Path) -> Source:
@@ -94,7 +83,7 @@ def open_source(folder: str | Path) -> Source:
             raise InvalidInput(f"{path}: differs from the digest in {folder}/_manifest.json (changed or missing "
                                f"since it was published)")
     for name in results["benchmarks"]:
-        rows = _read_jsonl(folder / "records" / f"{name}.jsonl")
+        rows = read_records(folder / "records" / f"{name}.jsonl", "")
         if not rows:
             raise InvalidInput(f"{folder}/records/{name}.jsonl: no questions")
         records[name] = rows

@@ -75,6 +75,21 @@ def stage_command(spec: Path, result: Path, nprocs: int = 1) -> list[str]:
     return launch_command(spec, result, nprocs)
 
 
+def kill_after_first_checkpoint(spec: Path, result: Path, checkpoints: Path, timeout: float = 240) -> None:
+    """Run the stage in its own process group and SIGKILL the whole group once a checkpoint is complete (or the
+    run ended, or ``timeout``): a node lost mid-run."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(stage_command(spec, result), env=stage_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not list(checkpoints.glob("step-*/complete.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run_stage(spec: Path, nprocs: int = 1, timeout: float = 300) -> tuple[int, dict, str]:
     """Run the stage in fresh processes; (exit code, result JSON, combined output)."""
     result = spec.parent / "result.json"

@@ -132,16 +132,11 @@ def test_ddk_moves_weight_to_the_domain_with_the_larger_gap(tmp_path, tiny_model
 def test_taid_and_ddk_state_resumes_after_a_kill(tmp_path, tiny_model, math_data, words_data, math_teacher):
     """Killed after a checkpoint and rerun: TAID's t trajectory and DDK's weights are those of an uninterrupted
     run (their state is in the checkpoint: t, momentum, J_{n-1}; weights, cursors, deficits, history)."""
-    import os
-    import signal
-    import subprocess
-    import time
-
     import yaml
 
     from branchmerge.trainer.sft.checkpoint import checkpoint_root
 
-    from sft_helpers import stage_command, stage_env
+    from sft_helpers import kill_after_first_checkpoint
 
     def spec_in(folder: Path) -> Path:
         spec = make_spec(folder, tiny_model, [math_data, words_data], training={"epochs": 1},
@@ -160,13 +155,7 @@ def test_taid_and_ddk_state_resumes_after_a_kill(tmp_path, tiny_model, math_data
 
     spec = spec_in(tmp_path / "killed")
     root = checkpoint_root(tmp_path / "killed" / "out")
-    proc = subprocess.Popen(stage_command(spec, tmp_path / "killed" / "result.json"), env=stage_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while not list(root.glob("step-*/complete.json")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(spec, tmp_path / "killed" / "result.json", root)
     assert not (tmp_path / "killed" / "out").exists(), "the run finished before it could be killed"
     code, result, output = run_stage(spec)
     assert code == 0, output[-3000:]

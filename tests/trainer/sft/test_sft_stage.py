@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from branchmerge.trainer.progress import read_events
 from branchmerge.trainer.sft.checkpoint import checkpoint_root
 from branchmerge.trainer.stage import run as run_stage_inproc
 
-from sft_helpers import make_spec, reasoning_records, run_stage, stage_command, stage_env, write_jsonl
+from sft_helpers import kill_after_first_checkpoint, make_spec, reasoning_records, run_stage, write_jsonl
 
 METRIC_KEYS = {"finalLoss", "steps", "epoch", "tokensSeen", "tokensPerSecond", "packingUtilisation", "wallSeconds",
                "droppedSamples", "truncatedSamples", "precision"}
@@ -150,13 +147,7 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, tiny_model, data48
         **REFERENCE["checkpointing"], "uri": (scratch / "math").as_uri()}})
     root = checkpoint_root(tmp_path / "out", (scratch / "math").as_uri())
     assert root == scratch / "math"
-    proc = subprocess.Popen(stage_command(spec, tmp_path / "result.json"), env=stage_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while not list(root.glob("step-*/complete.json")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(spec, tmp_path / "result.json", root)
     assert not (tmp_path / "out").exists(), "the run finished before it could be killed"
     assert list(root.glob("step-*/complete.json"))
 
