@@ -12,7 +12,7 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KINDS = ("TeacherGen", "BranchSFT", "Merge", "Eval", "MergeSearch")
 
-# hf://[models/|datasets/|spaces/]org/name[@revision][/path] (trainer/uris.py parse_hf_uri: the rest of the rules)
+# hf://[models/|datasets/|spaces/]org/name[@revision][/path] (api/uris.py parse_hf_uri: the rest of the rules)
 URI_PATTERN = r"^(hf://((models|datasets|spaces)/)?[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(@[^/\s]+)?(/[^\s]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[^/\s]+(/[^\s]*)?|file:///[^\s]*)$"
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
@@ -209,6 +209,11 @@ class Sampling(ApiModel):
     """Stop strings (the chat template's end-of-turn token always stops)."""
 
 
+# The stage reads an endpoint's API key from this variable; the control plane fills it from
+# ``apiKeySecretRef`` (a secretKeyRef on the cluster, the runner's own environment locally).
+API_KEY_ENV = "BRANCHMERGE_API_KEY"
+
+
 class Endpoint(ApiModel):
     """An OpenAI-compatible server (vLLM serve, SGLang, a hosted API)."""
 
@@ -264,6 +269,9 @@ class Engine(ApiModel):
 
 Phase = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed", "Suspended"]
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
+# The phases a run ends in. A CR stays in one until its spec changes or a rerun is asked for; a search's trial
+# in one is done.
+TERMINAL: tuple[str, ...] = ("Succeeded", "Failed")
 
 
 class Condition(ApiModel):

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .common import DatasetRef
-from .graph import Dag
-
-
-def ref_key(ref: DatasetRef) -> str:
-    return f"{ref.from_.kind}/{ref.from_.name}" if ref.from_ is not None else str(ref.uri)
+from .graph import Dag, ref_key
 
 
 def gated(resource) -> set[str]:

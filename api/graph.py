@@ -1,16 +1,86 @@
-"""The dependency graph of a set of CRs, built from their ``from:`` references.
+"""The input references of a spec, and the dependency graph of a set of CRs built from their ``from:``.
 
-Used by ``branchmerge validate`` (dangling refs, cycles), the local runner (execution order) and the
-operator (which upstreams a CR waits for).
+``input_refs`` is the one walker over a spec's references (``uri:`` or ``from:``): the dependency graph, the
+resolver, the operator's watch store, Job storage and hf:// staging, lineage and the run report all read
+references through it. The graph serves ``branchmerge validate`` (dangling refs, cycles), the local runner
+(execution order) and the operator (which upstreams a CR waits for).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from .common import DatasetRef, ModelRef
+from .base import ApiModel
 from .resources import CustomResource
-from .base import walk
+
+# Spec fields that are not inputs: where the stage writes (its output, its checkpoints) and the pod shape
+# (free-form string maps: a key named uri there is no reference).
+NOT_INPUTS = frozenset({"output", "checkpointing", "resources"})
+
+
+def ref_key(ref: dict | ApiModel | None) -> str | None:
+    """What a reference points at, comparable across specs: Kind/name for ``from:``, the URI otherwise."""
+    if isinstance(ref, ApiModel):
+        ref = ref.wire()
+    if not isinstance(ref, dict):
+        return None
+    source = ref.get("from")
+    if isinstance(source, dict):
+        return f"{source.get('kind')}/{source.get('name')}"
+    uri = ref.get("uri")
+    return uri if isinstance(uri, str) else None
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One model or dataset reference of a spec: ``uri:`` or ``from:`` an upstream CR, and its siblings."""
+
+    path: str  # field path of the reference object, e.g. spec.models[1] or spec.data[0].validation
+    ref: dict  # the object as written (wire form): uri or from, allowPatterns, kind-specific fields
+
+    @property
+    def uri(self) -> str | None:
+        uri = self.ref.get("uri")
+        return uri if isinstance(uri, str) else None
+
+    @property
+    def allow_patterns(self) -> tuple[str, ...]:
+        return tuple(self.ref.get("allowPatterns") or ())
+
+    @property
+    def upstream(self) -> tuple[str, str] | None:
+        """(kind, name) of the ``from:`` target; None for a URI (or a ``from:`` missing either)."""
+        source = self.ref.get("from")
+        if isinstance(source, dict) and isinstance(source.get("kind"), str) and isinstance(source.get("name"), str):
+            return source["kind"], source["name"]
+        return None
+
+    @property
+    def key(self) -> str | None:
+        return ref_key(self.ref)
+
+
+def input_refs(spec: Any, path: str = "spec") -> Iterator[InputRef]:
+    """Every input reference of a spec, in spec order, an enclosing reference before the ones it holds
+    (``spec.data[0]``, then its ``validation``).
+
+    ``spec`` is the wire form (a dict as written, resolved or not, validated or not: the operator's watch
+    store reads raw specs) or a parsed spec model (walked as its wire form). A reference is an object with a
+    ``from`` object or a ``uri`` string; the fields in ``NOT_INPUTS`` are not walked, so ``spec.output`` and
+    ``spec.checkpointing`` (written by the stage) never show up. Filter on ``.uri`` or ``.upstream`` for one
+    side: a resolved spec has URIs only.
+    """
+    if isinstance(spec, ApiModel):
+        spec = spec.wire()
+    if isinstance(spec, dict):
+        if isinstance(spec.get("from"), dict) or isinstance(spec.get("uri"), str):
+            yield InputRef(path, spec)
+        for key, value in spec.items():
+            if key not in NOT_INPUTS and isinstance(value, (dict, list)):
+                yield from input_refs(value, f"{path}.{key}")
+    elif isinstance(spec, list):
+        for i, item in enumerate(spec):
+            yield from input_refs(item, f"{path}[{i}]")
 
 
 @dataclass(frozen=True)
@@ -27,12 +97,9 @@ class Reference:
 
 
 def references(resource: CustomResource) -> list[Reference]:
-    """Every ``from:`` reference in the resource's spec, with its field path."""
-    refs = []
-    for path, obj in walk(resource.spec, "spec"):  # type: ignore[attr-defined]
-        if isinstance(obj, (ModelRef, DatasetRef)) and obj.from_ is not None:
-            refs.append(Reference(f"{path}.from", obj.from_.kind, obj.from_.name))
-    return refs
+    """Every ``from:`` reference in the resource's spec, with the field path of its ``from``."""
+    return [Reference(f"{r.path}.from", *r.upstream) for r in input_refs(resource.spec)  # type: ignore[attr-defined]
+            if r.upstream]
 
 
 class CycleError(ValueError):

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 for key, value in {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
                    "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(key, value)
-sys.path.insert(0, str(REPO / "tests" / "trainer" / "eval"))
+sys.path.insert(0, str(REPO))  # the synthetic benchmarks live with the Eval tests (tests/trainer/eval)
 
 ENGINE = {"name": "vllm", "dtype": "float32", "enforceEager": True, "maxModelLen": 1024}
 
@@ -38,16 +38,16 @@ ENGINE = {"name": "vllm", "dtype": "float32", "enforceEager": True, "maxModelLen
 def benchmark_runs(bench: list[dict], seed: int):
     """The stage's questions for these benchmarks, built by the stage's own code."""
     from branchmerge.api.eval import Benchmark
+    from branchmerge.api.uris import local_path
     from branchmerge.trainer.eval.data import load_records, question_id
     from branchmerge.trainer.eval.questions import build_question
-    from branchmerge.trainer.eval.stage import BenchmarkRun
-    from branchmerge.trainer.uris import local_path
+    from branchmerge.trainer.eval.stage import LoadedBenchmark
 
     runs = []
     for i, doc in enumerate(bench):
         b = Benchmark.model_validate(doc)
         records = load_records(local_path(b.dataset.uri), b.limit, b.fields.id)
-        runs.append(BenchmarkRun(b, i, [build_question(r, question_id(r, j, b.fields.id), b, seed)
+        runs.append(LoadedBenchmark(b, i, [build_question(r, question_id(r, j, b.fields.id), b, seed)
                                         for j, r in enumerate(records)]))
     return runs
 
@@ -109,7 +109,7 @@ def raw_generation_seconds(model: Path, bench: list[dict], sampling, repeats: in
 
 
 def stage_run(tmp: Path, model: Path, bench: list[dict], max_tokens: int) -> tuple[float, dict]:
-    from eval_synthetic import write_manifest
+    from tests.trainer.eval.eval_synthetic import write_manifest
 
     spec = write_manifest(tmp / "eval.yaml", "bench", model, tmp / "out", bench, ENGINE, max_tokens=max_tokens)
     started = time.perf_counter()
@@ -160,7 +160,7 @@ def main() -> None:
 
     from branchmerge.api.common import Sampling
     from branchmerge.trainer.tiny import build_tiny_model
-    from eval_synthetic import benchmarks, copy_data
+    from tests.trainer.eval.eval_synthetic import benchmarks, copy_data
 
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         tmp = Path(tmp)

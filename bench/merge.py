@@ -37,7 +37,6 @@ from pathlib import Path
 import psutil
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from branchmerge.api import merge_methods as registry
 
@@ -65,45 +64,31 @@ def model_shapes(layers: int, hidden: int, intermediate: int, vocab: int) -> dic
 
 def write_synthetic(folder: Path, shapes: dict, seed: int, base_seed: int | None, hidden: int, layers: int,
                     intermediate: int, vocab: int, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Base (base_seed None) or base + 0.002-scale deltas, in shards with an index."""
+    """Base (base_seed None) or base + 0.002-scale deltas, in ~400 MB shards. Each tensor has its own
+    seed, so a variant is drawn tensor by tensor without holding its base: the model never sits in memory."""
+    from branchmerge.trainer.tiny import write_model
+
     if (folder / "config.json").exists():
         return
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weight_map, shard, shard_bytes, count = {}, {}, 0, 0
 
-    def flush():
-        nonlocal shard, shard_bytes, count
-        if shard:
-            count += 1
-            name = f"model-{count:05d}.safetensors"
-            save_file(shard, tmp / name, metadata={"format": "pt"})
-            weight_map.update({n: name for n in shard})
-            shard, shard_bytes = {}, 0
+    def tensors():
+        for i, (name, shape) in enumerate(shapes.items()):
+            g = torch.Generator().manual_seed((base_seed if base_seed is not None else seed) * 100_003 + i)
+            t = torch.randn(shape, generator=g) * 0.02
+            if name.endswith("norm.weight"):
+                t += 1.0
+            if base_seed is not None:
+                t += torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i)) * 0.002
+            yield name, t.to(dtype)
 
-    for i, (name, shape) in enumerate(shapes.items()):
-        g = torch.Generator().manual_seed((base_seed if base_seed is not None else seed) * 100_003 + i)
-        t = torch.randn(shape, generator=g) * 0.02
-        if name.endswith("norm.weight"):
-            t += 1.0
-        if base_seed is not None:
-            t += torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i)) * 0.002
-        shard[name] = t.to(dtype)
-        shard_bytes += shard[name].numel() * shard[name].element_size()
-        if shard_bytes >= SHARD_BYTES:
-            flush()
-    flush()
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(torch.empty((), dtype=dtype).element_size() * torch.Size(s).numel()
-                                        for s in shapes.values())},
-         "weight_map": weight_map}))
-    (tmp / "config.json").write_text(json.dumps({
+    write_model(tmp, tensors(), shard_bytes=SHARD_BYTES, config={
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
         "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": hidden // 128,
         "num_key_value_heads": hidden // 128, "vocab_size": vocab, "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
-        "hidden_act": "silu"}))
+        "hidden_act": "silu"})
     os.replace(tmp, folder)
 
 

@@ -6,7 +6,7 @@
 Synthetic data with a long-tailed length distribution like reasoning traces (many short answers, a few very
 long <think> traces: Pareto-distributed, capped at maxSeqLen). On a tiny Qwen2 model, in this one run:
   1. packing utilisation (real tokens / (rows x maxSeqLen)) and compute utilisation (real tokens / tokens in
-     padded micro batches) of none, greedy and neat, from the stage's own data pipeline and plan;
+     padded micro batches) of none, greedy and neat, from the stage's own data pipeline and schedule;
   2. tokens/s (non-pad tokens per second of training loop) of `branchmerge stage sft` (DeepSpeed ZeRO-2,
      1 rank, fp32) with none and neat packing, vs transformers' Trainer on the same model, the same tokenised
      samples and labels, the same global batch, padding each micro batch to its longest sample.
@@ -64,11 +64,11 @@ def spec_doc(model: Path, data: Path, out: Path, packing: str, max_len: int) -> 
 
 def utilisation_table(model: Path, data: Path, max_len: int) -> dict[str, tuple[float, float, int]]:
     from branchmerge.api.sft import BranchSFTSpec
+    from branchmerge.api.uris import local_path
     from branchmerge.trainer.sft.dataset import build_samples
     from branchmerge.trainer.sft.engine import load_tokenizer
-    from branchmerge.trainer.sft.plan import make_plan
+    from branchmerge.trainer.sft.schedule import make_schedule
     from branchmerge.trainer.sft.train import _utilisation
-    from branchmerge.trainer.uris import local_path
 
     out = {}
     tokenizer = None
@@ -81,9 +81,9 @@ def utilisation_table(model: Path, data: Path, max_len: int) -> dict[str, tuple[
             lengths = sorted(len(s.input_ids) for s in samples)
             print(f"samples: {len(samples)}, tokens: {sum(lengths)}, median {lengths[len(lengths) // 2]}, "
                   f"p99 {lengths[int(0.99 * len(lengths))]}, max {lengths[-1]}, truncated {stats.truncated}")
-        plan = make_plan([len(s.input_ids) for s in samples], spec.training, 1)
-        row_fill, compute_fill = _utilisation(plan, max_len)
-        out[packing] = (row_fill, compute_fill, sum(len(r) for r in plan.rows_by_epoch))
+        schedule = make_schedule([len(s.input_ids) for s in samples], spec.training, 1)
+        row_fill, compute_fill = _utilisation(schedule, max_len)
+        out[packing] = (row_fill, compute_fill, sum(len(r) for r in schedule.rows_by_epoch))
     return out
 
 
@@ -105,10 +105,10 @@ def token_cache_startup(workdir: Path, model: Path, n: int, max_len: int) -> Non
     """Seconds to the samples of one rank: tokenising, the first start (tokenise + write the cache), a later
     start or another rank (digest the inputs, load the cache)."""
     from branchmerge.api.sft import BranchSFTSpec
+    from branchmerge.api.uris import local_path
     from branchmerge.trainer.sft import token_cache
     from branchmerge.trainer.sft.dataset import build_samples
     from branchmerge.trainer.sft.engine import load_tokenizer
-    from branchmerge.trainer.uris import local_path
 
     data = workdir / "cache-data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in long_tailed_records(n, max_len, seed=1)))
@@ -144,9 +144,9 @@ def trainer_throughput(workdir: Path, model_path: Path, data: Path, max_len: int
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from branchmerge.api.sft import BranchSFTSpec
+    from branchmerge.api.uris import local_path
     from branchmerge.trainer.sft.dataset import build_samples
     from branchmerge.trainer.sft.engine import load_tokenizer
-    from branchmerge.trainer.uris import local_path
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     spec = BranchSFTSpec.model_validate(spec_doc(model_path, data, Path("/tmp/x"), "none", max_len)["spec"])

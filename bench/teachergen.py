@@ -117,11 +117,11 @@ def time_stage(engine, doc: dict, out: Path, streaming: bool = True) -> tuple[fl
     started = time.perf_counter()
     resource = parse_resource(doc)
     ctx = StageContext(resource, doc["spec"]["output"]["uri"], out, Progress(enabled=False))
-    teachergen.TeacherGenRun.streaming = streaming
+    teachergen.TeacherGenSession.streaming = streaming
     try:
         metrics = teachergen.run(ctx, engine=engine)
     finally:
-        teachergen.TeacherGenRun.streaming = True
+        teachergen.TeacherGenSession.streaming = True
     wall = time.perf_counter() - started
     generating = sum(json.loads(line)["stats"]["genSeconds"] for commits in work.rglob("commits.jsonl")
                      for line in commits.read_text().splitlines())

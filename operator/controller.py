@@ -1,8 +1,8 @@
-"""The kopf side: watch the four kinds and the Jobs the operator owns, keep a store, and reconcile each CR
+"""The kopf side: watch the four kinds and the Jobs the operator owns, keep a cache, and reconcile each CR
 through the pure ``plan`` (operator/plan.py). Thin on purpose.
 
 Level-triggered: kopf's watch handlers only record objects and queue keys; workers reconcile a key from
-the store's current view, so any event order, duplicate or operator restart converges to the same
+the cache's current view, so any event order, duplicate or operator restart converges to the same
 children (deterministic names, create-if-absent) and the same status. A CR whose upstream changes phase
 is queued at once (no polling); retries wait with ``add_after``. kopf indices act as a start barrier:
 kopf runs no handler before the initial listings of all watched kinds are complete, so a restarted
@@ -11,10 +11,10 @@ No finalizers and no kopf annotations are put on the CRs: children are garbage-c
 ownerReferences, and the status is the only field the operator writes.
 
 Watch gaps: after 410 Gone kopf relists, but a relist replays no DELETED events, so whatever was deleted
-during the gap would stay in the store for ever (a Job removed by its TTL "active", a deleted upstream
+during the gap would stay in the cache for ever (a Job removed by its TTL "active", a deleted upstream
 still "there"). A relist shows up as events of type None; each burst of them, and a slow periodic timer,
 trigger a resync: the operator lists with its own client and drops what the list no longer has
-(``Store.stale_crs``/``stale_jobs``; objects newer than the list are kept, they came after it).
+(``WatchCache.stale_crs``/``stale_jobs``; objects newer than the list are kept, they came after it).
 """
 from __future__ import annotations
 
@@ -30,20 +30,23 @@ from typing import Any, Awaitable, Callable, Collection
 import kopf
 
 from ..api.common import GROUP, VERSION
+from ..api.labels import KUEUE_JOB_UID, LABEL_JOB, LABEL_RUN, MANAGED_BY, MANAGED_BY_VALUE
 from ..api.resources import KIND_INFO
-from .builders import Run, hf_secret_for
+from ..api.timefmt import parse_time
+from .failures import ACTIVE, SUSPENDED, job_state
 from .kube import ApiError, KubeClient
 from .leadership import Leadership
-from .failures import ACTIVE, SUSPENDED, job_state
 from .metrics import OperatorMetrics
-from .naming import KUEUE_JOB_UID, LABEL_JOB, LABEL_RUN, MANAGED_BY, MANAGED_BY_VALUE, owned_by, owner_uid_of
+from .naming import owned_by, owner_uid_of
 from .options import OperatorOptions
-from .plan import (Observed, Plan, effective_rerun, finished_for_good, job_needing_pods, parse_time, plan,
-                   recorded_result, status_changed, target, upstream_view, wait_for_cleanup)
+from .pods.run import Run
+from .pods.staging import hf_secret_for
+from .plan import (Observed, Plan, effective_rerun, finished_for_good, job_needing_pods, plan, recorded_result,
+                   status_changed, target, upstream_view, wait_for_cleanup)
 from .policy import effective_phase
 from .progress_api import ProgressReceiver, latest_job, running_job
 from .searchcontrol import reconcile_search, search_of
-from .store import Key, Store
+from .watch_cache import Key, WatchCache
 from .workqueue import WorkQueue
 
 log = logging.getLogger("branchmerge.operator")
@@ -63,15 +66,15 @@ class Operator:
         self.workers = workers
         self.error_backoff = error_backoff
         self._resync_wanted: asyncio.Event | None = None
-        self.store = Store()
-        self.metrics = OperatorMetrics(lambda: list(self.store.crs.values()))
+        self.cache = WatchCache()
+        self.metrics = OperatorMetrics(lambda: list(self.cache.crs.values()))
         self.registry = kopf.OperatorRegistry()
         self.client = KubeClient(connect)
         # pods report progress here (address, port), never to the API server: only the operator writes status
         self.progress_listen = progress_listen
         # standalone until run_operator sets up peering: then the workers act only while this replica leads
         self.leadership = Leadership(self.client, None, "", 0, clusterwide=False)
-        self.progress = ProgressReceiver(self.client, self.store, self._enqueue,
+        self.progress = ProgressReceiver(self.client, self.cache, self._enqueue,
                                          acting=lambda: self.leadership.leading.is_set())
         self.queue: WorkQueue | None = None
         self._targets: dict[Key, tuple[tuple, Any]] = {}
@@ -125,7 +128,7 @@ class Operator:
         """After a pause, look at every CR again (what happened meanwhile was another replica's doing)."""
         while True:
             await self.leadership.leading.wait()
-            for key in list(self.store.crs):
+            for key in list(self.cache.crs):
                 self._enqueue(key)
             while self.leadership.leading.is_set():
                 await asyncio.sleep(self.leadership.interval)
@@ -139,14 +142,14 @@ class Operator:
         if event.get("type") is None:
             self._relisted()
         if event.get("type") == "DELETED":
-            if not self.store.drop_cr(*key, uid=meta.get("uid")):
+            if not self.cache.drop_cr(*key, uid=meta.get("uid")):
                 return  # a late event of a deleted CR whose namesake is already stored
             self._targets.pop(key, None)
             self.progress.forget(key)
             self.metrics.forget_cr(key[0], key[2])
             self._wake_downstreams(key, obj)
             return
-        fresh, phase_changed = self.store.put_cr(obj)
+        fresh, phase_changed = self.cache.put_cr(obj)
         if not fresh:  # the echo of our own status write (already stored) or a stale event
             return
         self.metrics.observe_cr(obj)
@@ -160,7 +163,7 @@ class Operator:
             return
         if event.get("type") is None:
             self._relisted()
-        key = self.store.drop_job(obj) if event.get("type") == "DELETED" else self.store.put_job(obj)
+        key = self.cache.drop_job(obj) if event.get("type") == "DELETED" else self.cache.put_job(obj)
         if key is not None:
             self._enqueue(key)
 
@@ -169,9 +172,9 @@ class Operator:
             self.queue.add(key)
 
     def _wake_downstreams(self, key: Key, obj: dict | None = None) -> None:
-        for down in self.store.downstreams(*key):
+        for down in self.cache.downstreams(*key):
             self._enqueue(down)
-        owner = search_of(obj or self.store.crs.get(key))  # a MergeSearch's trial child: the search scores it
+        owner = search_of(obj or self.cache.crs.get(key))  # a MergeSearch's trial child: the search scores it
         if owner:
             self._enqueue((key[0], "MergeSearch", owner))
 
@@ -190,7 +193,7 @@ class Operator:
         dropped event) costs at most this long instead of leaving a CR waiting for an event that never comes."""
         while True:
             await asyncio.sleep(self.REQUEUE_PERIOD)
-            for key, cr in list(self.store.crs.items()):
+            for key, cr in list(self.cache.crs.items()):
                 if not finished_for_good(cr):
                     self._enqueue(key)
 
@@ -211,14 +214,14 @@ class Operator:
                 log.warning("resync failed: %s", err, exc_info=not isinstance(err, ApiError))
 
     async def resync(self) -> None:
-        """List each kind in every namespace the store holds and forget what was deleted unseen: a dropped
+        """List each kind in every namespace the cache holds and forget what was deleted unseen: a dropped
         Job queues its CR (a new attempt, or the recorded result), a dropped CR its downstreams. Objects the
-        list shows newer than the store are taken too (as a relist would)."""
-        for namespace in sorted(self.store.namespaces()):
+        list shows newer than the cache are taken too (as a relist would)."""
+        for namespace in sorted(self.cache.namespaces()):
             for kind in KIND_INFO:
                 items, version = await self.client.list_at(kind, namespace)
                 listed = {o["metadata"]["name"]: o for o in items}
-                for gone in self.store.stale_crs(namespace, kind, listed, version):
+                for gone in self.cache.stale_crs(namespace, kind, listed, version):
                     log.info("resync: %s %s/%s was deleted unseen", kind, namespace, gone["metadata"]["name"])
                     await self._on_cr({"type": "DELETED", "object": gone})
                 for obj in items:
@@ -227,7 +230,7 @@ class Operator:
                     await self._on_cr({"type": "RESYNC", "object": obj})
             items, version = await self.client.list_at("Job", namespace, OWNED)
             listed = {o["metadata"]["name"]: o for o in items}
-            for gone in self.store.stale_jobs(namespace, listed, version):
+            for gone in self.cache.stale_jobs(namespace, listed, version):
                 log.info("resync: Job %s/%s was deleted unseen", namespace, gone["metadata"]["name"])
                 await self._on_job({"type": "DELETED", "object": gone})
             for obj in items:
@@ -239,7 +242,7 @@ class Operator:
             key = await self.queue.get()
             try:
                 # Another replica is active: hold the key (timers and events still queue it) until this one
-                # leads again; kopf's watches are paused meanwhile, so the store may be stale.
+                # leads again; kopf's watches are paused meanwhile, so the cache may be stale.
                 await self.leadership.leading.wait()
                 await self.reconcile(key)
             except asyncio.CancelledError:
@@ -269,20 +272,20 @@ class Operator:
 
     async def _configmap(self, namespace: str, name: str, uid: str | None) -> dict | None:
         """The run's ConfigMap if it belongs to the CR with ``uid`` (a deleted namesake's is not ours)."""
-        cached = self.store.configmaps.get((namespace, name))
+        cached = self.cache.configmaps.get((namespace, name))
         if cached is not None and owned_by(cached, uid):
             return cached
         found = await self.client.get("ConfigMap", namespace, name)
         if found is None or not owned_by(found, uid):
             return None
-        self.store.configmaps[(namespace, name)] = found
+        self.cache.configmaps[(namespace, name)] = found
         return found
 
     async def observe(self, cr: dict, key: Key, want: Any) -> Observed:
         """The children ``plan`` needs. The run's ConfigMap (its result record) is read only when it can
         matter: an attempt has finished, or the CR ran before but none of the run's Jobs is left."""
         uid = cr["metadata"].get("uid")
-        observed = Observed(jobs=self.store.jobs_of(key, uid))
+        observed = Observed(jobs=self.cache.jobs_of(key, uid))
         if not isinstance(want, Run):
             return observed
         job = job_needing_pods(want, observed.jobs)
@@ -339,7 +342,7 @@ class Operator:
                 observed.pod_events += await self.client.events_of(want.namespace, pod["metadata"]["uid"])
 
     async def reconcile(self, key: Key) -> None:
-        cr = self.store.crs.get(key)
+        cr = self.cache.crs.get(key)
         if cr is None or cr.get("metadata", {}).get("deletionTimestamp"):
             return
         namespace, kind, name = key
@@ -349,7 +352,7 @@ class Operator:
             return
         if finished_for_good(cr):  # plan would keep the status as it is: skip resolving and reading children
             return
-        upstreams = upstream_view(self.store.upstreams_of(key))
+        upstreams = upstream_view(self.cache.upstreams_of(key))
         want = self._target(key, cr, upstreams)
         observed = await self.observe(cr, key, want)
         decided = plan(cr, upstreams, observed, self.opts, time.time(), want=want)
@@ -365,7 +368,7 @@ class Operator:
         # A deleted namesake's Job still holds the name of the attempt to create: create nothing yet (its
         # Service and ConfigMap, of the same names as ours, are still there too).
         for obj in decided.create:
-            old = self.store.job_named(namespace, obj["metadata"]["name"]) if obj["kind"] == "Job" else None
+            old = self.cache.job_named(namespace, obj["metadata"]["name"]) if obj["kind"] == "Job" else None
             if old is not None and not owned_by(old, uid):
                 decided = wait_for_cleanup(cr, "Job", obj["metadata"]["name"], owner_uid_of(old))
                 break
@@ -382,24 +385,24 @@ class Operator:
                         decided = wait_for_cleanup(cr, obj["kind"], obj["metadata"]["name"], owner)
                         break
                 elif obj["kind"] == "Job":
-                    self.store.put_job(created)
+                    self.cache.put_job(created)
                 elif obj["kind"] == "ConfigMap":
-                    self.store.configmaps[(namespace, obj["metadata"]["name"])] = created
+                    self.cache.configmaps[(namespace, obj["metadata"]["name"])] = created
         await self._apply(key, cr, decided)
 
     async def _existing_owner(self, namespace: str, obj: dict) -> str | None:
         """The owner uid of the existing object a create met (409); None when that cannot be told yet.
-        Read within the operator's RBAC: ConfigMaps by GET, Jobs from the watch-fed store. Services cannot
+        Read within the operator's RBAC: ConfigMaps by GET, Jobs from the watch-fed cache. Services cannot
         be read; one is named after its attempt's Job and made in the same reconcile, so a Service whose
         Job is not a namesake's (checked before any create) counts as this CR's."""
         name, cr_uid = obj["metadata"]["name"], owner_uid_of(obj)
         if obj["kind"] == "ConfigMap":
             found = await self.client.get("ConfigMap", namespace, name)
             if found is not None and owned_by(found, cr_uid):
-                self.store.configmaps[(namespace, name)] = found
+                self.cache.configmaps[(namespace, name)] = found
             return None if found is None else owner_uid_of(found) or cr_uid
         if obj["kind"] == "Job":
-            found = self.store.job_named(namespace, name)
+            found = self.cache.job_named(namespace, name)
             return None if found is None else owner_uid_of(found) or cr_uid
         return cr_uid
 
@@ -409,9 +412,9 @@ class Operator:
         for child_kind, child, patch in decided.patch:
             patched = await self.client.patch(child_kind, namespace, child, patch)
             if patched is not None and child_kind == "Job":
-                self.store.put_job(patched)
+                self.cache.put_job(patched)
             elif patched is not None and child_kind == "ConfigMap":
-                self.store.configmaps[(namespace, child)] = patched
+                self.cache.configmaps[(namespace, child)] = patched
 
         old = cr.get("status") or {}
         changes = status_changed(old, decided.status)
@@ -419,7 +422,7 @@ class Operator:
             patched = await self.client.patch(kind, namespace, name, {"status": changes}, sub="status")
             if patched is None:  # deleted meanwhile
                 return
-            self.store.put_cr(patched)  # write-through: the next reconcile must not repeat this transition
+            self.cache.put_cr(patched)  # write-through: the next reconcile must not repeat this transition
             if _generation(patched) != _generation(cr):
                 # The spec changed while this reconcile ran. Its watch event is now older than the stored
                 # answer and will be dropped as stale, so queue the key here or the edit would go unseen.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import datetime
 import itertools
 import threading
 import uuid
@@ -33,10 +32,7 @@ from kmock._internal import dicts, enums, rendering
 
 from ..api.common import GROUP, VERSION
 from ..api.resources import KIND_INFO
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+from ..api.timefmt import format_time
 
 
 def _essence(obj: dict) -> dict:
@@ -134,7 +130,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         if request.namespace:
             meta["namespace"] = request.namespace
         meta.update(uid=str(uuid.uuid4()), resourceVersion=self._next_rv(), generation=1,
-                    creationTimestamp=_now())
+                    creationTimestamp=format_time())
         kind = self._kind(request.resource)
         if kind:
             data.setdefault("kind", kind)
@@ -217,7 +213,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             meta = current.setdefault("metadata", {})
             if meta.get("finalizers"):
                 if not meta.get("deletionTimestamp"):
-                    meta["deletionTimestamp"] = _now()
+                    meta["deletionTimestamp"] = format_time()
                     meta["resourceVersion"] = self._next_rv()
                     obj.history.append(current)
                     await self._publish(request.resource, "MODIFIED", current)

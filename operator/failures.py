@@ -8,10 +8,11 @@ the Job's activeDeadlineSeconds running out is permanent (the next attempt would
 from __future__ import annotations
 
 from ..api import finite as finite_json
-from ..trainer.errors import EXIT_INVALID
-from . import conditions as C
+from ..api.exit_codes import EXIT_INVALID
+from ..api import conditions as C
 from .policy import Failure, exit_failure
-from .builders import COMPLETION_INDEX_ANNOTATION, MAIN_CONTAINER
+from .pods.distributed import COMPLETION_INDEX_ANNOTATION
+from .pods.job import MAIN_CONTAINER
 
 ACTIVE, SUCCEEDED, FAILED, SUSPENDED = "Active", "Succeeded", "Failed", "Suspended"
 

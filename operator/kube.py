@@ -7,13 +7,13 @@ import asyncio
 import json
 import logging
 import uuid
-from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 import aiohttp
 
 from ..api.common import API_VERSION
 from ..api.resources import KIND_INFO
+from ..api.timefmt import format_time
 
 log = logging.getLogger("branchmerge.operator")
 
@@ -155,7 +155,7 @@ class KubeClient:
     async def event(self, involved: dict, type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on a CR (what ``kubectl describe`` shows)."""
         meta = involved["metadata"]
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = format_time()
         event = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta.get("namespace")},

@@ -18,17 +18,9 @@ import logging
 from datetime import datetime, timezone
 from typing import Collection
 
+from ..api.timefmt import parse_time
+
 log = logging.getLogger("branchmerge.operator.leadership")
-
-
-def _parse(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def paused_by(peering: dict | None, identity: str, priority: int, now: datetime) -> list[str]:
@@ -37,9 +29,9 @@ def paused_by(peering: dict | None, identity: str, priority: int, now: datetime)
     for peer, info in ((peering or {}).get("status") or {}).items():
         if peer == identity or not isinstance(info, dict):
             continue
-        seen = _parse(info.get("lastseen"))
+        seen = parse_time(info.get("lastseen"))
         lifetime = float(info.get("lifetime", 60))
-        if seen is None or (now - seen).total_seconds() >= lifetime:
+        if seen is None or now.timestamp() - seen >= lifetime:
             continue  # dead: kopf ignores it (and cleans it up)
         if int(info.get("priority", 0)) >= priority:
             blockers.append(peer)

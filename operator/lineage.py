@@ -6,24 +6,12 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
+from ..api.graph import input_refs
 from ..api.lineage import Node
 from ..api.resources import KIND_INFO
 from .kube import KubeClient
 
 COMMITS = "inputCommits."
-
-
-def _refs(spec: Any, path: str = "spec"):
-    """(field path, ref) of every model/dataset reference in a CR's spec as written (from: or uri:)."""
-    if isinstance(spec, dict):
-        if isinstance(spec.get("from"), dict) or (isinstance(spec.get("uri"), str) and path != "spec.output"):
-            yield path, spec
-            return
-        for key, value in spec.items():
-            yield from _refs(value, f"{path}.{key}")
-    elif isinstance(spec, list):
-        for i, item in enumerate(spec):
-            yield from _refs(item, f"{path}[{i}]")
 
 
 def _kinds(target: str) -> tuple[list[str], str]:
@@ -43,16 +31,16 @@ async def _node(kube: KubeClient, namespace: str, cr: dict, via: str, seen: froz
     if label in seen:  # a cycle cannot pass validation; never loop on one anyway
         return node
     metrics = status.get("metrics") or {}
-    for path, ref in _refs(cr.get("spec") or {}):
-        if isinstance(ref.get("from"), dict):
-            up_kind, up_name = ref["from"].get("kind"), ref["from"].get("name")
+    for ref in input_refs(cr.get("spec")):
+        if ref.uri is None:  # from: an upstream CR
+            up_kind, up_name = ref.upstream or (None, None)
             up = await kube.get(up_kind, namespace, up_name) if up_kind in KIND_INFO else None
             if up is None:
-                node.children.append(Node("(missing)", None, f"{up_kind}/{up_name}", path))
+                node.children.append(Node("(missing)", None, ref.key or "(invalid from)", ref.path))
             else:
-                node.children.append(await _node(kube, namespace, up, path, seen | {label}))
+                node.children.append(await _node(kube, namespace, up, ref.path, seen | {label}))
         else:
-            node.children.append(Node(ref["uri"], None, "", path, commit=metrics.get(COMMITS + ref["uri"])))
+            node.children.append(Node(ref.uri, None, "", ref.path, commit=metrics.get(COMMITS + ref.uri)))
     return node
 
 

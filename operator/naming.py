@@ -1,27 +1,11 @@
-"""Names and labels of the children the operator creates (deterministic: restart-safe, create-if-absent)."""
+"""Names and owner labels of the children the operator creates (deterministic: restart-safe, create-if-absent);
+the label keys themselves are api/labels.py."""
 from __future__ import annotations
 
 import hashlib
 import re
 
-from ..api.common import GROUP
-
-# Labels on every child (and on pods through the Job template).
-MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGED_BY_VALUE = "branchmerge-operator"
-LABEL_KIND = f"{GROUP}/kind"
-LABEL_NAME = f"{GROUP}/name"
-LABEL_RUN = f"{GROUP}/run"  # the run hash: identity of the resolved spec
-LABEL_ATTEMPT = f"{GROUP}/attempt"
-LABEL_JOB = f"{GROUP}/job"  # on pods: the Job they belong to (selector of the headless Service)
-KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
-KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"  # on the Workload Kueue makes for a Job
-# On the run's ConfigMap: the final result of the run (compact JSON), the durable record after Job TTL.
-ANNOTATION_RESULT = f"{GROUP}/result"
-# On a CR: which Secret (name or name/key) holds the Hugging Face token for hf:// staging.
-ANNOTATION_HF_SECRET = f"{GROUP}/hf-token-secret"
-# On a CR: a new value asks for one more run of a finished CR (see plan.py; any string, e.g. a date).
-ANNOTATION_RERUN = f"{GROUP}/rerun"
+from ..api.labels import LABEL_KIND, LABEL_NAME, MANAGED_BY, MANAGED_BY_VALUE
 
 # Indexed Job pods get the hostname "<job>-<index>" (a DNS label, <= 63 chars): keep room for the index.
 MAX_CHILD_NAME = 52

@@ -33,22 +33,27 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from pydantic import ValidationError
 
 from ..api import finite as finite_json
+from ..api import conditions as C
+from ..api.common import TERMINAL
 from ..api.cost import add_costs, clean_cost
 from ..api.graph import references
+from ..api.labels import ANNOTATION_RERUN, ANNOTATION_RESULT, LABEL_ATTEMPT, LABEL_RUN
 from ..api.resources import KIND_INFO, CustomResource
+from ..api.timefmt import format_time, parse_time
 from ..api.validation import InvalidManifest, _schema_errors
-from . import conditions as C
 from . import pending
-from .builders import (GPU_RESOURCE, Run, UnsupportedSpec, build_children, build_job, build_service,
-                       check_pod_settings, hf_secret_for, storage_plan)
+from .pods.distributed import build_service
+from .pods.job import build_children, build_job
+from .pods.resources import GPU_RESOURCE, check_pod_settings
+from .pods.run import Run, UnsupportedSpec
+from .pods.staging import hf_secret_for, storage_needs
 from .failures import (ACTIVE, FAILED, SUCCEEDED, SUSPENDED, _main_terminated, classify_failure, finished_at,
                        job_state, stage_result)
-from .naming import ANNOTATION_RERUN, ANNOTATION_RESULT, LABEL_ATTEMPT, LABEL_RUN, owned_by
+from .naming import owned_by
 from .options import OperatorOptions
 from .policy import Failure, after_failure, effective_phase, waiting
 from .resolve import blockers, resolve, spec_hash
@@ -57,7 +62,6 @@ QUEUED = "Queued"  # Job created suspended, waiting for Kueue to admit it
 # A child of a deleted CR of the same name is still there; the garbage collector will remove it.
 WAITING_FOR_CLEANUP = "WaitingForGarbageCollection"
 CLEANUP_POLL_SECONDS = 1.0
-TERMINAL = ("Succeeded", "Failed")
 RERUN_CONDITION = "Rerun"  # message: the rerun annotation value the current run was started for
 
 
@@ -106,19 +110,6 @@ class Plan:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-
-def parse_time(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.strptime(text.replace(".000000", ""), "%Y-%m-%dT%H:%M:%SZ").replace(
-            tzinfo=timezone.utc).timestamp()
-    except ValueError:
-        try:
-            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-
 
 def run_hash(resolved: dict, rerun: str | None = None) -> str:
     """The run's identity. ``rerun``: the rerun annotation value it runs for (None: never asked)."""
@@ -275,7 +266,7 @@ def target(cr: dict, upstreams: dict[str, dict], opts: OperatorOptions) -> Run |
               uid=meta.get("uid", ""), run_hash=run_hash(resolved, effective_rerun(cr)), resolved=resolved,
               labels=dict(meta.get("labels") or {}), hf_secret=hf_secret_for(cr, opts))
     try:
-        storage_plan(run)
+        storage_needs(run)
         check_pod_settings(run.resources)
     except UnsupportedSpec as err:
         return Blocked("Failed", C.INVALID_SPEC, str(err))
@@ -577,7 +568,7 @@ def _give_up(out: Plan, old: dict, run: Run, job: dict, attempt: int, failure: F
     the verdict, and only an edit of the spec (or a new rerun value) starts another run."""
     then = after_failure(failure, attempt, 0, 0.0, now, now)  # not retryable: Failed, whatever the backoff
     record = {"phase": "Failed", "attempt": attempt, "reason": then.reason, "message": then.message[:1024],
-              "completionTime": C.format_time(now), "generation": generation}
+              "completionTime": format_time(now), "generation": generation}
     out.delete.append(("Job", job["metadata"]["name"]))
     _finish(out, old, run, record, generation, record=True)
     out.events = transition_events(old, out.status)

@@ -5,7 +5,7 @@ one table of event sequences against both drivers.
 
 - Failure classes: exit 2 is permanent (``InvalidSpec``); 3 (``StageRetryable``), a signal (``Signal``),
   an OOM kill, an eviction or a preemption, and any other code (``Error``) are retryable. The class a
-  stage reports in its result wins over a launcher's exit code (trainer/errors.stage_exit_code).
+  stage reports in its result wins over a launcher's exit code (api/exit_codes.stage_exit_code).
 - Attempts that never start (Kubernetes only, operator/plan.py): past the pending deadline (the reason of
   what held the pods, e.g. ``Unschedulable``) or at once when Kueue can never admit the run
   (``ExceedsQueueCapacity``), a non-retryable ``Failure``: another attempt would meet the same wall.
@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..trainer.errors import EXIT_INVALID, EXIT_RETRYABLE, stage_exit_code
-from . import conditions as C
+from ..api.exit_codes import EXIT_INVALID, EXIT_RETRYABLE, stage_exit_code
+from ..api.timefmt import format_time
+from ..api import conditions as C
 
 MAX_BACKOFF_SECONDS = 3600.0
 
@@ -77,7 +78,7 @@ def after_failure(failure: Failure, attempt: int, backoff_limit: int, backoff_se
     due = failed_at + backoff_delay(backoff_seconds, attempt, cap)
     cause = f"attempt {attempt} failed ({failure.reason}: {failure.message}); "
     if now < due:
-        return AfterFailure("Running", C.RETRYING, cause + f"attempt {attempt + 1} at {C.format_time(due)}", due)
+        return AfterFailure("Running", C.RETRYING, cause + f"attempt {attempt + 1} at {format_time(due)}", due)
     return AfterFailure("Running", C.STARTED, cause + f"attempt {attempt + 1} created")
 
 

@@ -8,7 +8,7 @@ audience ``branchmerge.dev/progress`` (bound to the pod, rotated by the kubelet)
 1. asks the API server who the token is (TokenReview, with that audience): a bound token names its pod
    (``authentication.kubernetes.io/pod-name`` / ``pod-uid``), and stops authenticating once the pod is gone;
 2. reads that pod and walks its owners: the pod's controller must be a Job the operator created, and that
-   Job's controller the CR in the operator's store (matching uids at each step);
+   Job's controller the CR in the operator's cache (matching uids at each step);
 3. keeps the report for that CR and that Job only. The reconcile copies it into ``status.progress`` and
    ``status.metrics`` while that Job is the running attempt of the CR's current run.
 
@@ -31,10 +31,11 @@ from typing import Any, Callable
 import aiohttp.web
 
 from ..api.finite import finite
-from ..api.progress_channel import AUDIENCE
+from ..api.labels import LABEL_ATTEMPT, LABEL_RUN
+from ..api.progress import AUDIENCE
 from .failures import ACTIVE, job_state
-from .naming import LABEL_ATTEMPT, LABEL_RUN, owner_key_of
-from .store import Key, Store
+from .naming import owner_key_of
+from .watch_cache import Key, WatchCache
 
 log = logging.getLogger("branchmerge.operator.progress")
 
@@ -83,13 +84,13 @@ def _controller(obj: dict) -> dict | None:
 
 
 class ProgressReceiver:
-    """``client`` is the operator's KubeClient; ``store`` its view; ``wake(key)`` queues a reconcile."""
+    """``client`` is the operator's KubeClient; ``cache`` its view; ``wake(key)`` queues a reconcile."""
 
-    def __init__(self, client, store: Store, wake: Callable[[Key], None], review_ttl: float = 10.0,
+    def __init__(self, client, cache: WatchCache, wake: Callable[[Key], None], review_ttl: float = 10.0,
                  acting: Callable[[], bool] = lambda: True):
         self.client = client
-        self.acting = acting  # False while another replica leads: its store is the one that is current
-        self.store = store
+        self.acting = acting  # False while another replica leads: its cache is the one that is current
+        self.cache = cache
         self.wake = wake
         self.review_ttl = review_ttl
         self.reports: dict[Key, Report] = {}
@@ -154,7 +155,7 @@ class ProgressReceiver:
             raise Refused(403, f"pod {namespace}/{pod_name}: its Job is not one this operator runs")
         owner = owner_key_of(job)
         cr_ref = _controller(job)
-        cr = self.store.crs.get((namespace, *owner.split("/", 1))) if owner else None  # type: ignore[arg-type]
+        cr = self.cache.crs.get((namespace, *owner.split("/", 1))) if owner else None  # type: ignore[arg-type]
         if cr is None or not cr_ref or cr["metadata"].get("uid") != cr_ref.get("uid"):
             raise Refused(403, f"pod {namespace}/{pod_name}: the CR owning its Job is gone")
         key: Key = (namespace, cr["kind"], cr["metadata"]["name"])
@@ -187,7 +188,7 @@ class ProgressReceiver:
         return parts[2], pod_name, pod_uid
 
     def _job(self, namespace: str, name: str) -> dict | None:
-        for (ns, _, _), jobs in self.store.jobs.items():
+        for (ns, _, _), jobs in self.cache.jobs.items():
             if ns == namespace and name in jobs:
                 return jobs[name]
         return None

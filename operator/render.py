@@ -36,7 +36,8 @@ from ..api.crdgen import crd
 from ..api.graph import references
 from ..api.resources import CustomResource
 from ..api.validation import _schema_errors, format_path
-from .builders import Run, quantity
+from .pods.resources import quantity
+from .pods.run import Run
 from .options import OperatorOptions
 from .plan import Blocked, Observed, plan, target
 

@@ -22,10 +22,11 @@ import json
 import math
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..api import merge_methods as registry
+from ..api.common import TERMINAL
 from ..api.merge import METHODS, NEEDS_BASE
 
 PAIRWISE = tuple(r.name for r in registry.ROWS if r.max_models == 2)
@@ -43,7 +44,6 @@ def _accepts(method: str) -> set[str]:
 SAMPLERS = ("grid", "random", "tpe")
 OBJECTIVES = ("meanPass1", "worstRetainedGain")
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
-FINISHED = (SUCCEEDED, FAILED)
 REDRAWS = 64  # draws per trial number before random/tpe call the space exhausted (every draw a duplicate)
 TPE_DRAWS = 4  # TPE proposals per trial number before a duplicate-only TPE falls back to random draws
 TPE_MEMO_SIZE = 4096  # remembered TPE proposals (a few hundred bytes each)
@@ -370,7 +370,7 @@ class Search:
         trials = list(trials)
         new: list[dict] = []
         while len(trials) < self.max_trials:
-            if sum(t["state"] not in FINISHED for t in trials) >= self.parallelism:
+            if sum(t["state"] not in TERMINAL for t in trials) >= self.parallelism:
                 break
             trial = self._next(trials)
             if trial is None:
@@ -416,7 +416,7 @@ class Search:
         return trials[:max(0, len(trials) - self.parallelism + 1)]
 
     def _history_ready(self, trials: list[dict]) -> bool:
-        return all(t["state"] in FINISHED for t in self._history(trials))
+        return all(t["state"] in TERMINAL for t in self._history(trials))
 
     def _tpe_memo(self, trials: list[dict], seen: set[str]) -> dict | None:
         """``_tpe``, remembered: its answer is a pure function of the spec and the recorded trials, and the
@@ -550,14 +550,14 @@ class Search:
 
     def complete(self, trials: list[dict]) -> bool:
         """Every trial of the budget (or of the space) has finished."""
-        if any(t["state"] not in FINISHED for t in trials):
+        if any(t["state"] not in TERMINAL for t in trials):
             return False
         return len(trials) >= self.max_trials or self.exhausted(trials)
 
     def summary(self, trials: list[dict]) -> dict:
         """The status view: trials done/total, failed count, leaderboard, winner."""
         total = self.max_trials if self.sampler != "grid" else min(self.max_trials, self.grid_size())
-        return {"trialsDone": sum(t["state"] in FINISHED for t in trials), "trialsTotal": total,
+        return {"trialsDone": sum(t["state"] in TERMINAL for t in trials), "trialsTotal": total,
                 "trialsFailed": sum(t["state"] == FAILED for t in trials),
                 "leaderboard": self.leaderboard(trials), "winner": self.winner(trials)}
 

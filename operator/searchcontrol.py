@@ -1,6 +1,6 @@
 """MergeSearch on Kubernetes: the operator's thin driver around operator/searchplan.py.
 
-A reconcile reads the search's children from the watch-fed store (Merge and Eval CRs labelled with the
+A reconcile reads the search's children from the watch-fed cache (Merge and Eval CRs labelled with the
 search's name and controlled by its uid), replays the search over them, creates the children it asks for
 as owned CRs (ownerReferences: garbage-collected with the search, listed by ``kubectl get branchmerge``),
 and writes the status: phase, trials done/total, the leaderboard, the winner's output, and the
@@ -14,7 +14,8 @@ import copy
 import logging
 from typing import TYPE_CHECKING
 
-from . import conditions as cond
+from ..api.common import TERMINAL
+from ..api import conditions as cond
 from .naming import owned_by
 from .plan import status_changed
 from .policy import effective_phase
@@ -81,14 +82,14 @@ async def reconcile_search(op: "Operator", key, cr: dict) -> None:
     namespace, kind, name = key
     meta = cr["metadata"]
     uid = meta.get("uid")
-    warnings = selection_on_test(name, cr.get("spec") or {}, op.store.namespace_crs(namespace))
+    warnings = selection_on_test(name, cr.get("spec") or {}, op.cache.namespace_crs(namespace))
     try:
         if not (cr.get("spec") or {}).get("outputRoot") and not op.opts.default_output_root:
             raise SpaceError("spec.outputRoot", "required (the operator has no --default-output-root for the "
                                                 "trials' Merges and Evals)")
         # in a thread: a tpe replay builds Optuna studies (CPU), the event loop must keep serving watches
         expansion = await asyncio.to_thread(expand, name, cr.get("spec") or {},
-                                            observed_children(op.store.crs, namespace, name, uid),
+                                            observed_children(op.cache.crs, namespace, name, uid),
                                             meta.get("generation"))
         error = None
     except SpaceError as err:  # the CRD's CEL accepts it but the search cannot run it: say which field
@@ -101,7 +102,7 @@ async def reconcile_search(op: "Operator", key, cr: dict) -> None:
         if fresh and created is not None:
             created.setdefault("kind", doc["kind"])
             created.setdefault("apiVersion", API_VERSION)
-            op.store.put_cr(created)  # seen at once: the next reconcile must not count it missing
+            op.cache.put_cr(created)  # seen at once: the next reconcile must not count it missing
             op._enqueue((namespace, doc["kind"], doc["metadata"]["name"]))
     old = cr.get("status") or {}
     new = next_status(cr, expansion.status if expansion else None, error, warnings)
@@ -111,14 +112,14 @@ async def reconcile_search(op: "Operator", key, cr: dict) -> None:
     patched = await op.client.patch(kind, namespace, name, {"status": changes}, sub="status")
     if patched is None:
         return
-    op.store.put_cr(patched)
+    op.cache.put_cr(patched)
     op.metrics.observe_cr(patched)
     was = (cond.get_condition(old, SELECTION_ON_TEST) or {}).get("status")
     if warnings and was != "True":
         await op.client.event(cr, "Warning", SELECTION_ON_TEST, "; ".join(warnings)[:1024])
     if effective_phase(old) != effective_phase(new):
         op._wake_downstreams(key)
-        if new.get("phase") in ("Succeeded", "Failed"):
+        if new.get("phase") in TERMINAL:
             ready = cond.get_condition(new, "Ready") or {}
             await op.client.event(cr, "Normal" if new["phase"] == "Succeeded" else "Warning",
                                   ready.get("reason", new["phase"]), ready.get("message", "")[:1024])

@@ -17,9 +17,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from ..api.common import TERMINAL
 from ..api.cost import sum_costs
-from . import conditions as cond
-from .search import FAILED, FINISHED, RUNNING, STEP_REF, SUCCEEDED, ObjectiveError, Search
+from ..api.graph import ref_key
+from ..api import conditions as cond
+from .search import FAILED, RUNNING, STEP_REF, SUCCEEDED, ObjectiveError, Search
 
 API_VERSION = "branchmerge.dev/v1alpha1"
 LABEL_SEARCH = "branchmerge.dev/search"  # on every child: the MergeSearch it belongs to
@@ -116,7 +118,7 @@ def expand(name: str, spec: dict, children: dict[str, Child], generation: int | 
         for trial in new:
             trials.append(_observe(search, name, trial, children, ready, create))
     status = _status(search, name, trials, children, ref_failed, generation)
-    return Expansion(create, trials, status, status["phase"] in ("Succeeded", "Failed"))
+    return Expansion(create, trials, status, status["phase"] in TERMINAL)
 
 
 def _observe(search: Search, name: str, trial: dict, children: dict[str, Child], ref_metrics: dict | None,
@@ -156,7 +158,7 @@ def _status(search: Search, name: str, trials: list[dict], children: dict[str, C
                        + "; ".join(ref_failed), generation)
         return status
     if not search.complete(trials):
-        running = sum(t["state"] not in FINISHED for t in trials)
+        running = sum(t["state"] not in TERMINAL for t in trials)
         cond.set_phase(status, "Running", SEARCHING, f"{summary['trialsDone']}/{summary['trialsTotal']} trials done, "
                                                      f"{running} running", generation)
         status["progress"] = {"fraction": round(summary["trialsDone"] / max(1, summary["trialsTotal"]), 4),
@@ -187,8 +189,7 @@ def _dataset_ids(eval_spec: dict) -> dict[str, str]:
     """Identity of each benchmark's data (uri, or the upstream CR it comes from) -> benchmark name."""
     out = {}
     for b in eval_spec.get("benchmarks") or []:
-        ds = b.get("dataset") or {}
-        ident = ds.get("uri") or ("from:" + json.dumps(ds.get("from"), sort_keys=True) if ds.get("from") else None)
+        ident = ref_key(b.get("dataset"))
         if ident:
             out[ident] = b.get("name", "?")
     return out
@@ -200,9 +201,7 @@ def selection_on_test(name: str, spec: dict, resources: list[dict]) -> list[str]
     ours = _dataset_ids(spec.get("eval") or {})
     messages = []
     for res in resources:
-        model = (res.get("spec") or {}).get("model") or {}
-        source = model.get("from") or {}
-        if res.get("kind") != "Eval" or source.get("kind") != "MergeSearch" or source.get("name") != name:
+        if res.get("kind") != "Eval" or ref_key((res.get("spec") or {}).get("model")) != f"MergeSearch/{name}":
             continue
         shared = sorted(f"{ours[i]} = {res['metadata']['name']}'s {b}" for i, b in _dataset_ids(res["spec"]).items()
                         if i in ours)

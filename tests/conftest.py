@@ -85,7 +85,7 @@ RUN_RECORDS = {"branchsft": ("branchmerge_sft.json",), "merge": ("branchmerge_me
 def output_content():
     """``content(folder)``: the file digests of a published output without its run records (file name ->
     sha256): equal for two runs that made the same thing."""
-    from branchmerge.trainer.publish import read_manifest
+    from branchmerge.api.outputs import read_manifest
 
     records = {name for names in RUN_RECORDS.values() for name in names}
 
@@ -96,3 +96,17 @@ def output_content():
 
     return content
 
+
+
+# ---- manifests ----------------------------------------------------------------------------------------
+# One envelope for every branchmerge document a test writes, so a change of the API version or of what a
+# manifest must carry is made here once. Plain functions, not fixtures: tables of cases are built from
+# them when the tests are collected (import them as ``from tests.conftest import manifest``).
+API_VERSION = "branchmerge.dev/v1alpha1"
+
+
+def manifest(kind: str, name: str, spec: dict, *, metadata: dict | None = None, **fields) -> dict:
+    """A document as a user writes it; ``metadata`` adds to the name (labels, what a server sets) and
+    ``fields`` to the top level (``status`` for what a status files holds)."""
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name, **(metadata or {})}, "spec": spec,
+            **fields}

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.conftest import manifest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,8 +36,7 @@ def test_validate_broken_manifest_gives_one_line_error_with_field_path(tmp_path)
 def test_validate_reports_cycle(tmp_path):
     docs = []
     for name, other in (("a", "b"), ("b", "a")):
-        docs.append({"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Merge", "metadata": {"name": name},
-                     "spec": {"method": "linear", "models": [{"from": {"kind": "Merge", "name": other}}]}})
+        docs.append(manifest("Merge", name, {"method": "linear", "models": [{"from": {"kind": "Merge", "name": other}}]}))
     path = tmp_path / "cycle.yaml"
     path.write_text(yaml.safe_dump_all(docs))
     out = bm("validate", "-f", str(path))

@@ -13,7 +13,7 @@ import vulture
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT = ("api", "operator", "trainer", "branchmerge")
-USERS = ("tests", "bench", "testcluster", "scripts")
+USERS = ("tests", "bench", "testcluster", "scripts", "examples")
 JUDGED = {"function", "class", "method", "property", "import", "unreachable_code"}
 
 

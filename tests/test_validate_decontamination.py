@@ -8,9 +8,9 @@ import yaml
 from branchmerge.api.decontamination_check import ungated
 from branchmerge.api.validation import parse_resource
 
-from test_cli import bm
+from tests.conftest import API_VERSION as API
+from .test_cli import bm
 
-API = "branchmerge.dev/v1alpha1"
 B1, B2 = "file:///bench/aime24.jsonl", "file:///bench/gpqa.jsonl"
 TG = {"apiVersion": API, "kind": "TeacherGen", "metadata": {"name": "traces"},
       "spec": {"teacher": {"model": {"uri": "file:///models/teacher"}},

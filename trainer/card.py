@@ -4,7 +4,7 @@ A card is rendered from what the folders themselves record -- the output's linea
 its upstreams', the TeacherGen datasets' counts, the cost each stage reported at publication, and the Evals
 of the model -- never edited in place. The stage writes it right after publishing; an Eval of the model adds
 its scores under ``_card/evals/`` and renders the card again. Card and ``_card/`` stay out of the output's
-digest (trainer/publish.py), so a new score does not change the model's identity. Its YAML front matter is
+digest (api/outputs.py), so a new score does not change the model's identity. Its YAML front matter is
 the Hugging Face hub's (license, base_model, datasets, tags, model-index), so the hub shows the scores.
 """
 from __future__ import annotations
@@ -14,17 +14,16 @@ import fcntl
 import json
 import os
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import yaml
 
 from ..api.cost import format_bytes
-from ..api.lineage import Node, render_tree
-from .lineage import read_lineage, tree
-from .publish import CARD, CARD_DIR, write_json_atomic
-from .uris import UnresolvableUri, local_path, parse_hf_uri
+from ..api.lineage import Node, read_lineage, render_tree, tree
+from ..api.outputs import CARD, CARD_DIR, write_json_atomic
+from ..api.timefmt import format_time
+from ..api.uris import UnresolvableUri, local_path, parse_hf_uri
 
 CARD_KINDS = ("BranchSFT", "Merge", "Eval")
 TEACHERGEN_MANIFEST = "teachergen.json"  # trainer/teachergen/stage.py MANIFEST_FILE
@@ -297,6 +296,6 @@ def render_card(model_dir: Path) -> str:
             "- seeds: " + (", ".join(f"{k} = {v}" for k, v in sorted((rec.get("seeds") or {}).items())) or "none"),
             "- scores depend on the hardware's float kernels: the same recipe on another machine gives other "
             "numbers; the same machine gives identical outputs.",
-            "", f"_Card rendered {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} from `_manifest.json` "
+            "", f"_Card rendered {format_time()} from `_manifest.json` "
             "lineage; regenerated when an Eval of this model finishes._", ""]
     return "\n".join(out)

@@ -1,8 +1,6 @@
-"""Failure classes of a stage, mapped to exit codes the control planes act on."""
+"""Failure classes of a stage: exceptions that carry the exit code (api/exit_codes.py) the control planes act on."""
 
-EXIT_OK = 0
-EXIT_INVALID = 2  # bad spec or inputs: permanent, never retried
-EXIT_RETRYABLE = 3  # transient: retried with backoff up to runPolicy.backoffLimit
+from ..api.exit_codes import EXIT_INVALID, EXIT_RETRYABLE
 
 
 class StageError(Exception):
@@ -19,13 +17,3 @@ class Retryable(StageError):
     """A transient failure (endpoint down, preempted, out of space); a retry may succeed."""
 
     exit_code = EXIT_RETRYABLE
-
-
-def stage_exit_code(process_code: int, report: dict | None) -> int:
-    """The stage's own exit class: the ``exitCode`` its result (file or termination message) reports, else
-    the process's. A launcher can hide it (torchrun exits 1 whatever its ranks exited with), the stage's
-    report cannot; a signal (>= 128) is the process's fate and wins over any report."""
-    reported = (report or {}).get("exitCode")
-    if process_code >= 128 or not isinstance(reported, int) or isinstance(reported, bool) or process_code == 0:
-        return process_code
-    return reported

@@ -1,6 +1,6 @@
-"""Progress events: the one small interface every stage uses to report how far it is.
+"""The stage's side of progress: the one small interface every stage uses to report how far it is.
 
-An event is a JSON object ``{"ts", "fraction", "message", "metrics": {...}}``. Sinks:
+Events (their format and the local channel's reader: api/progress.py) go to:
 - ``$BRANCHMERGE_PROGRESS_FILE``: appended as JSON lines (the local runner tails it);
 - any callables registered with ``add_sink`` (the Kubernetes status reporter registers one).
 Events are rate-limited (at most one every ``min_interval`` seconds unless forced) so a fast loop costs nothing.
@@ -13,12 +13,14 @@ import threading
 import time
 from typing import Any, Callable
 
+from ..api.progress import FILE_ENV, progress_event
+
 Sink = Callable[[dict], None]
 
 
 class Progress:
     def __init__(self, path: str | None = None, min_interval: float = 1.0, enabled: bool = True):
-        self.path = path if path is not None else os.environ.get("BRANCHMERGE_PROGRESS_FILE")
+        self.path = path if path is not None else os.environ.get(FILE_ENV)
         self.min_interval = min_interval
         self.enabled = enabled
         self.sinks: list[Sink] = []
@@ -37,9 +39,7 @@ class Progress:
             if not self.enabled or (not force and now - self._last < self.min_interval):
                 return
             self._last = now
-            event = {"ts": now, "message": message, "metrics": dict(self.metrics)}
-            if fraction is not None:
-                event["fraction"] = max(0.0, min(1.0, float(fraction)))
+            event = progress_event(message, self.metrics, fraction, ts=now)
         self._emit(event)
 
     def _emit(self, event: dict) -> None:
@@ -51,21 +51,3 @@ class Progress:
                 sink(event)
             except Exception:  # progress must never fail the stage
                 pass
-
-
-def read_events(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int]:
-    """Complete events appended since ``offset``, and the new offset (a partial last line is left)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    events = []
-    for line in data[:end].splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events, offset + end

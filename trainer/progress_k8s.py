@@ -3,7 +3,7 @@ progress endpoint (operator/progress_api.py), which checks who sent it and copie
 the CR owning the pod. The pod itself has no access to the Kubernetes API: only the operator writes status.
 
 Authentication: the bearer token of a projected ``serviceAccountToken`` volume with the audience
-``branchmerge.dev/progress`` (api/progress_channel.py), bound to this pod and rotated by the kubelet, so
+``branchmerge.dev/progress`` (api/progress.py), bound to this pod and rotated by the kubelet, so
 it is re-read for every report. Useless against the API server (wrong audience) and dead once the pod is.
 
 Stdlib only (urllib): the data plane never imports kubernetes or kopf. Enabled by the stage entry point
@@ -21,7 +21,7 @@ import time
 import urllib.request
 
 from ..api.finite import finite
-from ..api.progress_channel import INTERVAL_ENV, TOKEN_FILE, URL_ENV
+from ..api.progress import INTERVAL_ENV, TOKEN_FILE, URL_ENV
 
 
 class ReportSink:

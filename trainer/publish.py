@@ -1,68 +1,20 @@
 """Atomic outputs: write into a temp folder next to the destination, digest it, rename it into place.
 
-A killed stage leaves at most a ``.tmp-*`` folder beside the output, never a half-written output.
-Every published folder holds ``_manifest.json`` (sha256 and size of each file), so readers can verify it,
-and the resolved commit of each hf:// input the stage read (``inputs``).
+A killed stage leaves at most a ``.tmp-*`` folder beside the output, never a half-written output. The folder
+format (``_manifest.json``) and its reader are the contract both control planes read: api/outputs.py.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
 
-MANIFEST = "_manifest.json"
-# A model's card and what it is made from (trainer/card.py): about the output, not part of it. Regenerated when
-# a downstream Eval finishes, so they stay out of the digest (an output's identity must not change then).
-CARD = "README.md"
-CARD_DIR = "_card"
+from ..api.outputs import MANIFEST, folder_digests, write_json_atomic
+
 _manifest_fields: dict = {}  # see manifest_fields
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def is_card(name: str) -> bool:
-    return name == CARD or name.startswith(CARD_DIR + "/")
-
-
-def folder_digests(folder: Path, known: dict[str, str] | None = None, *, output: bool = True) -> dict[str, str]:
-    """sha256 of every file under ``folder``; ``known`` gives digests already computed by the writer. An
-    ``output``'s digests leave its card out; a raw input's (``output=False``) count every file."""
-    known = known or {}
-    digests = {}
-    for p in sorted(folder.rglob("*")):
-        name = str(p.relative_to(folder))
-        if p.is_file() and p.name != MANIFEST and not (output and is_card(name)):
-            digests[name] = known[name] if name in known else sha256_file(p)
-    return digests
-
-
-def combined_digest(files: dict[str, str]) -> str:
-    """One sha256 over (name, digest) pairs: the output's identity."""
-    h = hashlib.sha256()
-    for name in sorted(files):
-        h.update(f"{name}\0{files[name]}\n".encode())
-    return "sha256:" + h.hexdigest()
-
-
-def write_json_atomic(path: Path, data, indent: int | None = 2) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=indent, sort_keys=False, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def clean_stale_temps(dest: Path) -> None:
@@ -107,11 +59,3 @@ def atomic_folder(dest: Path, known_digests: dict[str, str] | None = None) -> It
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def read_manifest(folder: Path) -> dict[str, str] | None:
-    """The file digests of a published folder, or None if it was never completely published."""
-    try:
-        return json.loads((Path(folder) / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return None

@@ -20,19 +20,21 @@ from typing import Any
 import yaml
 
 from ..api.common import DatasetRef, ModelRef
+from ..api.exit_codes import EXIT_OK, EXIT_RETRYABLE
 from ..api.finite import finite
-from ..api.progress_channel import URL_ENV as PROGRESS_URL_ENV
 from ..api.graph import references
+from ..api.outputs import combined_digest, read_manifest, write_json_atomic
+from ..api.progress import URL_ENV as PROGRESS_URL_ENV
 from ..api.resources import KIND_INFO, CustomResource
+from ..api.uris import UnresolvableUri, local_path
 from ..api.validation import InvalidManifest, parse_resource
 from . import card as cards
 from .card import CARD_KINDS
-from .errors import EXIT_OK, EXIT_RETRYABLE, InvalidInput, StageError
-from .progress import Progress
-from .publish import combined_digest, manifest_fields, read_manifest, write_json_atomic
+from .errors import InvalidInput, StageError
 from .lineage import lineage_record
+from .progress import Progress
+from .publish import manifest_fields
 from .staging import staged_sources
-from .uris import UnresolvableUri, local_path
 
 STAGES = {info.stage: kind for kind, info in KIND_INFO.items()}
 TERMINATION_LOG_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
@@ -146,7 +148,7 @@ def _write_termination_log(result: dict) -> None:
         pass
 
 
-def run(stage: str, spec_file: str | Path, result_file: str | Path | None = None) -> int:
+def run_stage(stage: str, spec_file: str | Path, result_file: str | Path | None = None) -> int:
     """Run one stage; returns the process exit code."""
     started = time.time()
     rank, world = _rank()

@@ -2,8 +2,8 @@
 
 ``python -m branchmerge.trainer.staging REPO REVISION DEST [--repo-type TYPE] [--subpath PATH]
 [--allow-pattern P ...]``: the command of the operator's ``stage-input-N`` init containers, from the input's URI
-``hf://[datasets/|spaces/]org/name[@revision][/subpath]`` (trainer/uris.py parses it for both sides) and the
-ref's ``allowPatterns`` (which name a copy of their own: trainer/uris.py ``staged_name``).
+``hf://[datasets/|spaces/]org/name[@revision][/subpath]`` (api/uris.py parses it for both sides) and the
+ref's ``allowPatterns`` (which name a copy of their own: api/uris.py ``staged_name``).
 With a staging PVC shared by the pods of a gang and by concurrent CRs, many of them stage the same input
 into the same ``DEST`` at once. Rules:
 
@@ -41,7 +41,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from .uris import HF_TYPES, HfUri, hf_inputs, staged_name, staging_root
+from ..api.timefmt import format_time
+from ..api.uris import HF_TYPES, HfUri, hf_inputs, staged_name, staging_root
 
 STALE = float(os.environ.get("BRANCHMERGE_STAGING_STALE_SECONDS", "120"))
 HEARTBEAT = float(os.environ.get("BRANCHMERGE_STAGING_HEARTBEAT_SECONDS", "15"))
@@ -153,7 +154,7 @@ def download_commit(hf: HfUri, tmp: Path, patterns: Sequence[str] = ()) -> dict:
         raise SubpathNotFound(f"no file or folder {hf.subpath!r} in {hf.repo_id} at commit {info.sha}")
     record = {"uri": hf.uri(), "repoType": hf.repo_type, "repo": hf.repo_id, "revision": hf.revision,
               "subpath": hf.subpath, **({"allowPatterns": list(patterns)} if patterns else {}),
-              "commit": info.sha, "stagedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "commit": info.sha, "stagedAt": format_time()}
     (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -1,4 +1,7 @@
-"""Tiny Qwen2-style models built locally (no hub): for tests, examples and the CPU quickstart.
+"""Tiny models built locally (no hub): for tests, benches, examples and the CPU quickstart. The one place
+that writes them: loadable Qwen2 folders with a tokenizer (``build_tiny_model``), raw weight folders of any
+layout for the Merge engine (``write_model``), and "fine-tuned" variants of either (``perturbed``,
+``fine_tuned_copy``).
 
 The tokenizer is a byte-level BPE trained here with exactly Qwen2's normalizer and pre-tokenizer, because
 transformers 5.x reloads a ``model_type: qwen2`` tokenizer as its own Qwen2Tokenizer and rebuilds those parts
@@ -116,3 +119,104 @@ def _mark_as_qwen2(folder: Path) -> None:
     cfg = json.loads(path.read_text())
     cfg["tokenizer_class"] = "Qwen2Tokenizer"
     path.write_text(json.dumps(cfg, indent=2))
+
+
+# ---- raw weight folders ----------------------------------------------------------------------------------
+# What the Merge engine reads: named tensors in safetensors files plus a config.json, with no model class
+# behind them. Tests and benches shape these freely (toy layouts, sharding, trimmed vocabularies) and make
+# "fine-tuned" variants as a base plus a small seeded delta.
+
+def random_tensors(shapes: dict, seed: int, scale: float = 1.0, dtype=None) -> dict:
+    """Normal(0, ``scale``) tensors of ``shapes`` (name -> shape), drawn in ``shapes``' order from ``seed``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {n: (torch.randn(s, generator=g) * scale).to(dtype or torch.float32) for n, s in shapes.items()}
+
+
+def perturbed(tensors: dict, seed: int, scale: float = 0.1) -> dict:
+    """``tensors`` plus a seeded Normal(0, ``scale``) delta, in their own dtypes: a stand-in fine-tune."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {n: (t.float() + torch.randn(t.shape, generator=g) * scale).to(t.dtype) for n, t in tensors.items()}
+
+
+def write_model(folder: str | Path, tensors, *, shards: int = 1, shard_bytes: int | None = None,
+                config: dict | None = None, extra_files: dict | None = None) -> Path:
+    """A Hugging Face-style weight folder: config.json and one safetensors file, or shards with an index.
+
+    ``tensors`` is a dict, or an iterable of (name, tensor) pairs consumed one at a time when ``shard_bytes``
+    is set (a shard closes once it holds that many bytes: a model larger than memory can be written). Without
+    ``shard_bytes`` the tensors are split into ``shards`` files of equal count. config.json says what a loader
+    checks (vocabulary rows, tied or not, dtype); ``config`` adds to it or overrides it."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    items = tensors.items() if isinstance(tensors, dict) else tensors
+    if shard_bytes is None:
+        items = list(items)
+        per = max(1, -(-len(items) // shards))
+        groups = [dict(items[i:i + per]) for i in range(0, len(items), per)] or [{}]
+    else:
+        groups = _by_size(items, shard_bytes)
+    weight_map, total, written = {}, 0, []
+    seen = {"model.embed_tokens.weight": None, "lm_head.weight": None, "dtype": None}
+    for i, group in enumerate(groups):
+        path = folder / f"model-{i + 1:05d}.safetensors"
+        save_file({n: t.contiguous() for n, t in group.items()}, path, metadata={"format": "pt"})
+        written.append(path)
+        for name, t in group.items():
+            weight_map[name] = path.name
+            total += t.numel() * t.element_size()
+            seen["dtype"] = seen["dtype"] or str(t.dtype).removeprefix("torch.")
+            if name in seen:
+                seen[name] = t.shape
+    if len(written) == 1:
+        written[0].rename(folder / "model.safetensors")
+    else:  # the count is known only now: give the shards the usual "-of-N" names
+        renames = {p.name: f"{p.stem}-of-{len(written):05d}.safetensors" for p in written}
+        for p in written:
+            p.rename(folder / renames[p.name])
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": {n: renames[f] for n, f in weight_map.items()}}))
+    cfg = {"model_type": "toy", "dtype": seen["dtype"] or "float32"}
+    if seen["model.embed_tokens.weight"] is not None:
+        cfg |= {"vocab_size": seen["model.embed_tokens.weight"][0],
+                "tie_word_embeddings": seen["lm_head.weight"] is None}
+    (folder / "config.json").write_text(json.dumps(cfg | (config or {})))
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def _by_size(items, shard_bytes: int):
+    group, size = {}, 0
+    for name, t in items:
+        group[name] = t
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            yield group
+            group, size = {}, 0
+    if group:
+        yield group
+
+
+def fine_tuned_copy(model: str | Path, dest: str | Path, seed: int, scale: float = 0.01) -> Path:
+    """A copy of the model folder ``model`` whose weights moved as fine-tuning would move them: every tensor
+    plus a seeded Normal(0, ``scale``) delta (one generator over the shards in name order). The copy keeps the
+    config and tokenizer; the original's publish manifest is dropped, as it lists the original's digests."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dest = Path(dest)
+    shutil.copytree(model, dest)
+    (dest / "_manifest.json").unlink(missing_ok=True)
+    files = sorted(dest.glob("*.safetensors"))
+    weights = {f: load_file(f) for f in files}
+    moved = perturbed({(f, n): t for f, ts in weights.items() for n, t in ts.items()}, seed, scale)
+    for f, ts in weights.items():
+        save_file({n: moved[(f, n)].contiguous() for n in ts}, f, metadata={"format": "pt"})
+    return dest

@@ -34,8 +34,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..api.outputs import write_json_atomic
 from .errors import InvalidInput, Retryable
-from .publish import write_json_atomic
 
 WAIT_ENV = "BRANCHMERGE_SHARD_WAIT_SECONDS"  # worker 0 gives up after this long without progress anywhere
 DEFAULT_WAIT_SECONDS = 7200.0

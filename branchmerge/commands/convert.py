@@ -20,8 +20,8 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
+    from branchmerge.api.outputs import sha256_file
     from branchmerge.trainer.eval.convert import CONVERTERS, ConvertError, read_rows
-    from branchmerge.trainer.publish import sha256_file
 
     source = Path(args.input)
     try:

@@ -31,7 +31,7 @@ def _print(node, fmt: str) -> None:
 def _local_uri(args) -> str | None:
     from pathlib import Path
 
-    from branchmerge.operator.local.store import StatusStore
+    from branchmerge.operator.local.status_files import StatusFiles
     from branchmerge.operator.local.table import find
     from branchmerge.operator.local.workdir import Workdir
 
@@ -40,7 +40,7 @@ def _local_uri(args) -> str | None:
     if Path(args.target).is_dir():
         return Path(args.target).resolve().as_uri()
     workdir = Workdir.at(args.workdir)
-    found = find(StatusStore(workdir).all(), args.target)
+    found = find(StatusFiles(workdir).all(), args.target)
     if len(found) != 1:
         what = "not found" if not found else "ambiguous: write Kind/name"
         print(f"error: {args.target}: {what} in {workdir.root}", file=sys.stderr)
@@ -67,7 +67,7 @@ def run(args) -> int:
             return 1
         _print(node, args.output)
         return 0
-    from branchmerge.trainer.lineage import tree
+    from branchmerge.api.lineage import tree
 
     uri = _local_uri(args)
     if uri is None:

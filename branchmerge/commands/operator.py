@@ -82,7 +82,7 @@ def namespace_errors(namespaces: list[str]) -> list[str]:
 
 def options_from_args(args):
     """The OperatorOptions the flags ask for (ValueError: a flag's value is malformed)."""
-    from branchmerge.operator.builders import quantity
+    from branchmerge.operator.pods.resources import quantity
     from branchmerge.operator.options import OperatorOptions
 
     defaults = OperatorOptions()

@@ -18,6 +18,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from branchmerge.operator.local.quickstart.run import main
+    from branchmerge.quickstart.main import main
 
     return main(args.workdir, args.size, args.jobs, args.prepare_only, True if args.plain else None)

@@ -12,7 +12,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from branchmerge.operator.local.report import write_report
+    from branchmerge.report import write_report
     from branchmerge.operator.local.workdir import Workdir
 
     workdir = Workdir.at(args.workdir)

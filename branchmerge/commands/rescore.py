@@ -27,7 +27,7 @@ def register(sub) -> None:
 def _path(source: str):
     from pathlib import Path
 
-    from branchmerge.trainer.uris import UnresolvableUri, local_path
+    from branchmerge.api.uris import UnresolvableUri, local_path
 
     if "://" not in source:
         return Path(source)

@@ -25,7 +25,7 @@ def run(args) -> int:
     from branchmerge.api.manifests import load
     from branchmerge.operator.local.display import make_display
     from branchmerge.operator.local.runner import RunOptions
-    from branchmerge.operator.local.summary import run_and_summarise
+    from branchmerge.operator.local.runner import run_and_summarise
     from branchmerge.operator.local.workdir import Workdir
 
     manifests = load(args.filename)

@@ -13,12 +13,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from branchmerge.operator.local.store import StatusStore
+    from branchmerge.operator.local.status_files import StatusFiles
     from branchmerge.operator.local.table import find, get_table, render
     from branchmerge.operator.local.workdir import Workdir
 
     workdir = Workdir.at(args.workdir)
-    records = StatusStore(workdir).all()
+    records = StatusFiles(workdir).all()
     if not records:
         print(f"error: no stages found in {workdir.root} (run `branchmerge run -f DIR` first)", file=sys.stderr)
         return 1

@@ -2,7 +2,7 @@
 same input contents, and its output is still there unchanged.
 
 Input identity: the output digest an upstream reported (its ``_manifest.json``); for external inputs the
-digest their lineage records (trainer/lineage.py ``content_digest``): a published folder's manifest digest, a
+digest their lineage records (api/lineage.py ``content_digest``): a published folder's manifest digest, a
 small file's or folder's sha256, or else a (path, size, mtime) fingerprint -- re-hashing a 60 GB external
 model on every run would cost more than the run it saves.
 """
@@ -11,16 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ...api.validation import parse_resource
-from ...trainer.lineage import content_digest, input_refs
-from ...trainer.publish import combined_digest, read_manifest
-from ...trainer.uris import UnresolvableUri, local_path
+from ...api.graph import input_refs
+from ...api.lineage import content_digest
+from ...api.outputs import published_intact
 from ..resolve import spec_hash
 
 
 def input_uris(resolved: dict) -> dict[str, str]:
     """Field path -> URI of every model/dataset input of a resolved manifest."""
-    return {path: ref.uri for path, ref in input_refs(parse_resource(resolved).spec)}  # type: ignore[attr-defined]
+    return {ref.path: ref.uri for ref in input_refs(resolved["spec"]) if ref.uri}
 
 
 def input_digests(resolved: dict, upstream_digests: dict[str, str]) -> dict[str, str]:
@@ -33,20 +32,12 @@ def cache_key(resolved: dict, digests: dict[str, str]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def output_intact(record: dict) -> bool:
-    """The output the record's status points at still exists with the digest it had."""
-    output = (record.get("status") or {}).get("output") or {}
-    if not output.get("uri") or not output.get("digest"):
-        return False
-    try:
-        files = read_manifest(local_path(output["uri"]))
-    except UnresolvableUri:
-        return False
-    return files is not None and combined_digest(files) == output["digest"]
-
-
 def is_cached(record: dict | None, key: str) -> bool:
-    from .store import CACHE_KEY, annotations
+    """The record succeeded under this cache key and the output its status points at is still the one it
+    published."""
+    from .status_files import CACHE_KEY, annotations
 
-    return (record is not None and (record.get("status") or {}).get("phase") == "Succeeded"
-            and annotations(record).get(CACHE_KEY) == key and output_intact(record))
+    if record is None or (record.get("status") or {}).get("phase") != "Succeeded":
+        return False
+    output = record["status"].get("output") or {}
+    return annotations(record).get(CACHE_KEY) == key and published_intact(output.get("uri"), output.get("digest"))

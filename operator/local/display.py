@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .. import conditions as cond
+from ...api import conditions as cond
 
 PHASE_STYLE = {"Succeeded": "green", "Failed": "red", "Running": "cyan", "Waiting": "yellow",
                "Pending": "dim", "Suspended": "magenta"}

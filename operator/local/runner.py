@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +22,18 @@ import yaml
 
 from ...api.cost import add_costs, clean_cost
 from ...api.manifests import ManifestSet
+from ...api.outputs import attempt_succeeded
 from ...api.resources import CustomResource
-from ...trainer.progress import read_events
-from .. import conditions as cond
+from ...api.progress import read_events
+from ...api.timefmt import format_time
+from ...api import conditions as cond
 from ..policy import after_failure, effective_phase, exit_failure, waiting
 from ..resolve import blockers, resolve, spec_hash
 from . import cache
 from .launch import EnvError, local_ranks, stage_command, stage_env
 from .searches import LocalSearches
-from .store import CACHE_KEY, LOG, RANKS, SPEC_HASH, StatusStore, annotations
+from .status_files import CACHE_KEY, LOG, RANKS, SPEC_HASH, StatusFiles, annotations
+from .summary import print_summary
 from .workdir import Workdir
 
 TICK = 0.2
@@ -93,7 +97,7 @@ class Runner:
         self.manifests = manifests
         self.workdir = workdir
         self.options = options or RunOptions()
-        self.store = StatusStore(workdir)
+        self.status_files = StatusFiles(workdir)
         self.dag = manifests.dag()
         self.order = self.dag.order()
         self.resources: dict[str, CustomResource] = {r.key: r for r in manifests.resources}
@@ -130,7 +134,7 @@ class Runner:
             for up in self.dag.upstreams[key]:
                 if up in chosen:
                     continue
-                record = self.store.load(up)
+                record = self.status_files.load(up)
                 if not record or record.get("status", {}).get("phase") != "Succeeded":
                     raise SelectionError(f"{key} needs {up}, which has not succeeded in {self.workdir.root}; "
                                          f"run it first or include it in the selection")
@@ -142,7 +146,7 @@ class Runner:
         if key in self.records:
             return self.records[key]
         if key not in self.outside:
-            self.outside[key] = self.store.load(key)
+            self.outside[key] = self.status_files.load(key)
         return self.outside[key]
 
     def phase(self, key: str) -> str | None:
@@ -150,7 +154,7 @@ class Runner:
         return (rec or {}).get("status", {}).get("phase") if rec else None
 
     def save(self, key: str) -> None:
-        self.store.save(self.records[key])
+        self.status_files.save(self.records[key])
         if self.display:
             self.display.update(key, self.records[key])
 
@@ -201,7 +205,7 @@ class Runner:
 
     def _run(self) -> int:
         for key in self.selected:
-            self.records[key] = self.store.sync(self.resources[key], self.manifests.sources.get(key))
+            self.records[key] = self.status_files.sync(self.resources[key], self.manifests.sources.get(key))
         if self.display:
             self.display.start(self)
         self._install_signals()
@@ -316,7 +320,7 @@ class Runner:
             return False
         self.cache_checked.add(key)
         _, ckey = self._resolved(key)
-        stored = self.store.load(key)
+        stored = self.status_files.load(key)
         if not cache.is_cached(stored, ckey):
             return False
         rec = self.records[key]
@@ -361,7 +365,7 @@ class Runner:
         self.tries[key] = self.tries.get(key, 0) + 1
         if self.tries[key] == 1:  # status.cost: the attempts of this invocation (retries included)
             status.pop("cost", None)
-        status["startTime"] = cond.now()
+        status["startTime"] = format_time()
         status.pop("completionTime", None)
         cores = self._claim_cores()
         ranks = local_ranks(resource)
@@ -446,7 +450,7 @@ class Runner:
             self.display.progress(key, self.records[key], attempt.started)
         if force or time.time() - attempt.last_save > 1.0:
             attempt.last_save = time.time()
-            self.store.save(self.records[key])
+            self.status_files.save(self.records[key])
 
     def _finish(self, key: str, attempt: Attempt, code: int) -> None:
         del self.running[key]
@@ -457,7 +461,7 @@ class Runner:
         result = self._result(key)
         duration = time.time() - attempt.started
         status["cost"] = add_costs(status.get("cost"), self._attempt_cost(attempt, result, duration))
-        if result.get("phase") == "Succeeded" and (code == 0 or self._published(result)):
+        if attempt_succeeded(code, result):
             # a non-zero exit after a complete, digested output (e.g. a rank aborting at exit) still counts
             status["output"] = {"uri": result.get("outputUri") or status.get("output", {}).get("uri"),
                                 "digest": result.get("digest")}
@@ -492,17 +496,6 @@ class Runner:
             return json.loads(self.workdir.result_file(key).read_text())
         except (OSError, ValueError):
             return {}
-
-    @staticmethod
-    def _published(result: dict) -> bool:
-        from ...trainer.publish import combined_digest, read_manifest
-        from ...trainer.uris import UnresolvableUri, local_path
-
-        try:
-            files = read_manifest(local_path(result.get("outputUri", "")))
-        except UnresolvableUri:
-            return False
-        return files is not None and combined_digest(files) == result.get("digest")
 
     # ---- stopping -----------------------------------------------------------------------------------
     @staticmethod
@@ -549,3 +542,20 @@ class Runner:
         for sig, handler in self._signals.items():
             signal.signal(sig, handler)
         self._signals.clear()
+
+
+def run_and_summarise(manifests, workdir, options, display) -> int:
+    """Run a loaded manifest set with the local Runner and print the closing summary: the one entry both
+    `branchmerge run` and `branchmerge quickstart` use. Bad manifests or a bad selection exit 2."""
+    for problem in manifests.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not manifests.ok:
+        return 2
+    runner = Runner(manifests, workdir, options, display)
+    try:
+        code = runner.run()
+    except SelectionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_summary(runner)
+    return code

@@ -12,7 +12,7 @@ import json
 
 from ...api.graph import references
 from ...api.validation import InvalidManifest, parse_resource
-from .. import conditions as cond
+from ...api import conditions as cond
 from ..policy import effective_phase
 from ..search import SpaceError
 from ..searchplan import Child, expand, selection_on_test, warn_selection_on_test
@@ -74,7 +74,7 @@ class LocalSearches:
         runner.dag.upstreams[key] = list(dict.fromkeys(ref.key for ref in references(resource)))
         runner.order.append(key)
         runner.selected.insert(runner.selected.index(search), key)
-        runner.records[key] = runner.store.sync(resource, f"trial of {search}")
+        runner.records[key] = runner.status_files.sync(resource, f"trial of {search}")
         runner.save(key)
         self.children.setdefault(search, []).append(key)
         self.child_of[key] = search

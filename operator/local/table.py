@@ -1,4 +1,4 @@
-"""`kubectl get`-style views of the local status store (pure: records in, text out)."""
+"""`kubectl get`-style views of the local status files (pure: records in, text out)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,9 @@ from datetime import datetime, timezone
 import yaml
 
 from ...api.resources import KIND_INFO
+from ...api.timefmt import parse_time
 from .display import fmt_duration, reason_of
-from .summary import duration, parse_time
+from .summary import duration
 
 KIND_ORDER = list(KIND_INFO)
 
@@ -32,9 +33,9 @@ def _cell(value) -> str:
 
 def _age(record: dict, now: datetime) -> str:
     start = parse_time(record.get("status", {}).get("startTime"))
-    if not start:
+    if start is None:
         return "-"
-    return fmt_duration((now - start.replace(tzinfo=timezone.utc)).total_seconds())
+    return fmt_duration(now.timestamp() - start)
 
 
 def cost_cell(status: dict) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...trainer.uris import file_uri
+from ...api.uris import file_uri
 
 DEFAULT_WORKDIR = ".branchmerge"
 

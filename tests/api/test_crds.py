@@ -18,8 +18,8 @@ from branchmerge.api.crdgen import render
 from branchmerge.api.resources import KIND_INFO
 from branchmerge.api.validation import InvalidManifest, parse_resource
 
-from .manifests import valid
-from .test_invalid_manifests import CASES, DELETE, _set
+from .conftest import valid
+from .test_invalid_manifests import CASES, _set
 
 CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
 

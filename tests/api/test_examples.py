@@ -37,10 +37,20 @@ def test_example_round_trips(doc):
     assert parse_resource(wire) == resource  # and defaults are stable
 
 
-def test_examples_validate_as_a_set():
-    result = load([EXAMPLES])
-    assert result.problems == []
-    assert len(result.resources) >= 9
+# Each folder is one pipeline, as `branchmerge run -f` or `kubectl apply -f` takes it (names repeat across them).
+FOLDERS = sorted(p for p in EXAMPLES.iterdir() if p.is_dir() and manifest_files([p]))
+
+
+def test_every_example_folder_is_a_pipeline_of_its_own():
+    assert [p.name for p in FOLDERS][:2] == ["01-minimal", "02-merge-methods"]
+    assert {"cluster", "quickstart", "tinyr1"} <= {p.name for p in FOLDERS}
+    assert not manifest_files(EXAMPLES.glob("*.y*ml"))  # no manifest outside a folder
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+def test_example_folder_validates_as_a_set(folder):
+    result = load([folder])
+    assert result.problems == [] and result.resources  # load checks names, from: references and cycles
 
 
 def test_tinyr1_example_is_the_paper_recipe():

@@ -1,11 +1,11 @@
 """The dependency graph: order, cycles named, dangling refs and duplicates found at their field paths."""
 import pytest
 
-from branchmerge.api.graph import CycleError, Dag, references
+from branchmerge.api.graph import CycleError, Dag, input_refs, ref_key, references
 from branchmerge.api.manifests import load
 from branchmerge.api.validation import parse_resource
 
-from .manifests import valid
+from .conftest import valid
 
 
 def _pipeline():
@@ -23,6 +23,34 @@ def test_order_puts_upstreams_first():
 def test_references_carry_field_paths():
     merge = parse_resource(valid("Merge"))
     assert [(r.path, r.key) for r in references(merge)] == [("spec.models[0].from", "BranchSFT/math")]
+
+
+def test_input_refs_walk_nested_refs_and_skip_what_the_stage_writes():
+    sft = valid("BranchSFT")
+    sft["spec"]["data"][0]["validation"] = {"uri": "file:///data/val.jsonl"}
+    sft["spec"]["checkpointing"] = {"uri": "pvc://scratch/ckpt"}
+    sft["spec"]["output"] = {"uri": "pvc://models/math"}
+    sft["spec"]["resources"] = {"podAnnotations": {"uri": "not-a-ref"}}
+    found = [(r.path, r.key, r.upstream) for r in input_refs(sft["spec"])]
+    assert found == [("spec.base", "hf://org/student@main", None),
+                     ("spec.data[0]", "TeacherGen/traces", ("TeacherGen", "traces")),
+                     ("spec.data[0].validation", "file:///data/val.jsonl", None)]
+    base = next(iter(input_refs(sft["spec"])))
+    assert base.uri == "hf://org/student@main" and base.allow_patterns == ("*.safetensors", "*.json", "tokenizer*")
+
+
+def test_input_refs_read_a_parsed_spec_as_its_wire_form():
+    for kind in ("TeacherGen", "BranchSFT", "Merge", "Eval", "MergeSearch"):
+        doc = valid(kind)
+        parsed = sorted((r.path, r.key) for r in input_refs(parse_resource(doc).spec))  # model field order
+        assert parsed == sorted((r.path, r.key) for r in input_refs(doc["spec"])) and parsed, kind
+
+
+def test_ref_key_of_either_form():
+    merge = parse_resource(valid("Merge"))
+    assert ref_key(merge.spec.models[0]) == ref_key({"from": {"kind": "BranchSFT", "name": "math"}}) == "BranchSFT/math"
+    assert ref_key(merge.spec.base) == "pvc://models/base"
+    assert ref_key(None) is None and ref_key({}) is None
 
 
 def test_independent_resources_keep_manifest_order():

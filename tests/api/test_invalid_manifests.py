@@ -5,7 +5,7 @@ import pytest
 
 from branchmerge.api.validation import InvalidManifest, parse_resource
 
-from .manifests import valid
+from .conftest import valid
 
 DELETE = object()
 

@@ -8,7 +8,7 @@ from branchmerge.trainer.errors import InvalidInput
 from branchmerge.trainer.merge.methods import METHODS as ENGINE_METHODS
 from branchmerge.trainer.merge.params import ParamResolver, check_parameters
 
-from .manifests import valid
+from .conftest import valid
 
 
 def test_api_methods_equal_engine_methods():

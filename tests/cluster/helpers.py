@@ -11,7 +11,6 @@ import pytest
 from testcluster import images
 from testcluster.cluster import Cluster
 
-API = "branchmerge.dev/v1alpha1"
 # Every end-to-end test on the stand-in runs the operator and stage pods in their images' environments.
 NEEDS_IMAGES = [pytest.mark.slow,
                 pytest.mark.skipif(not all((images.venv_dir(n) / "bin" / "python").exists()

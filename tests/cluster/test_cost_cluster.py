@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from branchmerge.operator.plan import parse_time
+from branchmerge.api.timefmt import parse_time
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 
 from .helpers import NEEDS_IMAGES

@@ -17,15 +17,15 @@ published twice), and each Merge's tensors equal a merge of the same inputs comp
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import time
 from collections import Counter
 from pathlib import Path
 
-from branchmerge.trainer.publish import is_card, combined_digest, read_manifest
+from branchmerge.api.outputs import combined_digest, is_card, read_manifest
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 
+from tests.conftest import manifest
 from .helpers import NEEDS_IMAGES, diagnose, phases
 
 pytestmark = NEEDS_IMAGES
@@ -38,28 +38,21 @@ POLICY = {"backoffLimit": 30, "backoffSeconds": 1}
 
 def _models(claim: Path) -> None:
     """Three small safetensors models sharing a base: what the Merges read."""
-    import torch
-    from safetensors.torch import save_file
+    from branchmerge.trainer.tiny import perturbed, random_tensors, write_model
 
     shapes = {"model.embed_tokens.weight": (64, 32), "model.layers.0.mlp.up_proj.weight": (64, 32),
               "model.layers.0.input_layernorm.weight": (32,), "lm_head.weight": (64, 32)}
-    g = torch.Generator().manual_seed(0)
-    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
-    for i, name in enumerate(("base", "a", "b")):
-        folder = claim / "models" / name
-        folder.mkdir(parents=True)
-        tensors = base if i == 0 else {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in base.items()}
-        save_file({n: t.contiguous() for n, t in tensors.items()}, folder / "model.safetensors",
-                  metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps({"model_type": "toy", "vocab_size": 64,
-                                                        "tie_word_embeddings": False}))
+    base = random_tensors(shapes, 0)
+    write_model(claim / "models" / "base", base)
+    for seed, name in ((1, "a"), (2, "b")):
+        write_model(claim / "models" / name, perturbed(base, seed, 0.05))
 
 
 def _merge(name: str, method: str, models: list[dict], base: dict | None = None, **spec) -> dict:
     body = {"method": method, "models": models, "runPolicy": POLICY, "resources": {"cpu": "1"}, **spec}
     if base:
         body["base"] = base
-    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Merge", "metadata": {"name": name}, "spec": body}
+    return manifest("Merge", name, body)
 
 
 def _pipeline() -> list[dict]:
@@ -202,7 +195,7 @@ def test_pipeline_survives_fifty_random_faults(tmp_path):
         folder = claim / "outputs" / NS / "merge" / name
         files = read_manifest(folder)
         assert files is not None, f"{name}: no manifest in {folder}"
-        # the model card (README.md, _card/) is about the output, not part of it (trainer/publish.py)
+        # the model card (README.md, _card/) is about the output, not part of it (api/outputs.py)
         on_disk = {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                    for p in folder.rglob("*") if p.is_file() and p.name != "_manifest.json"
                    and not is_card(p.relative_to(folder).as_posix())}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 
+from tests.conftest import manifest
 from .helpers import NEEDS_IMAGES, diagnose
 from .test_fault_soak import _merge, _models
 
@@ -41,11 +42,11 @@ def _jobs(cluster: Cluster, name: str) -> list[dict]:
 
 
 def _big_sft() -> dict:
-    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "BranchSFT", "metadata": {"name": "big"},
-            "spec": {"base": {"uri": "pvc://soak/models/base"}, "data": [{"uri": "pvc://soak/data/train.jsonl"}],
+    return manifest("BranchSFT", "big",
+                    {"base": {"uri": "pvc://soak/models/base"}, "data": [{"uri": "pvc://soak/data/train.jsonl"}],
                      "training": {"globalBatchSize": 32, "microBatchSize": 1},
                      "resources": {"nodes": 4, "gpusPerNode": 8, "cpu": "250m", "queueName": "team-a"},
-                     "runPolicy": {"backoffLimit": 3}}}
+                     "runPolicy": {"backoffLimit": 3}})
 
 
 def test_queued_runs_wait_for_quota_and_a_gang_too_big_for_the_queue_fails_at_once(tmp_path):

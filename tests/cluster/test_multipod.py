@@ -22,7 +22,7 @@ import time
 import pytest
 import yaml
 
-from branchmerge.trainer.publish import read_manifest
+from branchmerge.api.outputs import read_manifest
 from branchmerge.trainer.tiny import build_tiny_model
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 

@@ -7,19 +7,20 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 
-from branchmerge.operator.builders import build_job
+from branchmerge.api.labels import MANAGED_BY, MANAGED_BY_VALUE
 from branchmerge.operator.controller import settings
 from branchmerge.operator.emulator import Api, OperatorThread
-from branchmerge.operator.naming import MANAGED_BY, MANAGED_BY_VALUE, owner_labels
+from branchmerge.operator.naming import owner_labels
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import target
+from branchmerge.operator.pods.job import build_job
 from testcluster.apiserver import ApiServer
+from testcluster.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 SELECTOR = f"{MANAGED_BY}={MANAGED_BY_VALUE}"
@@ -29,16 +30,6 @@ UNSELECTED_JOBS = (r"^/apis/batch/v1/(namespaces/[^/?]+/)?jobs(?![^?]*/)"
                    r"(?![^#]*labelSelector=app\.kubernetes\.io(%2F|/)managed-by(%3D|=)branchmerge-operator)")
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def _wait(fn, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _namespace(api: Api, name: str) -> None:
@@ -73,13 +64,15 @@ def test_cluster_wide_operator_lists_and_watches_only_its_own_jobs():
         # Every Jobs list/watch request without the selector is counted (a zero delay: served unchanged).
         server.faults.add_delay(0.0, method="GET", path_regex=UNSELECTED_JOBS, count=10**9)
         with OperatorThread(server.url, OperatorOptions(), clusterwide=True, metrics_port=None) as op:
-            store = op.operator.store
+            cache = op.operator.cache
             key = ("team-a", "Merge", "m")
             # the initial listing and the watch still deliver the operator's own Jobs
-            _wait(lambda: [j for j in store.jobs_of(key) if j["metadata"]["name"] == "m-listed"], what="listed Job")
+            wait_for(lambda: [j for j in cache.jobs_of(key) if j["metadata"]["name"] == "m-listed"], 30,
+                     what="listed Job")
             api.create(_job("m-watched", ours), "team-a")
             api.create(_job("foreign-late", {"app": "etl"}), "team-a")
-            _wait(lambda: [j for j in store.jobs_of(key) if j["metadata"]["name"] == "m-watched"], what="watched Job")
+            wait_for(lambda: [j for j in cache.jobs_of(key) if j["metadata"]["name"] == "m-watched"], 30,
+                     what="watched Job")
         audit = {(verb, group, resource) for _, verb, group, resource in server.audit}
         assert {("list", "batch", "jobs"), ("watch", "batch", "jobs")} <= audit
         assert server.faults.injected["delay"] == 0, "a list/watch of Jobs without the owned-Jobs label selector"

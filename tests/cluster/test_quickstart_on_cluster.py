@@ -21,7 +21,7 @@ import time
 import pytest
 import yaml
 
-from branchmerge.trainer.publish import combined_digest, read_manifest
+from branchmerge.api.outputs import combined_digest, read_manifest
 from testcluster.cluster import TRAINER_CPU_IMAGE, Cluster
 
 from .helpers import NEEDS_IMAGES, diagnose, on_claim, phases

@@ -19,7 +19,7 @@ import yaml
 from branchmerge.api.graph import references
 from branchmerge.api.validation import parse_resource
 from branchmerge.operator.resolve import resolve
-from branchmerge.trainer.stage import STAGES, run
+from branchmerge.trainer.stage import STAGES, run_stage
 from testcluster.apiserver import ApiServer
 from branchmerge.operator.emulator import Api
 
@@ -55,7 +55,7 @@ def test_the_stored_form_of_every_example_reaches_its_inputs(server, where, inde
     resolved = resolve(resource, outputs, f"pvc://out/ex/{doc['kind'].lower()}/{name}")
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(json.dumps(resolved))
-    code = run(STAGE_OF[doc["kind"]], spec_file, tmp_path / "result.json")
+    code = run_stage(STAGE_OF[doc["kind"]], spec_file, tmp_path / "result.json")
     result = json.loads((tmp_path / "result.json").read_text())
     missing_input = ("does not exist", "must be staged by the control plane")  # a pvc:// path / an hf:// repo
     assert code == 2 and any(text in result["error"] for text in missing_input), \

@@ -7,8 +7,8 @@ import copy
 import pytest
 from lupa import lua51
 
+from branchmerge.api import conditions as C
 from branchmerge.api.resources import KIND_INFO
-from branchmerge.operator import conditions as C
 
 from .helpers import HEALTH_LUA
 

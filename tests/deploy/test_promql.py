@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from . import chart as C
-from .helpers import CHART, REPO
+from .helpers import REPO
 from .test_chart_static import dashboard_exprs
 
 SCRIPT = Path(__file__).with_name("promql_check.mjs")

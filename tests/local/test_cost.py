@@ -15,7 +15,7 @@ from branchmerge.api.manifests import load
 from branchmerge.operator.local import runner as runner_mod
 from branchmerge.operator.local.display import PlainDisplay
 from branchmerge.operator.local.runner import RunOptions, Runner
-from branchmerge.operator.local.store import StatusStore
+from branchmerge.operator.local.status_files import StatusFiles
 from branchmerge.operator.local.workdir import Workdir
 
 from .conftest import merge, write_manifests
@@ -56,7 +56,7 @@ def test_cost_covers_every_rank_and_every_attempt(models, tmp_path, monkeypatch)
     code, log = _run(folder, tmp_path / "wd")
     elapsed = time.monotonic() - began
     assert code == 1, log
-    status = StatusStore(Workdir.at(tmp_path / "wd")).load("Merge/m")["status"]
+    status = StatusFiles(Workdir.at(tmp_path / "wd")).load("Merge/m")["status"]
     assert status["attempts"] == 2
     cost = status["cost"]
     Status.model_validate(status)  # what the CRD schema accepts
@@ -81,7 +81,7 @@ def test_a_real_stage_reports_its_cost(models, tmp_path):
     assert set(own) == {"wallSeconds", "cpuSeconds", "peakMemoryBytes", "gpus", "gpuSeconds"}
     assert own["wallSeconds"] == result["wallSeconds"] and own["gpus"] == 0 and own["gpuSeconds"] == 0
     assert own["cpuSeconds"] > 0.1 and own["peakMemoryBytes"] > 50 * 2**20  # torch is loaded
-    status = StatusStore(wd).load("Merge/soup")["status"]
+    status = StatusFiles(wd).load("Merge/soup")["status"]
     cost = status["cost"]
     Status.model_validate(status)
     # the runner's wall runs from launch to exit: it includes the interpreter start the stage cannot see
@@ -115,7 +115,7 @@ def test_two_rank_sft_counts_both_ranks(tmp_path):
     assert code == 0, log
     wd = Workdir.at(tmp_path / "wd")
     rank0 = json.loads(wd.result_file("BranchSFT/two-ranks").read_text())["cost"]
-    record = StatusStore(wd).load("BranchSFT/two-ranks")
+    record = StatusFiles(wd).load("BranchSFT/two-ranks")
     assert record["metadata"]["annotations"].get("local.branchmerge.dev/ranks") == "2"
     cost = record["status"]["cost"]
     assert cost["cpuSeconds"] >= 1.5 * rank0["cpuSeconds"], (cost, rank0)

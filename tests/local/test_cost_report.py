@@ -7,10 +7,12 @@ import re
 from pathlib import Path
 
 from branchmerge.api.cost import format_cost
-from branchmerge.operator.local.report import build_html, gather
-from branchmerge.operator.local.store import StatusStore
+from branchmerge.report import build_html, gather
+from branchmerge.operator.local.status_files import StatusFiles
 from branchmerge.operator.local.workdir import Workdir
 from branchmerge.operator.searchplan import LABEL_SEARCH
+
+from tests.conftest import manifest
 
 H = 3600.0
 
@@ -27,9 +29,8 @@ def _record(kind: str, name: str, spec: dict, gpu_hours: float | None, output: s
                           "gpuSeconds": gpu_hours * H, "peakMemoryBytes": 64 * 2**30, "attempts": 1}
     if output:
         status["output"] = {"uri": Path(output).as_uri()}
-    meta = {"name": name, "labels": {LABEL_SEARCH: search}} if search else {"name": name}
-    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": kind, "metadata": meta, "spec": spec,
-            "status": status}
+    labels = {"labels": {LABEL_SEARCH: search}} if search else {}
+    return manifest(kind, name, spec, metadata=labels, status=status)
 
 
 def _eval(tmp: Path, name: str, model: tuple[str, str], scores: dict[str, float]) -> dict:
@@ -43,7 +44,7 @@ def _eval(tmp: Path, name: str, model: tuple[str, str], scores: dict[str, float]
 def tinyr1_workdir(tmp: Path) -> Workdir:
     """TinyR1's shape with its Table 2 costs: branches, (math ⊕ science) ⊕ code, and a mixed-data SFT."""
     wd = Workdir.at(tmp / "wd")
-    store = StatusStore(wd)
+    store = StatusFiles(wd)
     base = {"base": {"uri": "hf://org/backbone"}}
     docs = [
         _record("BranchSFT", "base", {**base, "data": [{"uri": "file:///d/general.jsonl"}]}, 50),  # shared

@@ -5,13 +5,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from branchmerge.operator.local.store import StatusStore
+from branchmerge.operator.local.status_files import StatusFiles
 from branchmerge.operator.local.workdir import Workdir
+from branchmerge.trainer.tiny import perturbed, random_tensors, write_model
 
-from .conftest import merge, write_manifests, write_model
+from .conftest import merge, write_manifests
 
 
 def ready(st: dict) -> dict:
@@ -26,8 +28,9 @@ SLOW_SHAPES = {f"model.layers.{i}.mlp.up_proj.weight": (1024, 1024) for i in ran
 @pytest.fixture(scope="module")
 def large(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("large")
-    base = write_model(root / "a", 0, shapes=SLOW_SHAPES)
-    write_model(root / "b", 1, base, shapes=SLOW_SHAPES)
+    base = random_tensors(SLOW_SHAPES, 0)
+    write_model(root / "a", base)
+    write_model(root / "b", perturbed(base, 1, 0.05))
     return {"a": root / "a", "b": root / "b"}
 
 
@@ -38,7 +41,7 @@ def test_sigint_marks_running_interrupted_and_rerun_resumes(large, tmp_path):
         merge("second", "linear", ["first", large["b"]]),
     ])
     wd = tmp_path / "wd"
-    store = StatusStore(Workdir.at(wd))
+    store = StatusFiles(Workdir.at(wd))
     cmd = [sys.executable, "-m", "branchmerge.cli", "run", "-f", str(folder), "--workdir", str(wd), "--plain"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

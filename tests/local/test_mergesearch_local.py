@@ -3,7 +3,6 @@ winner used downstream through ``from: {kind: MergeSearch}``, the selection-on-t
 from __future__ import annotations
 
 import io
-import shutil
 
 import pytest
 import yaml
@@ -11,27 +10,13 @@ import yaml
 from branchmerge.api.manifests import load
 from branchmerge.operator.local.display import PlainDisplay
 from branchmerge.operator.local.runner import RunOptions, Runner
-from branchmerge.operator.local.store import StatusStore
+from branchmerge.operator.local.status_files import StatusFiles
 from branchmerge.operator.local.workdir import Workdir
 from branchmerge.operator.searchplan import SELECTION_ON_TEST
+from branchmerge.trainer.tiny import fine_tuned_copy
 
 pytestmark = pytest.mark.slow
 REPO_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "examples" / "data"
-
-
-def _branch(base, dest, seed: float):
-    """The tiny model plus a small deterministic task vector (a stand-in fine-tune)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(base, dest)
-    g = torch.Generator().manual_seed(int(seed))
-    for path in dest.glob("*.safetensors"):
-        tensors = load_file(path)
-        save_file({n: (t + 0.01 * torch.randn(t.shape, generator=g)).contiguous() for n, t in tensors.items()},
-                  path, metadata={"format": "pt"})
-    (dest / "_manifest.json").unlink(missing_ok=True)
-    return dest
 
 
 def _manifests(folder, base, math, code, data):
@@ -63,12 +48,12 @@ def _run(folder, workdir) -> tuple[int, Runner]:
 
 
 def test_search_runs_trials_as_cached_stages_and_publishes_the_winner(tiny_model, tmp_path):
-    math = _branch(tiny_model, tmp_path / "math", 1)
-    code = _branch(tiny_model, tmp_path / "code", 2)
+    math = fine_tuned_copy(tiny_model, tmp_path / "math", 1)
+    code = fine_tuned_copy(tiny_model, tmp_path / "code", 2)
     folder = _manifests(tmp_path / "m", tiny_model, math, code, REPO_DATA / "eval-math.jsonl")
     code_, runner = _run(folder, tmp_path / "work")
     assert code_ == 0, runner.failures()
-    store = StatusStore(Workdir.at(tmp_path / "work"))
+    store = StatusFiles(Workdir.at(tmp_path / "work"))
     search = store.load("MergeSearch/pick")["status"]
     assert search["phase"] == "Succeeded"
     summary = search["metrics"]

@@ -6,16 +6,18 @@ from datetime import datetime, timezone
 
 import pytest
 
-from branchmerge.operator import conditions as cond
+from branchmerge.api import conditions as cond
 from branchmerge.operator.local import cache
 from branchmerge.operator.local.display import eta_seconds
-from branchmerge.operator.local.report import Row, Stage, acceptance, gain_text, retention, verdicts
+from branchmerge.report import Row, Stage, acceptance, gain_text, retention, verdicts
 from branchmerge.operator.local.table import find, get_table
+
+from tests.conftest import manifest
 
 
 def merge_doc(uri_a: str, uri_b: str) -> dict:
-    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Merge", "metadata": {"name": "m"},
-            "spec": {"method": "linear", "models": [{"uri": uri_a}, {"uri": uri_b}], "output": {"uri": "file:///o"}}}
+    return manifest("Merge", "m", {"method": "linear", "models": [{"uri": uri_a}, {"uri": uri_b}],
+                                  "output": {"uri": "file:///o"}})
 
 
 def test_cache_key_follows_input_content_not_only_uris(tmp_path):
@@ -40,7 +42,7 @@ def test_is_cached_needs_success_same_key_and_intact_output(tmp_path):
     out.mkdir()
     files = {"model.safetensors": "a" * 64}
     (out / "_manifest.json").write_text(json.dumps({"files": files}))
-    from branchmerge.trainer.publish import combined_digest
+    from branchmerge.api.outputs import combined_digest
 
     record = {"metadata": {"annotations": {"local.branchmerge.dev/cache-key": "k1"}},
               "status": {"phase": "Succeeded", "output": {"uri": out.as_uri(), "digest": combined_digest(files)}}}
@@ -53,8 +55,7 @@ def test_is_cached_needs_success_same_key_and_intact_output(tmp_path):
 def record(kind, name, phase, reason, **status):
     st = {"phase": phase, "startTime": "2026-01-01T00:00:00Z", **status}
     cond.set_phase(st, phase, reason)
-    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": kind, "metadata": {"name": name},
-            "spec": {"domain": "math"} if kind == "BranchSFT" else {}, "status": st}
+    return manifest(kind, name, {"domain": "math"} if kind == "BranchSFT" else {}, status=st)
 
 
 def test_get_table_groups_kinds_in_pipeline_order_with_their_column():

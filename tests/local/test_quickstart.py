@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from branchmerge.api.manifests import load
-from branchmerge.operator.local.quickstart.manifests import pipeline
+from branchmerge.quickstart.manifests import pipeline
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
 EXAMPLE_INPUTS = "/tmp/branchmerge-quickstart/inputs"

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from branchmerge.trainer.publish import CARD
+from branchmerge.api.outputs import CARD
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,11 @@ import json
 import re
 from pathlib import Path
 
-from branchmerge.operator.local.report import build_html, decontamination_rows, gather
-from branchmerge.operator.local.store import StatusStore
+from branchmerge.report import build_html, decontamination_rows, gather
+from branchmerge.operator.local.status_files import StatusFiles
 from branchmerge.operator.local.workdir import Workdir
+
+from tests.conftest import manifest
 
 AYA = ("Every morning Aya goes for a 9-kilometer-long walk and stops at a coffee shop afterwards. When she walks "
        "at a constant speed of s kilometers per hour, the walk takes her 4 hours, including t minutes spent in "
@@ -20,8 +22,7 @@ def _record(kind: str, name: str, spec: dict, output: Path | None = None) -> dic
     status = {"phase": "Succeeded", "attempts": 1, "conditions": [], "metrics": {}}
     if output:
         status["output"] = {"uri": output.as_uri()}
-    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec,
-            "status": status}
+    return manifest(kind, name, spec, status=status)
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -50,7 +51,7 @@ def test_overlap_per_training_dataset_and_benchmark(tmp_path):
         {"prompt": AYA.replace("in the coffee", "in a coffee"), "response": "204"},
         {"prompt": "How far is the Moon?", "response": "384,400 km"}])
     wd = Workdir.at(tmp_path / "wd")
-    store = StatusStore(wd)
+    store = StatusFiles(wd)
     for doc in [
         _record("TeacherGen", "traces", {"decontaminate": {"benchmarks": [{"uri": bench.as_uri()}]}}, traces),
         _record("BranchSFT", "math", {"base": {"uri": "file:///m"},
@@ -79,7 +80,7 @@ def test_overlap_per_training_dataset_and_benchmark(tmp_path):
 
 def test_no_section_without_benchmarks_or_readable_data(tmp_path):
     wd = Workdir.at(tmp_path / "wd")
-    store = StatusStore(wd)
+    store = StatusFiles(wd)
     store.save(_record("BranchSFT", "b", {"base": {"uri": "file:///m"}, "data": [{"uri": "file:///nowhere.jsonl"}]}))
     store.save(_record("Eval", "e", {"model": {"uri": "file:///m"},
                                      "benchmarks": [{"name": "x", "kind": "math",

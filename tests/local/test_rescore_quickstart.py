@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from branchmerge.api.outputs import read_manifest, sha256_file
 from branchmerge.trainer.eval.rescore import open_source, rescore
-from branchmerge.trainer.publish import atomic_folder, read_manifest, sha256_file
+from branchmerge.trainer.publish import atomic_folder
 
 SCORE_KEYS = ("pass1", "stderr", "passAtK", "n", "samples", "correct", "meanTokens", "p95Tokens", "truncated",
               "rejected", "reasons")

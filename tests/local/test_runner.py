@@ -13,7 +13,7 @@ import pytest
 from branchmerge.api.manifests import load
 from branchmerge.operator.local.display import PlainDisplay
 from branchmerge.operator.local.runner import RunOptions, Runner, SelectionError
-from branchmerge.operator.local.store import StatusStore
+from branchmerge.operator.local.status_files import StatusFiles
 from branchmerge.operator.local.workdir import Workdir
 
 from .conftest import diamond, merge, write_manifests
@@ -27,7 +27,7 @@ def run(folder: Path, workdir: Path, **options) -> tuple[int, Runner, str]:
 
 
 def status(workdir: Path, key: str) -> dict:
-    return StatusStore(Workdir.at(workdir)).load(key)["status"]
+    return StatusFiles(Workdir.at(workdir)).load(key)["status"]
 
 
 def result(workdir: Path, key: str) -> dict:

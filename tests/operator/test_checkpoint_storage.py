@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 
 from branchmerge.api.validation import InvalidManifest, parse_resource
-from branchmerge.operator.builders import build_job
+from branchmerge.operator.pods.job import build_job
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import target
 
-from opfixtures import SFT_SPEC, cr
+from .kube_objects import SFT_SPEC, cr
 
 OPTS = OperatorOptions()
 

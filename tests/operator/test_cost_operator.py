@@ -13,8 +13,10 @@ from branchmerge.operator.emulator import Api, EmulatorThread, OperatorThread
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import Observed, plan
 
-from opfixtures import NS, SFT_SPEC, cr, finish_job
-from ophelpers import jobs_of, manifest, phase, scrape, wait_for
+from testcluster.wait import wait_for
+
+from .emulator_driver import jobs_of, manifest, phase, scrape
+from .kube_objects import NS, SFT_SPEC, cr, finish_job
 
 OPTS = OperatorOptions()
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z

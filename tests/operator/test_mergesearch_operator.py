@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 from testcluster.apiserver import ApiServer
+from testcluster.wait import wait_for
 
 from branchmerge.operator.emulator import Api, EmulatorThread, OperatorThread
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.searchplan import LABEL_SEARCH, SELECTION_ON_TEST
 
-from opfixtures import NS, pod
-from ophelpers import jobs_of, phase, result, wait_for
-from test_operator_rbac import rules
+from tests.conftest import API_VERSION as API
+from .emulator_driver import jobs_of, phase, result
+from .kube_objects import NS, pod
+from .test_operator_rbac import rules
 
 pytestmark = pytest.mark.timeout(180)
-API = "branchmerge.dev/v1alpha1"
 REPO = Path(__file__).resolve().parents[2]
 DEV = {"name": "math-dev", "kind": "math", "dataset": {"uri": "pvc://data/math-dev.jsonl"}}
 SEARCH = {

@@ -12,8 +12,8 @@ import pytest
 from branchmerge.operator.emulator import Api, EmulatorThread, OperatorThread
 from branchmerge.operator.options import OperatorOptions
 
-from opfixtures import NS, pipeline
-from ophelpers import events_for, finish, jobs_of, manifest, phase, result
+from .emulator_driver import events_for, finish, jobs_of, manifest, phase, result
+from .kube_objects import NS, pipeline
 
 KINDS = {"gen": "TeacherGen", "sft": "BranchSFT", "merge": "Merge", "eval": "Eval"}
 

@@ -12,8 +12,10 @@ import pytest
 
 from branchmerge.operator.emulator import Api, EmulatorThread
 
-from opfixtures import MERGE_SPEC, NS, cr
-from ophelpers import jobs_of, manifest, scrape, wait_for
+from testcluster.wait import wait_for
+
+from .emulator_driver import jobs_of, manifest, scrape
+from .kube_objects import MERGE_SPEC, NS, cr
 
 
 def free_port() -> int:

@@ -1,11 +1,11 @@
 """The stage's exit class reaches the control planes whatever launcher wraps it (operator/failures.py,
-trainer/errors.py stage_exit_code). Pure functions over the pod status a kubelet reports."""
+api/exit_codes.py stage_exit_code). Pure functions over the pod status a kubelet reports."""
 from __future__ import annotations
 
 import json
 
+from branchmerge.api.exit_codes import stage_exit_code
 from branchmerge.operator.failures import classify_failure
-from branchmerge.trainer.errors import stage_exit_code
 
 FAILED_JOB = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}
 

@@ -7,7 +7,7 @@ import sys
 
 def test_operator_never_imports_torch():
     code = ("import sys\n"
-            "import branchmerge.operator.controller, branchmerge.operator.plan, branchmerge.operator.builders\n"
+            "import branchmerge.operator.controller, branchmerge.operator.plan, branchmerge.operator.pods.job\n"
             "import branchmerge.operator.metrics, branchmerge.operator.kube, branchmerge.commands.operator\n"
             "from branchmerge.cli import build_parser\n"
             "build_parser()\n"

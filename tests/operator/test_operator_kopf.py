@@ -8,8 +8,10 @@ import pytest
 from branchmerge.operator.emulator import Api, EmulatorThread, OperatorThread
 from branchmerge.operator.options import OperatorOptions
 
-from opfixtures import MERGE_SPEC, NS, cr, pipeline
-from ophelpers import events_for, finish, jobs_of, manifest, phase, ready_reason, result, scrape, start, wait_for
+from testcluster.wait import wait_for
+
+from .emulator_driver import events_for, finish, jobs_of, manifest, phase, ready_reason, result, scrape, start
+from .kube_objects import MERGE_SPEC, NS, cr, pipeline
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,4 +1,4 @@
-"""plan() and the store over a CR's life (plain dicts): a finished run stays finished when the spec reads
+"""plan() and the cache over a CR's life (plain dicts): a finished run stays finished when the spec reads
 differently without a new generation (CRD defaults), reruns by annotation run once per value, children of a
 deleted namesake (another uid) are never adopted, and what a resync after a watch gap drops.
 The same cases end to end on the stand-in cluster: tests/cluster/test_operator_lifecycle.py."""
@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import copy
 
-from branchmerge.operator.conditions import get_condition
-from branchmerge.operator.naming import ANNOTATION_RERUN, owned_by
+from branchmerge.api.conditions import get_condition
+from branchmerge.api.labels import ANNOTATION_RERUN
+from branchmerge.operator.naming import owned_by
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import (WAITING_FOR_CLEANUP, Observed, finished_for_good, plan, run_hash, target,
                                        wait_for_cleanup)
-from branchmerge.operator.store import Store
+from branchmerge.operator.watch_cache import WatchCache
 
-from opfixtures import MERGE_SPEC, cr, finish_job, pod, result_message
+from .kube_objects import MERGE_SPEC, cr, finish_job, pod, result_message
 
 OPTS = OperatorOptions()
 T0 = 1_767_225_600.0
@@ -124,31 +125,31 @@ def _merge(name: str, uid: str, rv: int) -> dict:
 
 
 def test_store_resync_drops_what_a_later_list_lacks_and_keeps_what_came_after_it():
-    store = Store()
-    store.put_job(_job("gone", "j1", 5))
-    store.put_job(_job("kept", "j2", 6))
-    store.put_job(_job("newer", "j3", 20))  # created after the list below
-    store.put_cr(_merge("up", "c1", 7))
-    store.put_cr(_merge("down", "c2", 8))
+    cache = WatchCache()
+    cache.put_job(_job("gone", "j1", 5))
+    cache.put_job(_job("kept", "j2", 6))
+    cache.put_job(_job("newer", "j3", 20))  # created after the list below
+    cache.put_cr(_merge("up", "c1", 7))
+    cache.put_cr(_merge("down", "c2", 8))
     listed_jobs = {"kept": _job("kept", "j2", 6)}
-    assert [j["metadata"]["name"] for j in store.stale_jobs("ns", listed_jobs, 10)] == ["gone"]
+    assert [j["metadata"]["name"] for j in cache.stale_jobs("ns", listed_jobs, 10)] == ["gone"]
     down = _merge("down", "c2", 8)
-    assert [c["metadata"]["name"] for c in store.stale_crs("ns", "Merge", {"down": down}, 10)] == ["up"]
+    assert [c["metadata"]["name"] for c in cache.stale_crs("ns", "Merge", {"down": down}, 10)] == ["up"]
     # re-created under the same name during the gap: the stored one is another object
     recreated = {"up": _merge("up", "c9", 9), "down": down}
-    assert [c["metadata"]["name"] for c in store.stale_crs("ns", "Merge", recreated, 10)] == ["up"]
-    assert store.stale_jobs("ns", {}, None) == []  # no usable list version: drop nothing
-    assert store.namespaces() == {"ns"}
+    assert [c["metadata"]["name"] for c in cache.stale_crs("ns", "Merge", recreated, 10)] == ["up"]
+    assert cache.stale_jobs("ns", {}, None) == []  # no usable list version: drop nothing
+    assert cache.namespaces() == {"ns"}
 
 
 def test_store_keys_children_by_owner_uid():
-    store = Store()
-    key = store.put_job(_job("m-abc-1", "old-job", 5, owner_uid="cr-old"))
-    assert store.jobs_of(key, "cr-new") == [] and len(store.jobs_of(key, "cr-old")) == 1
-    store.put_job(_job("m-abc-1", "new-job", 9, owner_uid="cr-new"))  # same name, the new CR's
+    cache = WatchCache()
+    key = cache.put_job(_job("m-abc-1", "old-job", 5, owner_uid="cr-old"))
+    assert cache.jobs_of(key, "cr-new") == [] and len(cache.jobs_of(key, "cr-old")) == 1
+    cache.put_job(_job("m-abc-1", "new-job", 9, owner_uid="cr-new"))  # same name, the new CR's
     # the old Job's DELETED event, late: must not remove the new Job of the same name
-    assert store.drop_job(_job("m-abc-1", "old-job", 10, owner_uid="cr-old")) is None
-    assert [j["metadata"]["uid"] for j in store.jobs_of(key, "cr-new")] == ["new-job"]
-    store.put_cr(_merge("m", "cr-new", 11))
-    assert store.drop_cr("ns", "Merge", "m", uid="cr-old") is False and ("ns", "Merge", "m") in store.crs
-    assert store.drop_cr("ns", "Merge", "m", uid="cr-new") is True and ("ns", "Merge", "m") not in store.crs
+    assert cache.drop_job(_job("m-abc-1", "old-job", 10, owner_uid="cr-old")) is None
+    assert [j["metadata"]["uid"] for j in cache.jobs_of(key, "cr-new")] == ["new-job"]
+    cache.put_cr(_merge("m", "cr-new", 11))
+    assert cache.drop_cr("ns", "Merge", "m", uid="cr-old") is False and ("ns", "Merge", "m") in cache.crs
+    assert cache.drop_cr("ns", "Merge", "m", uid="cr-new") is True and ("ns", "Merge", "m") not in cache.crs

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 
+from branchmerge.api.conditions import get_condition
+from branchmerge.api.labels import ANNOTATION_RESULT
 from branchmerge.operator.failures import classify_failure, stage_result
-from branchmerge.operator.naming import ANNOTATION_RESULT
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import Observed, plan, status_changed, target, transition_events, upstream_view
-from branchmerge.operator.conditions import get_condition
 
-from opfixtures import MERGE_SPEC, cr, finish_job, pipeline, pod, result_message
+from .kube_objects import MERGE_SPEC, cr, finish_job, pipeline, pod, result_message
 
 OPTS = OperatorOptions()
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z

@@ -18,13 +18,13 @@ import pytest
 
 from branchmerge.operator.kube import KubeClient
 from branchmerge.operator.progress_api import ProgressReceiver, Refused, sanitize
-from branchmerge.operator.store import Store
+from branchmerge.operator.watch_cache import WatchCache
 from branchmerge.trainer.progress import Progress
 from branchmerge.trainer.progress_k8s import ReportSink
 from testcluster.apiserver import ApiServer
 from testcluster.client import Client
+from testcluster.wait import wait_for
 
-from ophelpers import wait_for
 
 AUDIENCE = "branchmerge.dev/progress"
 
@@ -101,7 +101,7 @@ def test_stage_entry_reports_through_the_sink_when_enabled(tmp_path):
         fake.run = run
         sys.modules["branchmerge.trainer.merge.stage"] = fake
         import branchmerge.trainer.stage as stage
-        code = stage.run("merge", sys.argv[1])
+        code = stage.run_stage("merge", sys.argv[1])
         assert not [m for m in sys.modules if m.split(".")[0] in ("kubernetes", "kopf")], "data plane imported k8s"
         print("exit", code)
     """)
@@ -175,12 +175,12 @@ def test_receiver_accepts_only_a_pod_of_a_job_of_the_cr():
                     return answer["status"]["token"]
 
                 stage_token, stray_token = await pod("m-abc-1-0", job), await pod("stray", None)
-                store = Store()
-                store.put_cr(cr)
-                store.put_job(job)
+                cache = WatchCache()
+                cache.put_cr(cr)
+                cache.put_job(job)
                 woken = []
                 client = KubeClient(lambda: asyncio.sleep(0, _Conn(server.url)))
-                receiver = ProgressReceiver(client, store, woken.append)
+                receiver = ProgressReceiver(client, cache, woken.append)
                 try:
                     key = await receiver.accept(stage_token, {"fraction": 0.5, "message": "half", "metrics": {"x": 1}})
                     assert key == ("ns", "Merge", "m") and woken == [key]
@@ -191,7 +191,7 @@ def test_receiver_accepts_only_a_pod_of_a_job_of_the_cr():
                         await receiver.accept("forged.token.x", {"fraction": 0.9})
                     assert err.value.status == 401
                     # the CR was deleted and re-created under the same name: the old Job is not its child
-                    store.put_cr({**cr, "metadata": {**cr["metadata"], "uid": "another-uid", "resourceVersion": "99999"}})
+                    cache.put_cr({**cr, "metadata": {**cr["metadata"], "uid": "another-uid", "resourceVersion": "99999"}})
                     receiver._reviews.clear()
                     with pytest.raises(Refused) as err:
                         await receiver.accept(stage_token, {"fraction": 0.9})
@@ -213,12 +213,12 @@ def test_receiver_accepts_only_a_pod_of_a_job_of_the_cr():
 
 def test_a_standby_replica_answers_503():
     """With two replicas the progress Service may route a pod to the standby; it refuses quickly (Retry-After)
-    instead of checking against a store that is not current."""
+    instead of checking against a cache that is not current."""
     import urllib.error
     import urllib.request
 
     async def main():
-        receiver = ProgressReceiver(None, Store(), lambda key: None, acting=lambda: False)
+        receiver = ProgressReceiver(None, WatchCache(), lambda key: None, acting=lambda: False)
         port = await receiver.start("127.0.0.1", 0)
         try:
             def post():

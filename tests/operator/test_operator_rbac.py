@@ -9,8 +9,10 @@ import yaml
 from branchmerge.operator.emulator import Api, EmulatorThread, OperatorThread
 from branchmerge.operator.options import OperatorOptions
 
-from opfixtures import NS, pipeline
-from ophelpers import finish, jobs_of, manifest, phase, result, wait_for
+from testcluster.wait import wait_for
+
+from .emulator_driver import finish, jobs_of, manifest, phase, result
+from .kube_objects import NS, pipeline
 
 RBAC = Path(__file__).resolve().parents[2] / "deploy" / "rbac"
 TOKEN_REVIEW = ("authentication.k8s.io", "tokenreviews", "create")

@@ -1,4 +1,4 @@
-"""The operator's small runtime pieces: work queue, store, metrics shapes, the pinned-result rule."""
+"""The operator's small runtime pieces: work queue, cache, metrics shapes, the pinned-result rule."""
 from __future__ import annotations
 
 import asyncio
@@ -6,10 +6,10 @@ import asyncio
 from branchmerge.operator.metrics import OperatorMetrics, benchmark_score
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import Observed, plan, upstream_view
-from branchmerge.operator.store import Store, upstream_keys
+from branchmerge.operator.watch_cache import WatchCache, upstream_keys
 from branchmerge.operator.workqueue import WorkQueue
 
-from opfixtures import cr, pipeline
+from .kube_objects import cr, pipeline
 
 
 def test_workqueue_dedups_serialises_and_delays():
@@ -36,7 +36,7 @@ def test_workqueue_dedups_serialises_and_delays():
 
 
 def test_store_ignores_stale_events_and_finds_downstreams():
-    s = Store()
+    s = WatchCache()
     gen, sft, merge, _ = pipeline()
     gen["metadata"]["resourceVersion"] = "5"
     assert s.put_cr(gen) == (True, True)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 
+from branchmerge.api.conditions import get_condition
 from branchmerge.operator import pending
-from branchmerge.operator.conditions import get_condition
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import Observed, plan, target
 
-from opfixtures import MERGE_SPEC, SFT_SPEC, cr
+from .kube_objects import MERGE_SPEC, SFT_SPEC, cr
 
 OPTS = OperatorOptions(pending_deadline_seconds=600, pending_recheck_seconds=7)
 

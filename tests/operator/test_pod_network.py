@@ -7,12 +7,12 @@ import copy
 
 import pytest
 
-from branchmerge.operator import conditions as C
-from branchmerge.operator.builders import build_job
+from branchmerge.api import conditions as C
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import Blocked, target
+from branchmerge.operator.pods.job import build_job
 
-from opfixtures import EVAL_SPEC, MERGE_SPEC, SFT_SPEC, TG_SPEC, cr
+from .kube_objects import EVAL_SPEC, MERGE_SPEC, SFT_SPEC, TG_SPEC, cr
 
 OPTS = OperatorOptions(image="trainer:1", hf_token_secret="hf-secret")
 MULTUS = "k8s.v1.cni.cncf.io/networks"

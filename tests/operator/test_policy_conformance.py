@@ -20,16 +20,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from branchmerge.api import conditions as C
 from branchmerge.api.manifests import load
-from branchmerge.operator import conditions as C
+from branchmerge.api.timefmt import format_time
 from branchmerge.operator.local import runner as local_runner
 from branchmerge.operator.local.runner import RunOptions, Runner
-from branchmerge.operator.local.store import StatusStore
+from branchmerge.operator.local.status_files import StatusFiles
 from branchmerge.operator.local.workdir import Workdir
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import Observed, plan, upstream_view
 
-from opfixtures import cr, finish_job, pod
+from .kube_objects import cr, finish_job, pod
 
 OPTS = OperatorOptions()
 
@@ -129,7 +130,7 @@ def run_operator(row: Row) -> tuple[dict, list]:
                 message = {"phase": "Succeeded", "outputUri": doc["spec"]["output"]["uri"], "digest": "sha256:x"} \
                     if code == 0 else {"phase": "Failed", "error": f"exit {reported}", "exitCode": reported}
                 pods[name] = [pod(name, exit_code=code, message=message)]
-                jobs[n][jobs[n].index(job)] = finish_job(job, code == 0, when=C.format_time(now))
+                jobs[n][jobs[n].index(job)] = finish_job(job, code == 0, when=format_time(now))
                 changed = True
         if not changed:
             if any(outcomes.values()) or any(d.get("status", {}).get("phase") == "Running" for d in crs.values()):
@@ -151,8 +152,9 @@ import yaml
 out = yaml.safe_load(open(spec_file))["spec"]["output"]["uri"]
 result = {"phase": "Failed", "error": f"exit {reported}", "exitCode": reported}
 if code == 0:
-    from branchmerge.trainer.publish import atomic_folder, combined_digest, read_manifest
-    from branchmerge.trainer.uris import local_path
+    from branchmerge.api.outputs import combined_digest, read_manifest
+    from branchmerge.api.uris import local_path
+    from branchmerge.trainer.publish import atomic_folder
     with atomic_folder(local_path(out)) as tmp:
         (tmp / "model.safetensors").write_bytes(b"weights")
     result = {"phase": "Succeeded", "outputUri": out, "digest": combined_digest(read_manifest(local_path(out)))}
@@ -200,7 +202,7 @@ def run_local(row: Row, tmp_path: Path, monkeypatch) -> tuple[dict, list]:
     monkeypatch.setattr(local_runner, "stage_command", scripted)
     display = Transitions()
     Runner(load([root / "m"]), Workdir.at(root / "wd"), RunOptions(jobs=2), display).run()
-    store = StatusStore(Workdir.at(root / "wd"))
+    store = StatusFiles(Workdir.at(root / "wd"))
     states = {n: _summary(store.load(f"Merge/{n}")["status"]) for n in row.chain}
     return states, [t for t in display.seen.get("Merge/a", []) if t[0] != "Pending"]
 

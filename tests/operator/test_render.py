@@ -267,7 +267,7 @@ def test_what_the_operator_refuses_fails_with_its_reason(capsys):
 
 
 def test_an_object_kubernetes_would_reject_fails_with_exit_1(capsys, tmp_path):
-    doc = yaml.safe_load((REPO / "examples/01-merge-ties/merge.yaml").read_text())
+    doc = yaml.safe_load((REPO / "examples/cluster/teachergen-openai.yaml").read_text())
     doc["metadata"]["labels"] = {"team": "x" * 64}  # copied onto every child, where the API server refuses it
     (tmp_path / "cr.yaml").write_text(yaml.safe_dump(doc))
     code, out, err = render(capsys, "-f", str(tmp_path))

@@ -1,5 +1,5 @@
-"""Shared bits of the API-server stand-in tests: a threaded server per module, a blocking way to run the
-asyncio client, and polling."""
+"""Shared bits of the API-server stand-in tests: a blocking way to run the asyncio client, raw HTTP
+requests, the committed CRDs and examples, and polling from asyncio code."""
 from __future__ import annotations
 
 import asyncio
@@ -45,17 +45,6 @@ def raw(url: str, method: str, path: str, body: bytes | None = None, content_typ
         return status, text, headers
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
-
-
 def crd(plural: str) -> dict:
     return yaml.safe_load((CRDS / f"branchmerge.dev_{plural}.yaml").read_text())
 
@@ -68,12 +57,15 @@ def configmap(name: str, **meta) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, **meta}, "data": {"k": "v"}}
 
 
-async def eventually(fn, what: str, timeout: float = 30.0):
-    """Await ``fn()`` until it returns something truthy (that value), or fail naming ``what``."""
+async def eventually(fn, what: str = "condition", timeout: float = 30.0):
+    """Call ``fn()`` (a plain function or a coroutine function) until it gives something truthy (that value),
+    or fail naming ``what``: the asyncio sibling of testcluster.wait.wait_for."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
-        last = await fn()
+        last = fn()
+        if asyncio.iscoroutine(last):
+            last = await last
         if last:
             return last
         await asyncio.sleep(0.05)

@@ -10,8 +10,9 @@ import pytest
 from testcluster import ApiServer
 from testcluster.admission import format_quantity, pod_usage
 from testcluster.podspec import quantity
+from testcluster.wait import wait_for
 
-from apiserver_helpers import call, raw, wait_for
+from .apiserver_helpers import call, raw
 
 _ns = itertools.count()
 

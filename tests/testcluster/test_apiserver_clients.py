@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from apiserver_helpers import MERGES, call, configmap, example
+from .apiserver_helpers import MERGES, call, configmap, example
 
 from testcluster import ApiServer
 
@@ -21,7 +21,7 @@ def test_emulator_api_helper_works_unchanged(server):
     from branchmerge.operator.emulator import Api
 
     api = Api(server.url)
-    merge = example("01-merge-ties/merge.yaml")[0]
+    merge = example("02-merge-methods/ties.yaml")[0]
     created = api.create(merge)
     assert created["metadata"]["uid"] and created["spec"]["dtype"]
     assert api.get("Merge", "default", merge["metadata"]["name"])["kind"] == "Merge"
@@ -56,7 +56,7 @@ def test_kubeconfig_logs_in_kopf_the_operator_command_and_the_official_client(se
     assert "official" in names
     assert core.read_namespace("default").status.phase == "Active"
     custom = kubernetes.client.CustomObjectsApi(client)
-    doc = example("01-merge-ties/merge.yaml")[0]
+    doc = example("02-merge-methods/ties.yaml")[0]
     doc["metadata"]["name"] = "official-merge"
     custom.create_namespaced_custom_object("branchmerge.dev", "v1alpha1", "default", "merges", doc)
     got = custom.get_namespaced_custom_object("branchmerge.dev", "v1alpha1", "default", "merges", "official-merge")

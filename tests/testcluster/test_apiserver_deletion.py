@@ -6,9 +6,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from apiserver_helpers import call, configmap, raw, wait_for
 
 from testcluster import ApiError, ApiServer
+from testcluster.wait import wait_for
+
+from .apiserver_helpers import call, configmap, raw
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import copy
 import json
 
 import pytest
-from apiserver_helpers import MERGES, call, configmap, crd, example, raw
+from .apiserver_helpers import MERGES, call, configmap, crd, example, raw
 
 from testcluster import ApiError, ApiServer
 
@@ -19,7 +19,7 @@ def server():
 
 
 def merge_doc(name: str = "m1") -> dict:
-    doc = copy.deepcopy(example("01-merge-ties/merge.yaml")[0])
+    doc = copy.deepcopy(example("02-merge-methods/ties.yaml")[0])
     doc["metadata"]["name"] = name
     return doc
 
@@ -444,7 +444,7 @@ def test_service_cluster_ip_pvc_binding_and_secret_string_data(server):
     call(server.url, "create", "v1", "persistentvolumeclaims", "default",
          {"metadata": {"name": "models"}, "spec": {"accessModes": ["ReadWriteMany"],
                                                    "resources": {"requests": {"storage": "10Gi"}}}})
-    from apiserver_helpers import wait_for
+    from testcluster.wait import wait_for
     claim = wait_for(lambda: (lambda c: c if (c.get("status") or {}).get("phase") == "Bound" else None)(
         call(server.url, "get", "v1", "persistentvolumeclaims", "default", "models")))
     assert claim["status"]["capacity"] == {"storage": "10Gi"}

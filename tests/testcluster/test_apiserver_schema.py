@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from apiserver_helpers import call, crd
+from .apiserver_helpers import call, crd
 
 from testcluster import ApiError, ApiServer
 

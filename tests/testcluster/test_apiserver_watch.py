@@ -8,9 +8,11 @@ import threading
 import time
 
 import pytest
-from apiserver_helpers import MERGES, call, configmap, example, raw, wait_for
 
 from testcluster import ApiError, ApiServer, Client, Gone, Informer
+from testcluster.wait import wait_for
+
+from .apiserver_helpers import MERGES, call, configmap, example, raw
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def test_list_shape_and_pages(server, selector_ns):
                            + doc["metadata"]["continue"])
     assert [o["metadata"]["name"] for o in page2["items"]] == ["c"]  # a consistent snapshot
     assert page2["metadata"]["resourceVersion"] == rv and not page2["metadata"].get("continue")
-    call(server.url, "create", MERGES, "merges", "default", example("01-merge-ties/merge.yaml")[0])
+    call(server.url, "create", MERGES, "merges", "default", example("02-merge-methods/ties.yaml")[0])
     _, merges, _ = raw(server.url, "GET", f"/apis/{MERGES}/namespaces/default/merges")
     assert merges["kind"] == "MergeList" and merges["items"][0]["kind"] == "Merge"
     items, _ = call(server.url, "list", "v1", "configmaps", selector_ns, limit=1)  # the client follows pages
@@ -274,7 +276,7 @@ def test_kopf_relists_after_a_compaction():
 
     with ApiServer(gc="off", bookmark_interval=1) as srv:
         for i in range(3):
-            doc = example("01-merge-ties/merge.yaml")[0]
+            doc = example("02-merge-methods/ties.yaml")[0]
             doc["metadata"]["name"] = f"k{i}"
             call(srv.url, "create", MERGES, "merges", "default", doc)
         registry = kopf.OperatorRegistry()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import time
 
 import pytest
 
@@ -14,6 +13,8 @@ from testcluster import ApiServer
 from testcluster.client import Client
 from testcluster.events import EventRecorder
 from testcluster.jobcontroller import JobController
+
+from .apiserver_helpers import eventually
 
 PY = "testcluster/python:3.11"
 _ns = itertools.count()
@@ -24,17 +25,6 @@ async def events(client: Client, ns: str, name: str, reason: str | None = None) 
     selector = f"involvedObject.name={name}" + (f",reason={reason}" if reason else "")
     items, _ = await client.list("v1", "events", ns, field_selector=selector)
     return items
-
-
-async def eventually(fn, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met in {timeout} s")
-        await asyncio.sleep(0.1)
 
 
 def job_body(name: str, cpu: str) -> dict:

@@ -20,6 +20,8 @@ from testcluster.client import ApiError, Client, Informer
 from testcluster.jobcontroller import JobController
 from testcluster.ttl import TTLController
 
+from .apiserver_helpers import eventually
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 BASE = 0.6  # the pod-failure backoff base used here (real: 10 s)
@@ -139,19 +141,6 @@ class FakeNode:
                 "phase") != "Pending", what=f"{name} running")
         await self.set_status(pod["metadata"]["name"], "Succeeded" if exit_code == 0 else "Failed", exit_code,
                               conditions)
-
-
-async def eventually(fn, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.03)
 
 
 class Env:

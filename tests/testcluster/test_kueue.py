@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from apiserver_helpers import eventually
+from .apiserver_helpers import eventually
 from testcluster import ApiServer
 from testcluster.client import Client
 from testcluster.jobcontroller import JobController

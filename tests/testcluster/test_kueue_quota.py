@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from apiserver_helpers import eventually
+from .apiserver_helpers import eventually
 from testcluster import ApiServer
 from testcluster.client import Client
 from testcluster.jobcontroller import JobController

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,6 @@ from branchmerge.trainer import decontamination as dc
 from branchmerge.trainer.decontamination import Gate, normalize
 from branchmerge.trainer.errors import InvalidInput
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "engine"))
-from fake_openai import server  # noqa: E402,F401  (fixture)
 
 # AIME 2024 I-1 and II-1 (as the public release words them), a GPQA-style one and a short one
 AYA = ("Every morning Aya goes for a 9-kilometer-long walk and stops at a coffee shop afterwards. When she walks "
@@ -142,7 +139,7 @@ def test_benchmark_questions_from_files(tmp_path):
 
 def test_the_spec_field_is_walked_by_the_reference_graph_and_hf_staging():
     from branchmerge.api.graph import references
-    from branchmerge.trainer.uris import hf_inputs
+    from branchmerge.api.uris import hf_inputs
 
     doc = {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "BranchSFT", "metadata": {"name": "b"},
            "spec": {"base": {"uri": "file:///m"}, "data": [{"uri": "file:///d.jsonl"}],
@@ -246,7 +243,7 @@ def _sft_spec(tmp: Path, bench: Path, **gate):
 
 
 def _resolve(ref, what):
-    from branchmerge.trainer.uris import local_path
+    from branchmerge.api.uris import local_path
 
     return local_path(ref.uri)
 
@@ -292,8 +289,8 @@ def test_sft_token_cache_key_follows_the_gate_and_its_benchmark(tmp_path, tiny_m
 def test_the_quickstart_gate_passes_its_training_data_and_catches_a_leaked_question(tmp_path):
     """The quickstart declares the gate on its TeacherGens and outside-data SFTs: its own data (prompts drawn
     apart from the held-out splits) passes whole, and a held-out question copied into the prompts is caught."""
-    from branchmerge.operator.local.quickstart.manifests import pipeline
-    from branchmerge.operator.local.quickstart.prepare import prepare
+    from branchmerge.quickstart.manifests import pipeline
+    from branchmerge.quickstart.prepare import prepare
     from branchmerge.trainer.teachergen.prompts import render
 
     root = prepare(tmp_path / "inputs", "reduced")

@@ -15,13 +15,12 @@ import torch
 import yaml
 
 from branchmerge import __version__
-from branchmerge.api.lineage import render_tree
+from branchmerge.api.lineage import read_lineage, render_tree, tree
+from branchmerge.api.outputs import CARD, read_manifest
 from branchmerge.trainer import card
-from branchmerge.trainer.lineage import read_lineage, tree
-from branchmerge.trainer.publish import CARD, read_manifest
-from branchmerge.trainer.stage import run
-from tests.trainer.merge.merge_models import (layer_shapes, merge_manifest, perturbed, random_tensors,
-                                              write_manifest, write_model)
+from branchmerge.trainer.stage import run_stage
+from branchmerge.trainer.tiny import perturbed, random_tensors, write_model
+from tests.trainer.merge.merge_models import layer_shapes, merge_manifest, write_manifest
 
 LICENSED = "---\nlicense: apache-2.0\nlanguage: en\n---\n# base\n"
 
@@ -36,7 +35,7 @@ def _digest_by_hand(folder: Path) -> str:
 
 def _stage(tmp_path: Path, manifest: dict) -> dict:
     name = manifest["metadata"]["name"]
-    code = run("merge", write_manifest(tmp_path / f"{name}.yaml", manifest), tmp_path / f"{name}.json")
+    code = run_stage("merge", write_manifest(tmp_path / f"{name}.yaml", manifest), tmp_path / f"{name}.json")
     result = json.loads((tmp_path / f"{name}.json").read_text())
     assert code == 0, result
     return result
@@ -147,7 +146,7 @@ def test_evals_add_their_scores_to_the_card_and_leave_the_digest_alone(chain):
     assert "| e3 | aime | 0.300 | 0.050 | 4 | 30 | 812.5 |" in text
     files = read_manifest(model)
     assert not any(f.startswith("_card/") or f == CARD for f in files)
-    from branchmerge.trainer.publish import combined_digest, folder_digests
+    from branchmerge.api.outputs import combined_digest, folder_digests
 
     assert combined_digest(folder_digests(model)) == r2["digest"]  # re-hashed now: still the same identity
 

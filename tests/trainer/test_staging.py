@@ -1,4 +1,4 @@
-"""hf:// staging (operator/builders.py's stage-input init containers run trainer/staging.py) against a local
+"""hf:// staging (operator/pods/staging.py's stage-input init containers run trainer/staging.py) against a local
 Hub: many pods at once download once, the folder only ever appears whole, a dead downloader's lock and
 leftovers are taken over; dataset repositories, revisions and subpaths; the commit each input was staged at,
 recorded beside it and in the output manifest of the stage that read it; failures classed as the Hub answers
@@ -21,14 +21,18 @@ import time
 from pathlib import Path
 
 import pytest
-from hub_standin import HubStandIn
 
-from branchmerge.operator.builders import STAGING_ROOT, build_job
+from branchmerge.api.uris import local_path, parse_hf_uri, staged_name
 from branchmerge.operator.failures import classify_failure
 from branchmerge.operator.options import OperatorOptions
 from branchmerge.operator.plan import target
+from branchmerge.operator.pods.job import build_job
+from branchmerge.operator.pods.staging import STAGING_ROOT
 from branchmerge.trainer.staging import SOURCE_FILE
-from branchmerge.trainer.uris import local_path, parse_hf_uri, staged_name
+
+from tests.conftest import manifest
+
+from .hub_standin import HubStandIn
 
 FILES = {f"model-{i:02d}.safetensors": bytes([i]) * 1000 for i in range(4)}
 TOKEN = "hf_standin_secret_token_0123456789"
@@ -36,8 +40,7 @@ OPTS = OperatorOptions(staging_claim="hf-cache")
 
 
 def _cr(kind: str, spec: dict) -> dict:
-    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": kind,
-            "metadata": {"name": "x", "namespace": "ns", "uid": "u"}, "spec": spec}
+    return manifest(kind, "x", spec, metadata={"namespace": "ns", "uid": "u"})
 
 
 def _merge(*uris: str, out: str = "pvc://out/m") -> dict:
@@ -228,22 +231,20 @@ def test_a_private_repository_with_its_token_stages(tmp_path, hub):
     assert ran.returncode == 0 and repo.commit in ran.stdout and TOKEN not in ran.stdout + ran.stderr
 
 
-def _model_files(seed: int) -> dict[str, bytes]:
-    import torch
-    from safetensors.torch import save
+def _model_files(folder: Path, seed: int) -> dict[str, bytes]:
+    """A small raw model's files, as a hub repository holds them."""
+    from branchmerge.trainer.tiny import random_tensors, write_model
 
-    g = torch.Generator().manual_seed(seed)
-    tensors = {"model.embed_tokens.weight": torch.randn(8, 4, generator=g),
-               "model.norm.weight": torch.randn(4, generator=g), "lm_head.weight": torch.randn(8, 4, generator=g)}
-    config = {"model_type": "toy", "vocab_size": 8, "tie_word_embeddings": False, "dtype": "float32"}
-    return {"model.safetensors": save(tensors, metadata={"format": "pt"}), "config.json": json.dumps(config).encode()}
+    shapes = {"model.embed_tokens.weight": (8, 4), "model.norm.weight": (4,), "lm_head.weight": (8, 4)}
+    write_model(folder, random_tensors(shapes, seed))
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
 def test_the_stage_records_each_inputs_commit_in_its_manifest_and_metrics(tmp_path, hub, monkeypatch):
-    from branchmerge.trainer.stage import run as run_stage
+    from branchmerge.trainer.stage import run_stage
 
-    a = hub.add("model", "org/expert-a", _model_files(1))
-    b = hub.add("model", "org/expert-b", {**_model_files(2), "original/consolidated.pth": b"p"}, refs={})
+    a = hub.add("model", "org/expert-a", _model_files(tmp_path / "expert-a", 1))
+    b = hub.add("model", "org/expert-b", {**_model_files(tmp_path / "expert-b", 2), "original/consolidated.pth": b"p"}, refs={})
     b.refs["v1"] = b.commit
     uris = ["hf://org/expert-a", "hf://org/expert-b@v1"]
     out = tmp_path / "merged"

@@ -12,9 +12,8 @@ from pathlib import Path
 from ...api.common import Engine
 from ..errors import InvalidInput
 from .base import Completion, EngineError, TextEngine, request_seed, with_system_prompt
-from .openai_engine import API_KEY_ENV
 
-__all__ = ["API_KEY_ENV", "Completion", "EngineError", "TextEngine", "open_engine", "request_seed",
+__all__ = ["Completion", "EngineError", "TextEngine", "open_engine", "request_seed",
            "with_system_prompt"]
 
 

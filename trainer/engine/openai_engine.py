@@ -56,13 +56,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from ...api.common import Engine, Sampling
+from ...api.common import API_KEY_ENV, Engine, Sampling
 from ..errors import InvalidInput, Retryable
 from .base import Completion, Conversation, Finished, ProgressCallback, TextEngine
 from .chat import join_reasoning
 from .sse import SSEDecoder, StreamedAnswer, StreamError
 
-API_KEY_ENV = "BRANCHMERGE_API_KEY"
 RETRY_STATUSES = frozenset({408, 409, 425, 429})  # besides every 5xx
 CONFIG_STATUSES = frozenset({401, 403, 404})  # refusals that usually mean a wrong key, URL or model
 REFUSAL_LIMIT = 16  # config refusals with no acceptance in between that stop the stage

@@ -46,7 +46,7 @@ def results_markdown(results: dict) -> str:
         f"Model: `{results.get('model', '')}`  ",
         "Sampling: " + ", ".join(f"{k}={sampling[k]}" for k in ("temperature", "topP", "maxTokens", "seed")
                                  if k in sampling) + "  ",
-        f"Score (mean pass@1 over benchmarks): **{pct(results['score'])}**",
+        f"Score (mean pass@1 over benchmarks): **{pct(results['score'])}%**",
         "",
     ]
     rows = []

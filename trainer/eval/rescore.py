@@ -25,18 +25,19 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from ...api.eval import Benchmark
-from ..engine.base import Completion
+from ...api.outputs import combined_digest, read_manifest, sha256_file
+from ...api.timefmt import format_time
+from ...api.uris import UnresolvableUri, local_path
 from ..datasets import read_records
+from ..engine.base import Completion
 from ..errors import InvalidInput
 from ..grading import graders_digest
-from ..publish import combined_digest, read_manifest, sha256_file
-from ..uris import UnresolvableUri, local_path
 from .data import DataError, load_records, question_id
 from .prompts import LETTERS
 from .questions import (Question, QuestionError, grading_material, graded_record, material_record,
                         tests_digest)
 from .report import RESULTS_JSON, ResultsError, load_results
-from .stage import BenchmarkRun, _rounded, dataset_fields, publish, score_benchmark, status_metrics
+from .stage import LoadedBenchmark, _rounded, dataset_fields, publish, score_benchmark, status_metrics
 
 RESCORED = "rescored"
 CHANGES = "changes.jsonl"
@@ -168,7 +169,7 @@ def _completion(sample: dict) -> Completion:
                       error=sample.get("error"))
 
 
-def rebuild(name: str, info: dict, rows: list[dict], fallback: DatasetFallback) -> tuple[BenchmarkRun, list]:
+def rebuild(name: str, info: dict, rows: list[dict], fallback: DatasetFallback) -> tuple[LoadedBenchmark, list]:
     """The benchmark's questions and saved completions, as the stage had them before grading."""
     kind = info["kind"]
     questions, completions = [], []
@@ -203,7 +204,7 @@ def rebuild(name: str, info: dict, rows: list[dict], fallback: DatasetFallback) 
         "name": name, "kind": kind, "samples": len(first["samples"]), "shuffleChoices": shuffled,
         "dataset": {"uri": info.get("dataset") or "file:///unknown"}, "fields": info.get("fields") or {},
         **({"systemPrompt": first["systemPrompt"]} if first.get("systemPrompt") else {})})
-    return BenchmarkRun(spec, 0, questions), completions
+    return LoadedBenchmark(spec, 0, questions), completions
 
 
 def _changes(name: str, before: list[dict], after: list[dict]) -> list[dict]:
@@ -265,7 +266,7 @@ def rescore(source: Source, out_dir: Path, *, name: str | None = None, code_time
                     "previousScore": old.get("score"), "previousGraders": old.get("graders"),
                     "changedVerdicts": len(changes)},
         "timing": {"grading": time.time() - started},
-        "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "createdAt": format_time(),
     })
     publish(out_dir, results, records, {CHANGES: changes})
     return results, changes

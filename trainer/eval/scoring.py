@@ -26,16 +26,16 @@ def grade_all(kind: str, questions: Sequence[Question], completions: Sequence[Se
     """Per question, one Verdict per completion (same order)."""
     from ..grading import Verdict, grade
 
-    jobs = []
+    answers = []
     for q, comps in zip(questions, completions):
         for i, completion in enumerate(comps):
             graded = q.graded[i] if len(q.graded) > 1 else q.graded[0]
-            jobs.append((completion, graded))
-    total = len(jobs)
+            answers.append((completion, graded))
+    total = len(answers)
     done = 0
 
-    def one(job):
-        completion, record = job
+    def one(answer):
+        completion, record = answer
         text = completion.text
         if getattr(completion, "rejected", None):  # no answer to grade: wrong, with the engine's reason
             return Verdict(False, f"engine:{completion.rejected}")
@@ -46,14 +46,14 @@ def grade_all(kind: str, questions: Sequence[Question], completions: Sequence[Se
     verdicts: list[Any] = []
     if kind == "code":
         with ThreadPoolExecutor(max_workers=code_workers()) as pool:
-            for verdict in pool.map(one, jobs):
+            for verdict in pool.map(one, answers):
                 verdicts.append(verdict)
                 done += 1
                 if on_progress:
                     on_progress(done, total)
     else:
-        for job in jobs:
-            verdicts.append(one(job))
+        for answer in answers:
+            verdicts.append(one(answer))
             done += 1
             if on_progress:
                 on_progress(done, total)

@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...api.eval import Benchmark
+from ...api.outputs import write_json_atomic
+from ...api.timefmt import format_time
 from ..engine import open_engine, request_seed  # light: backends are imported when opened
 from ..errors import InvalidInput
 from ..grading import graders_digest
-from ..publish import atomic_folder, write_json_atomic
+from ..publish import atomic_folder
 from ..workers import (DEFAULT_POLL_SECONDS, DEFAULT_WAIT_SECONDS, POLL_ENV, WAIT_ENV, check_rank, env_seconds,
                        prepare_work_dir, ranges, wait_until_done, work_folder)
 from .aggregate import SampleOutcome, overall_score, summarize
@@ -49,13 +51,13 @@ STATUS_KEYS = ("pass1", "stderr", "passAtK", "n", "samples", "meanTokens", "p95T
 
 
 @dataclass
-class BenchmarkRun:
+class LoadedBenchmark:
     spec: Benchmark
     index: int
     questions: list[Question]
 
 
-def load_benchmark(ctx, index: int, benchmark: Benchmark) -> BenchmarkRun:
+def load_benchmark(ctx, index: int, benchmark: Benchmark) -> LoadedBenchmark:
     """Read and check a benchmark's data before any model is loaded (bad data fails fast, exit 2)."""
     where = f"spec.benchmarks[{index}] ({benchmark.name})"
     path = ctx.input_path(benchmark.dataset, f"{where}.dataset")
@@ -70,7 +72,7 @@ def load_benchmark(ctx, index: int, benchmark: Benchmark) -> BenchmarkRun:
             questions.append(build_question(record, qid, benchmark, ctx.spec.sampling.seed))
         except QuestionError as err:
             raise InvalidInput(f"{where}: question {qid!r}: {err}") from None
-    return BenchmarkRun(benchmark, index, questions)
+    return LoadedBenchmark(benchmark, index, questions)
 
 
 def conversation(benchmark: Benchmark, prompt: str) -> list[dict]:
@@ -78,7 +80,7 @@ def conversation(benchmark: Benchmark, prompt: str) -> list[dict]:
     return messages + [{"role": "user", "content": prompt}]
 
 
-def sample_requests(runs: list[BenchmarkRun], base_seed: int) -> list[Request]:
+def sample_requests(runs: list[LoadedBenchmark], base_seed: int) -> list[Request]:
     """Every sample of every benchmark as its own request (n = 1), in run/question/sample order.
 
     Chunks mix benchmarks, which keeps the engine's batch full (separate calls per benchmark ran ~1.9x
@@ -121,7 +123,7 @@ def generate_share(open_model, work: EvalWork, requests: list[Request], todo: li
             timing["shutdown"] = time.time() - t0
 
 
-def arrange(runs: list[BenchmarkRun], requests: list[Request], answers: dict) -> list[list[list[Any]]]:
+def arrange(runs: list[LoadedBenchmark], requests: list[Request], answers: dict) -> list[list[list[Any]]]:
     """Per benchmark, per question, its k completions in sample order (requests are in that order)."""
     flat = iter(answers[r.index] for r in requests)
     return [[[next(flat) for _ in range(r.spec.samples)] for _ in r.questions] for r in runs]
@@ -138,7 +140,7 @@ def sample_record(index: int, completion, verdict, graded: dict, order: list[int
     return record
 
 
-def question_record(run: BenchmarkRun, q: Question, samples: list[dict]) -> dict:
+def question_record(run: LoadedBenchmark, q: Question, samples: list[dict]) -> dict:
     spec = run.spec
     record: dict[str, Any] = {"id": q.id, "benchmark": spec.name, "kind": spec.kind}
     if spec.system_prompt:
@@ -181,7 +183,7 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-def score_benchmark(r: BenchmarkRun, completions: list[list[Any]], spec, report) -> tuple[dict, list[dict], int]:
+def score_benchmark(r: LoadedBenchmark, completions: list[list[Any]], spec, report) -> tuple[dict, list[dict], int]:
     """Grade and summarise one benchmark: (summary, per-question records, generated tokens)."""
     verdicts = grade_all(r.spec.kind, r.questions, completions, spec.code_timeout_seconds,
                          on_progress=lambda done, total: report(done / max(total, 1)))
@@ -310,7 +312,7 @@ def run(ctx) -> dict:
         "graders": graders_digest(),
         "generatedTokens": generated_tokens,
         "timing": timing,
-        "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "createdAt": format_time(),
     })
     publish(ctx.output_dir, results, records)
     ctx.progress.update(1.0, f"score {score:.3f}", force=True)

@@ -5,7 +5,7 @@ Layout (one job per module):
   use; a writer that lays out shard headers up front, takes tensors (or row blocks) at their places from
   several threads, and hashes and flushes each shard as it completes.
 - ``model_folder``: a HF folder (single file or shards + index) as named tensors.
-- ``plan``: the output's tensors checked across inputs (missing/extra tensors, shapes, tied embeddings,
+- ``layout``: the output's tensors checked across inputs (missing/extra tensors, shapes, tied embeddings,
   vocabulary rows trimmed to the common size), before anything is written.
 - ``params``: per-method parameter checks and per-tensor overrides (regex, first match wins).
 - ``methods/``: one module per merge method (mergekit semantics, TinyR1's Arcee Fusion), each written over

@@ -17,18 +17,18 @@ from ..progress import Progress
 from .methods.base import MergeInputs, MergeOutput, RowBlocks
 from .model_folder import ModelFolder
 from .params import ParamResolver
-from .plan import Plan
+from .layout import Layout
 from .safetensors_io import ShardedWriter
 
 
 @dataclass
-class MergeJob:
+class MergeRecipe:
     method: ModuleType
     anchor: ModelFolder | None  # the base (or slerp's first model); None for linear
     others: list[ModelFolder]  # the remaining models, spec order
     other_indexes: list[int]  # their index in spec.models
     anchor_indexes: list[int]  # spec.models entries that are the anchor
-    plan: Plan
+    layout: Layout
     resolver: ParamResolver
     compute_dtype: torch.dtype
     seed: int
@@ -79,13 +79,13 @@ def merge_workers() -> int:
     return max(1, min(MAX_WORKERS, torch.get_num_threads()))
 
 
-def run_merge(job: MergeJob, out_dir: Path, progress: Progress) -> tuple[dict, dict[str, str]]:
+def merge_models(recipe: MergeRecipe, out_dir: Path, progress: Progress) -> tuple[dict, dict[str, str]]:
     """Merge every planned tensor into ``out_dir``: (metrics, sha256 of each file written)."""
     started = time.time()
-    inputs = ([job.anchor] if job.anchor is not None else []) + job.others
-    writer = ShardedWriter(out_dir, job.plan.out_tensors, job.shard_bytes)
-    by_name = {t.name: t for t in job.plan.tensors}
-    taken = {i: 0 for i in job.other_indexes + job.anchor_indexes}
+    inputs = ([recipe.anchor] if recipe.anchor is not None else []) + recipe.others
+    writer = ShardedWriter(out_dir, recipe.layout.out_tensors, recipe.shard_bytes)
+    by_name = {t.name: t for t in recipe.layout.tensors}
+    taken = {i: 0 for i in recipe.other_indexes + recipe.anchor_indexes}
     reports_taken = False
     merged_entries = bytes_read = 0
     read: set[tuple[int, str]] = set()
@@ -97,7 +97,7 @@ def run_merge(job: MergeJob, out_dir: Path, progress: Progress) -> tuple[dict, d
         planned = by_name[out.name]
         done = TensorDone()
         if planned.merge:
-            writer.write_blocks(out.name, _merged_blocks(job, inputs, planned, out.dtype, done, stop))
+            writer.write_blocks(out.name, _merged_blocks(recipe, inputs, planned, out.dtype, done, stop))
         else:
             writer.write(out.name, _load(inputs[0], planned.sources[0], planned.rows, out.dtype))
         for folder, source in zip(inputs, planned.sources):
@@ -140,7 +140,7 @@ def run_merge(job: MergeJob, out_dir: Path, progress: Progress) -> tuple[dict, d
         if pool is not None:
             pool.shutdown(wait=True)
     metrics = {
-        "method": job.method.NAME,
+        "method": recipe.method.NAME,
         "tensorsMerged": total,
         "parameters": merged_entries,
         "shards": len([f for f in files if f.endswith(".safetensors")]),
@@ -148,11 +148,11 @@ def run_merge(job: MergeJob, out_dir: Path, progress: Progress) -> tuple[dict, d
         "bytesWritten": writer.bytes_written,
         "elapsedSeconds": round(time.time() - started, 3),
         "workers": workers,
-        "vocabTrimmed": job.plan.vocab_size is not None,
+        "vocabTrimmed": recipe.layout.vocab_size is not None,
     }
-    if job.plan.vocab_size is not None:
-        metrics["vocabSize"] = job.plan.vocab_size
-        metrics["vocabRowsBefore"] = dict(job.plan.vocab_rows)
+    if recipe.layout.vocab_size is not None:
+        metrics["vocabSize"] = recipe.layout.vocab_size
+        metrics["vocabRowsBefore"] = dict(recipe.layout.vocab_rows)
     if reports_taken and merged_entries:
         metrics["fractionTaken"] = {f"models[{i}]": round(taken[i] / merged_entries, 6) for i in sorted(taken)}
     return metrics, dict(writer.digests)
@@ -162,36 +162,36 @@ class Interrupted(Exception):
     """Another tensor's merge failed (or the run was interrupted): this one stops at its next block."""
 
 
-def _merged_blocks(job: MergeJob, inputs: list[ModelFolder], planned, out_dtype: torch.dtype, done: TensorDone,
+def _merged_blocks(recipe: MergeRecipe, inputs: list[ModelFolder], planned, out_dtype: torch.dtype, done: TensorDone,
                    stop: threading.Event) -> Iterator[torch.Tensor]:
     """The method's output blocks for one tensor, cast for the writer; counts go into ``done``."""
-    for result in _merge_results(job, inputs, planned):
+    for result in _merge_results(recipe, inputs, planned):
         if stop.is_set():
             raise Interrupted(planned.out.name)
         tensor = result.tensor.to(out_dtype)
         done.entries += tensor.numel()
         if result.taken is not None:
-            for index, count in zip(job.other_indexes, result.taken):
+            for index, count in zip(recipe.other_indexes, result.taken):
                 done.taken[index] = done.taken.get(index, 0) + count
-            for index in job.anchor_indexes:
+            for index in recipe.anchor_indexes:
                 done.taken[index] = done.taken.get(index, 0) + (result.taken_base or 0)
         del result
         yield tensor
 
 
-def _merge_results(job: MergeJob, inputs: list[ModelFolder], planned) -> Iterator[MergeOutput]:
+def _merge_results(recipe: MergeRecipe, inputs: list[ModelFolder], planned) -> Iterator[MergeOutput]:
     """The method's output for one tensor: whole when small (or 1-D), else block by block."""
     out = planned.out
-    generator = torch.Generator().manual_seed(tensor_seed(job.seed, out.name))
-    params = job.resolver.for_tensor(out.name)
-    has_anchor = job.anchor is not None
-    compute_bytes = out.numel * torch.empty((), dtype=job.compute_dtype).element_size()
+    generator = torch.Generator().manual_seed(tensor_seed(recipe.seed, out.name))
+    params = recipe.resolver.for_tensor(out.name)
+    has_anchor = recipe.anchor is not None
+    compute_bytes = out.numel * torch.empty((), dtype=recipe.compute_dtype).element_size()
     if out.numel == 0:  # nothing to merge (methods divide by the size or read quantiles)
-        yield MergeOutput(torch.empty(out.shape, dtype=job.compute_dtype))
+        yield MergeOutput(torch.empty(out.shape, dtype=recipe.compute_dtype))
         return
     if compute_bytes <= BLOCKED_ABOVE_BYTES or len(out.shape) < 2:
-        loaded = [_load(f, s, planned.rows, job.compute_dtype) for f, s in zip(inputs, planned.sources)]
-        yield job.method.merge(MergeInputs(out.name, loaded[0] if has_anchor else None,
+        loaded = [_load(f, s, planned.rows, recipe.compute_dtype) for f, s in zip(inputs, planned.sources)]
+        yield recipe.method.merge(MergeInputs(out.name, loaded[0] if has_anchor else None,
                                            loaded[1:] if has_anchor else loaded, params, generator))
         return
     views = [f.view(s) for f, s in zip(inputs, planned.sources)]
@@ -214,10 +214,10 @@ def _merge_results(job: MergeJob, inputs: list[ModelFolder], planned) -> Iterato
         return (loaded[0], loaded[1:]) if has_anchor else (None, loaded)
 
     def load(start: int, end: int):
-        return split([r.to(job.compute_dtype) for r in rows(start, end)])
+        return split([r.to(recipe.compute_dtype) for r in rows(start, end)])
 
-    per_row = max(1, out.numel // out.shape[0]) * torch.empty((), dtype=job.compute_dtype).element_size()
+    per_row = max(1, out.numel // out.shape[0]) * torch.empty((), dtype=recipe.compute_dtype).element_size()
     src = RowBlocks(out.name, out.shape, max(1, BLOCK_BYTES // per_row), load, params, generator,
-                    compute_dtype=job.compute_dtype, load_stored=lambda start, end: split(rows(start, end)),
+                    compute_dtype=recipe.compute_dtype, load_stored=lambda start, end: split(rows(start, end)),
                     out_dtype=out.dtype)
-    yield from job.method.merge_blocks(src)
+    yield from recipe.method.merge_blocks(src)

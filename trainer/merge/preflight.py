@@ -4,7 +4,7 @@ tokenizer -- before the engine reads any tensor, and the run's peak memory and o
 The headers are read (and their framing checked: length prefix, JSON, offsets inside the file, shards named
 by an index) when the stage opens each folder (``ModelFolder``, ``SafetensorsFile``): nothing here maps or
 reads tensor data. On top of that, this module checks, against the reference (the base, else the first
-model), with the engine's own tolerances (plan.py: tied embeddings, vocabulary rows trimmed to the rows every
+model), with the engine's own tolerances (layout.py: tied embeddings, vocabulary rows trimmed to the rows every
 input has):
 - the architecture: the config fields that fix what the tensors mean;
 - every tensor's name and shape, all mismatches at once, each naming its input, file and tensor;
@@ -30,11 +30,11 @@ from ..errors import InvalidInput
 from . import engine
 from .assets import CONFIG_FILES, TOKENIZER_PATTERNS, _matching
 from .model_folder import ModelFolder
-from .plan import TIED_ALIASES, VOCAB_NAME, Plan, _is_vocab
+from .layout import TIED_ALIASES, VOCAB_NAME, Layout, _is_vocab
 from .safetensors_io import DTYPE_NAMES, HASH_CHUNK, TensorInfo, itemsize, planned_bytes
 
 # Config fields that must agree: what the model is and the sizes its tensors are laid out with. vocab_size is
-# not among them (the documented trim); tie_word_embeddings neither (plan.py merges tied with untied).
+# not among them (the documented trim); tie_word_embeddings neither (layout.py merges tied with untied).
 ARCHITECTURE_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size",
                      "num_attention_heads", "num_key_value_heads", "head_dim")
 LISTED = 8  # problems named in one error message; the count of the others follows
@@ -126,7 +126,7 @@ def _file(folder: ModelFolder, name: str) -> str:
 
 
 def tensor_problems(reference: ModelFolder, other: ModelFolder) -> list[str]:
-    """Missing, extra and differently shaped tensors of ``other``, with plan.py's tolerances."""
+    """Missing, extra and differently shaped tensors of ``other``, with layout.py's tolerances."""
     problems = []
     for name in reference.names():
         source = name if name in other else next((a for a in TIED_ALIASES.get(name, ()) if a in other), None)
@@ -300,15 +300,15 @@ def memory_limit() -> int | None:
     return None
 
 
-def estimate(report: Preflight, plan: Plan, inputs: list[ModelFolder], compute_dtype: torch.dtype,
+def estimate(report: Preflight, layout: Layout, inputs: list[ModelFolder], compute_dtype: torch.dtype,
              shard_bytes: int, config_dir: Path, tokenizer_dir: Path) -> Preflight:
     """Fill in the vocabulary rows (InvalidInput when they do not cover the output's tokenizer), the
     estimate of peak memory and the output bytes."""
-    _check_rows(report, plan)
-    report.tensors = len(plan.tensors)
+    _check_rows(report, layout)
+    report.tensors = len(layout.tensors)
     report.workers = engine.merge_workers()
     sets = sorted((tensor_working_set(p, [f.info(s) for f, s in zip(inputs, p.sources)], compute_dtype)
-                   for p in plan.tensors), reverse=True)
+                   for p in layout.tensors), reverse=True)
     # the workers merge different tensors at once: at worst the largest ones together; the writer reads
     # each shard back in HASH_CHUNK pieces to hash it
     report.working_set = sum(sets[:report.workers]) + HASH_CHUNK + RUNTIME_BYTES
@@ -316,17 +316,17 @@ def estimate(report: Preflight, plan: Plan, inputs: list[ModelFolder], compute_d
     report.peak_memory = (report.process_bytes or 0) + report.working_set
     assets = [p for p in (config_dir / name for name in CONFIG_FILES) if p.is_file()]
     assets += _matching(tokenizer_dir, TOKENIZER_PATTERNS)
-    report.output_bytes = planned_bytes(plan.out_tensors, shard_bytes) + sum(p.stat().st_size for p in assets)
+    report.output_bytes = planned_bytes(layout.out_tensors, shard_bytes) + sum(p.stat().st_size for p in assets)
     report.memory_limit = memory_limit()
     return report
 
 
-def _check_rows(report: Preflight, plan: Plan) -> None:
-    rows = [p.out.shape[0] for p in plan.tensors if p.rows is not None or (VOCAB_NAME.search(p.name) and p.out.shape)]
+def _check_rows(report: Preflight, layout: Layout) -> None:
+    rows = [p.out.shape[0] for p in layout.tensors if p.rows is not None or (VOCAB_NAME.search(p.name) and p.out.shape)]
     if not rows:
         return
     kept = min(rows)
-    before = max(plan.vocab_rows.values()) if plan.vocab_rows else kept
+    before = max(layout.vocab_rows.values()) if layout.vocab_rows else kept
     report.vocab |= {"rows": kept, "rowsBefore": before, "trimmedRows": before - kept}
     vocab = report.output_vocab
     if vocab is None:

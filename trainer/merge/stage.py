@@ -11,11 +11,11 @@ from ...api.merge import MergeSpec
 from ..errors import InvalidInput
 from ..publish import atomic_folder
 from .assets import copy_assets
-from .engine import MergeJob, run_merge
+from .engine import MergeRecipe, merge_models
 from .methods import METHODS
 from .model_folder import ModelFolder
 from .params import ParamResolver, check_parameters, parse_size
-from .plan import build_plan
+from .layout import build_layout
 from .preflight import Input, Preflight, check_inputs, estimate, log as log_preflight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,8 +43,8 @@ class _Folders:
             folder.close()
 
 
-def build_job(spec: MergeSpec, folders: _Folders) -> tuple[MergeJob, ModelFolder, Preflight]:
-    """The engine's job, after the pre-flight: every input checked from its headers, config and tokenizer
+def build_recipe(spec: MergeSpec, folders: _Folders) -> tuple[MergeRecipe, ModelFolder, Preflight]:
+    """The engine's recipe, after the pre-flight: every input checked from its headers, config and tokenizer
     (exit 2 on a mismatch) and the run's memory and output size estimated, before any tensor is read."""
     method = METHODS[spec.method]
     check_parameters(spec, method)
@@ -77,12 +77,12 @@ def build_job(spec: MergeSpec, folders: _Folders) -> tuple[MergeJob, ModelFolder
     named += [Input(f"models[{i}]", m) for i, m in enumerate(models)]
     report = check_inputs(named, reference, tokenizer_dir, tokenizer_label)
     out_dtype = DTYPES[spec.out_dtype] if spec.out_dtype else None
-    plan = build_plan(reference, inputs, out_dtype)
-    job = MergeJob(method=method, anchor=anchor, others=others, other_indexes=other_indexes,
-                   anchor_indexes=anchor_indexes, plan=plan, resolver=ParamResolver(spec, other_indexes),
+    layout = build_layout(reference, inputs, out_dtype)
+    recipe = MergeRecipe(method=method, anchor=anchor, others=others, other_indexes=other_indexes,
+                   anchor_indexes=anchor_indexes, layout=layout, resolver=ParamResolver(spec, other_indexes),
                    compute_dtype=DTYPES[spec.dtype], seed=spec.seed, shard_bytes=parse_size(spec.out_shard_size))
-    estimate(report, plan, inputs, job.compute_dtype, job.shard_bytes, reference.path, tokenizer_dir)
-    return job, reference, report
+    estimate(report, layout, inputs, recipe.compute_dtype, recipe.shard_bytes, reference.path, tokenizer_dir)
+    return recipe, reference, report
 
 
 def tokenizer_source(spec: MergeSpec, ctx, reference: ModelFolder) -> tuple[Path, str]:
@@ -109,21 +109,21 @@ def run(ctx) -> dict:
     spec: MergeSpec = ctx.spec
     folders = _Folders(ctx)
     try:
-        job, reference, report = build_job(spec, folders)
+        recipe, reference, report = build_recipe(spec, folders)
         log_preflight(report)
         out = Path(ctx.output_dir).resolve()
         for path, folder in folders.by_path.items():
             if out == path or out in path.parents or path in out.parents:  # replacing it would destroy an input
                 raise InvalidInput(f"spec.output.uri: {ctx.output_uri} overlaps the input {folder.label}")
         tokenizer_dir, _ = tokenizer_source(spec, ctx, reference)
-        ctx.progress.update(0.0, f"{spec.method}: merging {len(job.plan.tensors)} tensors", force=True,
-                            tensorsTotal=len(job.plan.tensors))
+        ctx.progress.update(0.0, f"{spec.method}: merging {len(recipe.layout.tensors)} tensors", force=True,
+                            tensorsTotal=len(recipe.layout.tensors))
         digests: dict[str, str] = {}
         with atomic_folder(ctx.output_dir, known_digests=digests) as tmp:
-            metrics, written = run_merge(job, tmp, ctx.progress)
+            metrics, written = merge_models(recipe, tmp, ctx.progress)
             metrics["preflight"] = report.metrics()
             digests.update(written)  # hashed while merging: the manifest need not read the shards again
-            copy_assets(tmp, reference.path, tokenizer_dir, vocab_size=job.plan.vocab_size,
+            copy_assets(tmp, reference.path, tokenizer_dir, vocab_size=recipe.layout.vocab_size,
                         out_dtype=DTYPES[spec.out_dtype] if spec.out_dtype else None)
             write_provenance(tmp, ctx, metrics)
         ctx.progress.update(1.0, f"{spec.method}: merged {metrics['tensorsMerged']} tensors", force=True,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..publish import write_json_atomic
-from ..uris import local_path
+from ...api.outputs import write_json_atomic
+from ...api.uris import local_path
 
 COMPLETE = "complete.json"
 

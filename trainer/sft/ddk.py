@@ -11,10 +11,10 @@ so domains where the student is furthest behind the teacher (relative to the tea
 the following steps' rows. The initial weights are the static mixture's proportions (spec weights x sizes).
 
 Rows are drawn per domain: each domain's training samples are packed into rows of their own (a seeded
-shuffle per pass over the domain, as the static plan does per epoch), and each step's ``globalBatchSize``
+shuffle per pass over the domain, as the static schedule does per epoch), and each step's ``globalBatchSize``
 row slots are dealt by largest deficit (cumulative weight x slots minus rows given, per domain): a
 deterministic schedule every rank computes alike, whose composition follows the weights within one row. The
-step count is the static plan's (epochs over the training samples). Weights, cursors and deficits are part of
+step count is the static schedule's (epochs over the training samples). Weights, cursors and deficits are part of
 the resumable state.
 """
 from __future__ import annotations
@@ -122,9 +122,9 @@ def smooth_update(weights: list[float], student: list[float], teacher: list[floa
 
 @dataclass
 class DomainSampler:
-    """The rows of each step under DDK weights; stands in for plan.Plan in the training loop."""
+    """The rows of each step under DDK weights; stands in for schedule.Schedule in the training loop."""
 
-    base: object  # plan.Plan over the training samples: step count, epochs, accumulation
+    base: object  # schedule.Schedule over the training samples: step count, epochs, accumulation
     domains: Domains
     lengths: list[int]
     packing: str
@@ -145,7 +145,7 @@ class DomainSampler:
         self.target = self.target or [0.0] * n
         self.given = self.given or [0] * n
 
-    # the Plan interface the loop uses
+    # the Schedule interface the loop uses
     def __getattr__(self, name):
         if name in ("total_steps", "accumulation", "steps_by_epoch", "rows_by_epoch", "world_size",
                     "micro_batch", "global_batch", "epoch_float", "locate"):

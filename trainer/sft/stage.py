@@ -1,10 +1,11 @@
 """``branchmerge stage sft``: fine-tune one branch (see train.py); returns the result metrics."""
 from __future__ import annotations
 
-import os
-import sys
-
 from .train import train
+
+# Every rank ends through the stage command's fast exit (branchmerge/commands/stage.py) once its result is
+# written: after the final barrier nothing is left that needs the interpreter's teardown.
+ENDS_WITHOUT_TEARDOWN = True
 
 
 def run(ctx) -> dict:
@@ -13,12 +14,8 @@ def run(ctx) -> dict:
 
     if dist.is_initialized():
         dist.barrier()  # final barrier: every rank is done with collectives and files
-        if ctx.rank != 0:
-            # Non-zero ranks have nothing left to write; exiting now sidesteps the intermittent SIGABRT
-            # ("terminate called without an active exception") seen when gloo/DeepSpeed threads are torn
-            # down at interpreter exit.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-        dist.destroy_process_group()
+        if ctx.rank == 0:
+            # for a caller that goes on in this process (tests run single-rank stages in-process); the other
+            # ranks only ever run under the stage command, which ends them without a teardown
+            dist.destroy_process_group()
     return metrics

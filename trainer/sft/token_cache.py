@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ...api.outputs import read_manifest, sha256_file, write_json_atomic
 from ..datasets import dataset_files
 from ..errors import InvalidInput
-from ..publish import read_manifest, sha256_file, write_json_atomic
 from . import checkpoint as ckpt
 from .dataset import DataStats, build_samples, training_template
 from .packing import IGNORE, Sample

@@ -1,7 +1,7 @@
 """The BranchSFT training loop on a DeepSpeed engine.
 
 Loss normalisation: every optimizer step minimises the mean per-token loss over all assistant tokens of
-the global batch. Each rank knows the global token count from the plan (no communication), scales its
+the global batch. Each rank knows the global token count from the schedule (no communication), scales its
 micro-batch token sum by world x accumulation / global tokens, and DeepSpeed's division by the
 accumulation steps and averaging over ranks give back exactly that mean -- the same update for 1 or N ranks.
 
@@ -24,17 +24,18 @@ from pathlib import Path
 import torch
 import torch.distributed
 
-from ..publish import atomic_folder, write_json_atomic
+from ...api.outputs import write_json_atomic
+from ..publish import atomic_folder
 from . import checkpoint as ckpt
 from . import token_cache
 from .engine import (check_same_tokenizer, deepspeed_config, load_model, load_tokenizer,
                      optimizer_and_scheduler)
+from . import ddk as ddk_mixing
+from .build_locks import watch_build_locks
 from .chunked_loss import KD, chunk_count, loss_sums, student_states, teacher_states
 from .losses import TaidSchedule
-from . import ddk as ddk_mixing
 from .packing import IGNORE, collate
-from .plan import Plan, make_plan
-from .build_locks import watch_build_locks
+from .schedule import Schedule, make_schedule
 from .runtime import choose_precision, clean_shm, prepare_env
 
 log = logging.getLogger("branchmerge.sft")
@@ -143,13 +144,13 @@ def _row_counts(rows, samples) -> tuple[int, int]:
     return real, labels
 
 
-def _utilisation(plan: Plan, max_len: int) -> tuple[float, float]:
+def _utilisation(schedule: Schedule, max_len: int) -> tuple[float, float]:
     """(row fill: real tokens / (rows x maxSeqLen), compute fill: real tokens / tokens in padded micro batches)
-    over every step of the plan."""
+    over every step of the schedule."""
     real = computed = rows = 0
-    for step in range(plan.total_steps):
-        for rank in range(plan.world_size):
-            for micro in plan.micro_batches(step, rank):
+    for step in range(schedule.total_steps):
+        for rank in range(schedule.world_size):
+            for micro in schedule.micro_batches(step, rank):
                 sizes = [sum(e - s for _, s, e in row) for row in micro]
                 real += sum(sizes)
                 computed += max(sizes) * len(sizes)
@@ -179,13 +180,13 @@ class _ProgressBar:
                 self.bar.stop()
 
 
-def _is_checkpoint_step(plan: Plan, every: int, done: int) -> bool:
-    if done >= plan.total_steps:
+def _is_checkpoint_step(schedule: Schedule, every: int, done: int) -> bool:
+    if done >= schedule.total_steps:
         return False  # the final weights are the output itself
     if every:
         return done % every == 0
     ends, acc = set(), 0
-    for n in plan.steps_by_epoch:
+    for n in schedule.steps_by_epoch:
         acc += n
         ends.add(acc)
     return done in ends
@@ -216,17 +217,17 @@ def train(ctx) -> dict:
         domains = ddk_mixing.split_domains(spec, samples, stats.per_dataset, given)
         lengths = [len(s.input_ids) for s in samples]
         pool = sorted(j for members in domains.train for j in members)
-        plan = ddk_mixing.DomainSampler(make_plan([lengths[j] for j in pool], t, ctx.world_size), domains,
+        schedule = ddk_mixing.DomainSampler(make_schedule([lengths[j] for j in pool], t, ctx.world_size), domains,
                                         lengths, t.packing, t.max_seq_len, t.seed,
                                         ddk_mixing.initial_weights(domains))
     else:
-        plan = make_plan(lengths, t, ctx.world_size)
+        schedule = make_schedule(lengths, t, ctx.world_size)
     env = prepare_env()  # after validating inputs: a bad spec fails fast without touching the environment
     precision, precision_note = choose_precision(t.precision)
     if precision_note and env.rank == 0:
         print(f"branchmerge sft: {precision_note}", file=sys.stderr)
-    ctx.progress.update(0.0, f"{stats.samples} samples, {plan.total_steps} steps", force=True,
-                        steps=plan.total_steps, samples=stats.samples)
+    ctx.progress.update(0.0, f"{stats.samples} samples, {schedule.total_steps} steps", force=True,
+                        steps=schedule.total_steps, samples=stats.samples)
 
     watch_build_locks()  # DeepSpeed JIT-builds ops from here on; a killed earlier run may have left a lock
     import deepspeed
@@ -239,13 +240,13 @@ def train(ctx) -> dict:
     import torch.distributed as dist
 
     torch.manual_seed(t.seed)
-    ds_config = deepspeed_config(spec, plan.accumulation, precision)
+    ds_config = deepspeed_config(spec, schedule.accumulation, precision)
     teacher = None
     if kd:  # loaded before the student: HfDeepSpeedConfig would partition it too
         teacher, _ = load_model(teacher_path, spec, precision, trainable=False)
     model, zero3_handle = load_model(base, spec, precision,
                                      zero3_config=ds_config if spec.deepspeed.zero_stage == 3 else None)
-    optimizer, scheduler, warmup = optimizer_and_scheduler(model, spec, plan.total_steps)
+    optimizer, scheduler, warmup = optimizer_and_scheduler(model, spec, schedule.total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     if teacher is not None:
@@ -259,32 +260,32 @@ def train(ctx) -> dict:
         resumed_from, folder = found[-1]
         state = RunState.from_client_state(ckpt.load(engine, folder))
         if domains is not None:
-            plan.restore(state.ddk)
+            schedule.restore(state.ddk)
         if env.rank == 0:
             print(f"branchmerge sft: resumed from {folder} (step {state.step})", file=sys.stderr)
 
     pad_id = tokenizer.pad_token_id
     objective = spec.objective
     w = objective.kd_weight if kd else 0.0
-    scale = env.world_size * plan.accumulation
+    scale = env.world_size * schedule.accumulation
     chunks = chunk_count(t.micro_batch_size * t.max_seq_len)  # lm_head calls per micro batch (chunked_loss)
-    taid = TaidSchedule(objective.taid_start, objective.taid_end, plan.total_steps,
+    taid = TaidSchedule(objective.taid_start, objective.taid_end, schedule.total_steps,
                         alpha=getattr(objective, "taid_alpha", 5e-4), beta=getattr(objective, "taid_beta", 0.99),
                         adaptive=getattr(objective, "taid_schedule", "linear") == "adaptive")
     taid.restore(state.taid)
     is_taid = kd and objective.divergence == "taid"
     teacher_losses: list[float] | None = None
     loop_started, session_tokens, checkpoint_bytes = time.time(), 0, 0
-    bar = _ProgressBar(env.rank, plan.total_steps, state.step)
-    for step in range(state.step, plan.total_steps):
+    bar = _ProgressBar(env.rank, schedule.total_steps, state.step)
+    for step in range(state.step, schedule.total_steps):
         if domains is not None and step % objective.ddk.every_steps == 0:  # before this step's rows are dealt
-            teacher_losses = _ddk_update(engine, teacher, samples, plan, objective.ddk, step, t.micro_batch_size,
+            teacher_losses = _ddk_update(engine, teacher, samples, schedule, objective.ddk, step, t.micro_batch_size,
                                          pad_id, chunks, teacher_losses)
-        real_tokens, n_labels = _row_counts(plan.step_rows(step), samples)
+        real_tokens, n_labels = _row_counts(schedule.step_rows(step), samples)
         n_labels = max(n_labels, 1)
         lr = engine.get_lr()[0]
         taid_t = taid.value(step)
-        sums = train_step(engine, teacher, plan.micro_batches(step, env.rank), samples, packing=t.packing,
+        sums = train_step(engine, teacher, schedule.micro_batches(step, env.rank), samples, packing=t.packing,
                           pad_id=pad_id, objective=objective, n_labels=n_labels, scale=scale, taid_t=taid_t,
                           world_size=env.world_size, chunks=chunks)
         ce, kd_value = (sums / n_labels).tolist()
@@ -301,16 +302,16 @@ def train(ctx) -> dict:
             taid.update(step, kd_value)
             state.taid = taid.state()
         if domains is not None:
-            state.ddk = plan.state()
+            state.ddk = schedule.state()
         session_tokens += real_tokens
         tps = session_tokens / max(time.time() - loop_started, 1e-9)
-        ctx.progress.update(state.step / plan.total_steps, f"step {state.step}/{plan.total_steps}",
-                            force=state.step == plan.total_steps, step=state.step,
-                            epoch=round(plan.epoch_float(state.step), 4), loss=round(loss, 6), lr=lr,
+        ctx.progress.update(state.step / schedule.total_steps, f"step {state.step}/{schedule.total_steps}",
+                            force=state.step == schedule.total_steps, step=state.step,
+                            epoch=round(schedule.epoch_float(state.step), 4), loss=round(loss, 6), lr=lr,
                             tokensPerSecond=round(tps, 1), **({"taidT": round(taid_t, 6)} if is_taid else {}),
                             **({"checkpointBytes": checkpoint_bytes} if checkpoint_bytes else {}))
         bar.update(state.step, loss)
-        if _is_checkpoint_step(plan, spec.checkpointing.every_steps, state.step):
+        if _is_checkpoint_step(schedule, spec.checkpointing.every_steps, state.step):
             saved = ckpt.save(engine, root, state.step, state.client_state(), fp, spec.checkpointing.keep,
                               env.rank, dist.barrier)
             if env.rank == 0:  # what the checkpoint volume must hold (keep + 1 of these while saving)
@@ -318,18 +319,18 @@ def train(ctx) -> dict:
     bar.close()
     train_seconds = time.time() - loop_started
 
-    row_fill, compute_fill = (plan.utilisation(t.max_seq_len) if domains is not None
-                              else _utilisation(plan, t.max_seq_len))
+    row_fill, compute_fill = (schedule.utilisation(t.max_seq_len) if domains is not None
+                              else _utilisation(schedule, t.max_seq_len))
     metrics = {
         "finalLoss": state.last_loss, "initialLoss": state.initial_loss, "steps": state.step,
-        "epoch": round(plan.epoch_float(state.step), 4), "tokensSeen": state.tokens_seen,
+        "epoch": round(schedule.epoch_float(state.step), 4), "tokensSeen": state.tokens_seen,
         "labelTokens": state.label_tokens, "tokensPerSecond": round(session_tokens / max(train_seconds, 1e-9), 1),
         "packingUtilisation": round(row_fill, 6), "computeUtilisation": round(compute_fill, 6),
-        "packing": t.packing, "rows": sum(len(r) for r in plan.rows_by_epoch),
+        "packing": t.packing, "rows": sum(len(r) for r in schedule.rows_by_epoch),
         "samples": stats.samples, "records": stats.records, "droppedSamples": stats.dropped,
         "truncatedSamples": stats.truncated, "worldSize": env.world_size,
         **({"decontamination": stats.decontaminated} if stats.decontaminated else {}),
-        "gradientAccumulation": plan.accumulation, "warmupSteps": warmup, "zeroStage": spec.deepspeed.zero_stage,
+        "gradientAccumulation": schedule.accumulation, "warmupSteps": warmup, "zeroStage": spec.deepspeed.zero_stage,
         "precision": precision, "resumedFromStep": resumed_from, "tokenCache": token_status,
     }
     if checkpoint_bytes:
@@ -343,13 +344,13 @@ def train(ctx) -> dict:
         # the per-step trajectory goes to the published result file (beside lossHistory), not into status
         metrics.update(taidSchedule=objective.taid_schedule, taidT=state.taid_history[-1])
     if domains is not None:
-        last = plan.history[-1] if plan.history else {}
-        metrics.update(domainWeights=dict(zip(domains.names, [round(w, 6) for w in plan.weights])),
+        last = schedule.history[-1] if schedule.history else {}
+        metrics.update(domainWeights=dict(zip(domains.names, [round(w, 6) for w in schedule.weights])),
                        domainInitialWeights=dict(zip(domains.names, [round(w, 6) for w in
                                                                      ddk_mixing.initial_weights(domains)])),
                        domainStudentLoss=last.get("studentLoss", {}), domainTeacherLoss=last.get("teacherLoss", {}),
                        domainValidationSamples=dict(zip(domains.names, [len(v) for v in domains.validation])),
-                       domainWeightsHistory=plan.history)
+                       domainWeightsHistory=schedule.history)
     publish_model(ctx, engine, tokenizer, base, spec, env.rank, dist.barrier, metrics, state)
     metrics["wallSeconds"] = round(time.time() - started, 3)
     if env.rank == 0:  # the run is complete: its resumable state is no longer needed
@@ -361,12 +362,12 @@ def train(ctx) -> dict:
     return metrics
 
 
-def _ddk_update(engine, teacher, samples, plan, ddk, step: int, micro: int, pad_id: int, chunks: int,
+def _ddk_update(engine, teacher, samples, schedule, ddk, step: int, micro: int, pad_id: int, chunks: int,
                 teacher_losses: list[float] | None) -> list[float]:
     """Measure each domain's student and teacher CE on its validation samples and update the sampling weights
     (ddk.py). Every rank evaluates the same batches (ZeRO-3 gathers in the same order everywhere) and so
     computes the same weights. The teacher is frozen: its losses are measured once per run."""
-    domains = plan.domains
+    domains = schedule.domains
     device = engine.device
     module = getattr(engine, "module", engine)
     was_training = module.training
@@ -378,8 +379,8 @@ def _ddk_update(engine, teacher, samples, plan, ddk, step: int, micro: int, pad_
     if teacher_losses is None:
         teacher_losses = [ddk_mixing.domain_losses(lambda inputs: teacher_states(teacher, inputs), samples, idx,
                                                    micro, pad_id, chunks, device) for idx in domains.validation]
-    plan.weights = ddk_mixing.smooth_update(plan.weights, student, teacher_losses, ddk.smoothing)
-    plan.history.append({"step": step, "weights": dict(zip(domains.names, [round(w, 6) for w in plan.weights])),
+    schedule.weights = ddk_mixing.smooth_update(schedule.weights, student, teacher_losses, ddk.smoothing)
+    schedule.history.append({"step": step, "weights": dict(zip(domains.names, [round(w, 6) for w in schedule.weights])),
                          "studentLoss": dict(zip(domains.names, [round(x, 6) for x in student])),
                          "teacherLoss": dict(zip(domains.names, [round(x, 6) for x in teacher_losses]))})
     return teacher_losses

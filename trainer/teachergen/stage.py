@@ -2,7 +2,7 @@
 
 Work state lives beside the output in ``<output>.work/`` (same volume, so it survives pod restarts):
 ``spec.json`` (a fingerprint of everything that changes the samples; a different spec starts over) and one
-``shard-NNNNN/`` per shard (see :mod:`.store`). Prompts go to shards by a hash of their id.
+``shard-NNNNN/`` per shard (see :mod:`..workers`). Prompts go to shards by a hash of their id.
 
 Workers: the stage's rank and world size (``$RANK``/``$WORLD_SIZE``, ``ctx.rank``/``ctx.world_size``)
 decide its shards: worker ``i`` of ``W`` takes ``i, i + W, i + 2W, ...`` (:func:`assigned_shards`), so every
@@ -33,7 +33,7 @@ samples are done, so one long trace holds back neither the engine (new prompts t
 the commits of the prompts beside it. Finished prompts are verified and committed per shard in groups of at
 most ``batchSize`` prompts, or as soon as the oldest has waited ``$BRANCHMERGE_COMMIT_SECONDS`` (default 10;
 0 commits every prompt). Each group is one atomic commit: a kill loses only finished, uncommitted prompts,
-which the resumed run generates again with the same per-prompt seeds (``TeacherGenRun.streaming = False``
+which the resumed run generates again with the same per-prompt seeds (``TeacherGenSession.streaming = False``
 keeps the older path, one generate call per batch, for benchmarks).
 
 Publishing is deterministic (records sorted by prompt id and sample index, whatever order they were
@@ -50,17 +50,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ...api.outputs import read_manifest, write_json_atomic
 from ...api.teachergen import TeacherGenSpec
 from .. import decontamination
 from ..engine import TextEngine, open_engine
 from ..errors import InvalidInput, Retryable
 from ..grading import grade
-from ..publish import atomic_folder, read_manifest, write_json_atomic
+from ..publish import atomic_folder
 from ..workers import (DEFAULT_POLL_SECONDS, DEFAULT_WAIT_SECONDS, POLL_ENV, WAIT_ENV, check_rank, env_seconds,
                        prepare_work_dir, ranges, wait_until_done, work_folder)
 from .prompts import assign_ids, load_records, render, template_fields
 from .selection import decide
-from .store import ShardStore
+from ..workers import ShardStore
 
 DATASET_FILE = "data.jsonl"
 MANIFEST_FILE = "teachergen.json"
@@ -140,7 +141,7 @@ class Totals:
                 "tokensPerSecond": round(self.tokens / self.gen_seconds, 2) if self.gen_seconds else 0.0}
 
 
-class TeacherGenRun:
+class TeacherGenSession:
     streaming = True  # False: the batch path (one generate call per batch), kept for benchmarks
 
     def __init__(self, ctx):
@@ -219,7 +220,7 @@ class TeacherGenRun:
 
     # ---- work dir ---------------------------------------------------------------------------------------
     def shard_store(self, shard: int, writer: bool = False) -> ShardStore:
-        """A shard's store; ``writer=True`` only for this worker's own shards (see :mod:`.store`)."""
+        """A shard's store; ``writer=True`` only for this worker's own shards (see :mod:`..workers`)."""
         if writer and shard not in self.mine:
             raise RuntimeError(f"shard {shard} belongs to another worker (this is {self.rank} of {self.world_size})")
         return ShardStore(self.work / f"shard-{shard:05d}", writer=writer)
@@ -505,25 +506,25 @@ class TeacherGenRun:
 def run(ctx, *, engine: TextEngine | None = None) -> dict:
     """The stage. ``engine``: an already open engine to use (benchmarks, tests); it is left open.
     Worker 0 returns the published dataset's metrics; the others those of the work they see committed."""
-    job = TeacherGenRun(ctx)
-    job.engine = engine
+    session = TeacherGenSession(ctx)
+    session.engine = engine
     try:
-        job.totals = job.count_committed()  # work committed by earlier attempts and other workers
-        job._report("resuming", force=True)
-        job.run_shards(job.my_shards())
+        session.totals = session.count_committed()  # work committed by earlier attempts and other workers
+        session._report("resuming", force=True)
+        session.run_shards(session.my_shards())
     finally:
         if engine is None:
-            job.close()
-    if job.rank != 0:  # worker 0 waits for this worker's shards and publishes
-        return job.totals.metrics(len(job.prompts))
-    job.wait_for_other_shards()
-    if read_manifest(ctx.output_dir) is not None and _published_sha(ctx.output_dir) == job.publish_sha():
-        job.totals = job.count_committed()  # a rerun of a published spec: the dataset is already there
-        metrics = job.totals.metrics(len(job.prompts))
-        if job.gate is not None:
-            metrics.update(job.decontamination_metrics(_published_gate(ctx.output_dir).get("samples", {})))
+            session.close()
+    if session.rank != 0:  # worker 0 waits for this worker's shards and publishes
+        return session.totals.metrics(len(session.prompts))
+    session.wait_for_other_shards()
+    if read_manifest(ctx.output_dir) is not None and _published_sha(ctx.output_dir) == session.publish_sha():
+        session.totals = session.count_committed()  # a rerun of a published spec: the dataset is already there
+        metrics = session.totals.metrics(len(session.prompts))
+        if session.gate is not None:
+            metrics.update(session.decontamination_metrics(_published_gate(ctx.output_dir).get("samples", {})))
     else:
-        metrics = job.publish()
+        metrics = session.publish()
     ctx.progress.update(1.0, "published", force=True, **metrics)
     return metrics
 

@@ -25,12 +25,12 @@ prompt, TLS and HTTP/2.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
-import pytest
 from aiohttp import web
 
 MODEL = "teacher"
@@ -174,8 +174,9 @@ class FakeServer:
         return resp
 
 
-@pytest.fixture
-def server():
+@contextlib.contextmanager
+def serving() -> Iterator[FakeServer]:
+    """A FakeServer listening on a free local port (its ``url``) until the block ends."""
     fake = FakeServer()
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -202,7 +203,6 @@ def server():
     thread.start()
     started.wait(10)
     fake.url = f"http://127.0.0.1:{holder['port']}/v1"
-    yield fake
 
     async def stop():
         await holder["runner"].cleanup()
@@ -212,7 +212,10 @@ def server():
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -6,11 +6,10 @@ import time
 
 import pytest
 
-from branchmerge.api.common import Endpoint, Engine, Sampling
-from branchmerge.trainer.engine import API_KEY_ENV, open_engine
+from branchmerge.api.common import API_KEY_ENV, Endpoint, Engine, Sampling
+from branchmerge.trainer.engine import open_engine
 from branchmerge.trainer.engine.openai_engine import OpenAIEngine, parse_retry_after
 from branchmerge.trainer.errors import InvalidInput, Retryable
-from fake_openai import server  # noqa: F401  (fixture)
 
 KEY = "sk-test-very-secret-123"
 

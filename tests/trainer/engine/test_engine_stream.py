@@ -10,7 +10,6 @@ import pytest
 from branchmerge.api.common import Endpoint, Engine, Sampling
 from branchmerge.trainer.engine import open_engine
 from branchmerge.trainer.errors import Retryable
-from fake_openai import server  # noqa: F401  (fixture)
 
 
 def _engine(url: str, **endpoint) -> Engine:

@@ -16,20 +16,8 @@ from branchmerge.trainer.engine import open_engine
 from branchmerge.trainer.engine import vllm_engine
 from branchmerge.trainer.engine.base import TextEngine
 from branchmerge.trainer.engine.chat import join_reasoning, load_tokenizer, opened_think, render_prompt
-from fake_openai import server  # noqa: F401  (fixture)
+from tests.chat_templates import R1_TEMPLATE
 
-R1_TEMPLATE = (
-    "{% set ns = namespace(system_prompt='') %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
-    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
-    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}{%- endfor -%}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
-)
 RAW = "2 + 2 = 4.\n</think>\n\nThe answer is \\boxed{4}."  # what the model writes after R1's prompt
 TRACE = "<think>\n" + RAW  # the trace every backend must give
 CONV = [{"role": "user", "content": "what is 2 + 2?"}]

@@ -52,10 +52,10 @@ def write_manifest(path: Path, name: str, model: Path, out: Path, bench: list[di
 def training_pairs(bench: list[dict], seed: int = 0) -> list[tuple[list[dict], str]]:
     """(conversation, answer) for every prompt the Eval will send, built by the stage's own question code."""
     from branchmerge.api.eval import Benchmark
+    from branchmerge.api.uris import local_path
     from branchmerge.trainer.eval.data import load_records, question_id
     from branchmerge.trainer.eval.questions import build_question
     from branchmerge.trainer.eval.stage import conversation
-    from branchmerge.trainer.uris import local_path
 
     pairs = []
     for doc in bench:

@@ -14,7 +14,7 @@ def _results(name, aime, gpqa, tokens):
 def test_results_markdown_has_a_row_per_benchmark():
     md = results_markdown(_results("merged", 0.781, 0.65, 12345))
     assert "| aime24 | math | 30 | 4 | 78.1 ± 2.0 | 88.1 (k=4) | 12.3k | 24.7k | 5.0 |" in md
-    assert "Score (mean pass@1 over benchmarks): **71.5**" in md
+    assert "Score (mean pass@1 over benchmarks): **71.5%**" in md
 
 
 def test_compare_prints_models_by_benchmarks(tmp_path, capsys):

@@ -65,12 +65,12 @@ def test_math_mcq_verdicts_follow_question_and_sample_order():
 def test_a_sample_the_engine_rejected_is_wrong_ungraded_and_counted():
     from types import SimpleNamespace
 
-    from branchmerge.trainer.eval.stage import BenchmarkRun, score_benchmark
+    from branchmerge.trainer.eval.stage import LoadedBenchmark, score_benchmark
 
     math = Benchmark.model_validate({"name": "m", "kind": "math", "samples": 2, "dataset": {"uri": "file:///x.jsonl"}})
     q = build_question({"id": "half", "prompt": "1/2?", "answer": "0.5"}, "half", math, seed=0)
     refused = Completion("", None, 0, "rejected", rejected="http_400", error="HTTP 400: prompt too long")
-    summary, rows, tokens = score_benchmark(BenchmarkRun(math, 0, [q]), [[Completion("\\boxed{0.5}", None, 3, "stop"),
+    summary, rows, tokens = score_benchmark(LoadedBenchmark(math, 0, [q]), [[Completion("\\boxed{0.5}", None, 3, "stop"),
                                                                          refused]],
                                             SimpleNamespace(code_timeout_seconds=2), lambda fraction: None)
     assert summary["pass1"] == 0.5 and summary["rejected"] == 1

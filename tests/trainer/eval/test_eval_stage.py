@@ -10,10 +10,10 @@ import sys
 import pytest
 import yaml
 
+from branchmerge.api.outputs import read_manifest
 from branchmerge.trainer.eval.passk import pass_at_k
-from branchmerge.trainer.publish import read_manifest
-from branchmerge.trainer.stage import run as run_stage
-from eval_synthetic import benchmarks, copy_data, read_jsonl, training_pairs, write_manifest
+from branchmerge.trainer.stage import run_stage
+from .eval_synthetic import benchmarks, copy_data, read_jsonl, training_pairs, write_manifest
 
 TRANSFORMERS = {"name": "transformers", "dtype": "float32"}
 LIMIT = 4  # questions per benchmark: keeps the tiny-model training and both Evals short on 2 cores
@@ -87,7 +87,7 @@ def _check_files(result: dict, out, bench: list[dict], max_tokens: int) -> dict:
 
 
 def json_path(doc):
-    from branchmerge.trainer.uris import local_path
+    from branchmerge.api.uris import local_path
 
     return local_path(doc["dataset"]["uri"])
 
@@ -134,7 +134,7 @@ def test_bad_benchmark_data_fails_before_loading_a_model(tmp_path, data_dir):
 
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory, tiny_model, data_dir):
-    from eval_tinytrain import train_on_answers
+    from .eval_tinytrain import train_on_answers
 
     model, loss = train_on_answers(tiny_model, tmp_path_factory.mktemp("trained") / "model",
                                    training_pairs(benchmarks(data_dir, limit=LIMIT)), steps=100, lr=5e-3)
@@ -169,7 +169,7 @@ def test_eval_through_an_endpoint_gives_the_scores_known_in_advance(tmp_path, da
     import math
     import statistics
 
-    from eval_scripted_server import SEEN, ScriptedServer
+    from .eval_scripted_server import SEEN, ScriptedServer
 
     bench = benchmarks(data_dir)
     SEEN.clear()

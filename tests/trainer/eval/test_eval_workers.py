@@ -24,10 +24,10 @@ import pytest
 import yaml
 
 from branchmerge.trainer.eval import stage as eval_stage
-from branchmerge.trainer.stage import run as run_stage
+from branchmerge.trainer.stage import run_stage
 from branchmerge.trainer.workers import ShardStore
-from eval_scripted_server import DELAY, SEEN, ScriptedServer
-from eval_synthetic import benchmarks, copy_data, write_manifest
+from .eval_scripted_server import DELAY, SEEN, ScriptedServer
+from .eval_synthetic import benchmarks, copy_data, write_manifest
 
 REQUESTS = 2 * (9 + 8 + 4)  # synthetic math, mcq and code benchmarks, 2 samples each
 

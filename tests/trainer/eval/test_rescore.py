@@ -17,12 +17,17 @@ import pytest
 import yaml
 
 import branchmerge.trainer.grading as grading
+from branchmerge.api.outputs import MANIFEST, read_manifest, sha256_file
 from branchmerge.trainer.eval.passk import pass_at_k
 from branchmerge.trainer.eval.rescore import CHANGES, open_source, rescore
 from branchmerge.trainer.grading.verdict import Verdict
-from branchmerge.trainer.publish import MANIFEST, atomic_folder, read_manifest, sha256_file
-from branchmerge.trainer.stage import run as run_stage
-from eval_synthetic import benchmarks, copy_data, read_jsonl, write_manifest
+from branchmerge.trainer.publish import atomic_folder
+from branchmerge.trainer.stage import run_stage
+
+from tests.conftest import manifest
+from tests.testcluster.apiserver_helpers import call
+
+from .eval_synthetic import benchmarks, copy_data, read_jsonl, write_manifest
 
 SCORE_KEYS = ("pass1", "stderr", "passAtK", "n", "samples", "correct", "meanTokens", "p95Tokens", "truncated",
               "rejected", "reasons")
@@ -37,7 +42,7 @@ def _tree(folder: Path) -> dict[str, str]:
 
 def _scripted_eval(tmp: Path, data_dir: Path, name: str = "scripted") -> Path:
     """The Eval stage against the scripted OpenAI-compatible server (tests/trainer/eval/eval_scripted_server.py)."""
-    from eval_scripted_server import ScriptedServer
+    from .eval_scripted_server import ScriptedServer
 
     with ScriptedServer() as url:
         engine = {"name": "openai", "endpoint": {"baseUrl": url, "model": "scripted", "maxRetries": 0}}
@@ -246,13 +251,13 @@ def test_sources_that_are_not_published_eval_outputs_are_refused(scripted, tmp_p
 def test_regrade_eval_runs_under_the_local_runner_without_a_model(before_fix, data_dir, tmp_path):
     """A pipeline of two Evals (an endpoint Eval, the Eval re-grading it through from:) and a third re-grading
     the pre-fix output by URI: no model anywhere, the re-grading Evals open no engine."""
-    from eval_scripted_server import ScriptedServer
+    from .eval_scripted_server import ScriptedServer
 
     folder = tmp_path / "manifests"
     folder.mkdir()
 
     def eval_doc(name, spec):
-        return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Eval", "metadata": {"name": name}, "spec": spec}
+        return manifest("Eval", name, spec)
 
     workdir = tmp_path / "wd"
     with ScriptedServer() as url:
@@ -302,7 +307,7 @@ def test_the_committed_crd_accepts_a_regrade_eval_and_rejects_mixed_ones():
     from branchmerge.api.validation import InvalidManifest, parse_resource
 
     def doc(name, **spec):
-        return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Eval", "metadata": {"name": name}, "spec": spec}
+        return manifest("Eval", name, spec)
 
     regrade = {"from": {"kind": "Eval", "name": "gen"}}
     bench = [{"name": "m", "kind": "math", "dataset": {"uri": "file:///data/m.jsonl"}}]
@@ -316,26 +321,17 @@ def test_the_committed_crd_accepts_a_regrade_eval_and_rejects_mixed_ones():
         "neither": (doc("neither", model={"uri": "file:///m"}), "set exactly one of benchmarks or regrade"),
         "merge-ref": (doc("merge-ref", regrade={"from": {"kind": "Merge", "name": "x"}}), "Eval"),
     }
-    def call(url, method, *args):
-        import asyncio
-
-        from testcluster import Client
-
-        async def go():
-            async with Client(url, user_agent="pytest") as client:
-                return await getattr(client, method)(*args)
-        return asyncio.run(go())
 
     with ApiServer(gc="off", seed=7) as server:
         created = call(server.url, "create", "branchmerge.dev/v1alpha1", "evals", "default", doc("ok", regrade=regrade))
         assert created["spec"]["regrade"] == regrade and created["spec"]["resources"]["gpusPerNode"] == 0
         parse_resource(doc("ok", regrade=regrade))
-        for name, (manifest, message) in bad.items():
+        for name, (rejected, message) in bad.items():
             with pytest.raises(ApiError) as err:
-                call(server.url, "create", "branchmerge.dev/v1alpha1", "evals", "default", manifest)
+                call(server.url, "create", "branchmerge.dev/v1alpha1", "evals", "default", rejected)
             assert message in str(err.value), (name, str(err.value))
             with pytest.raises(InvalidManifest) as local:
-                parse_resource(manifest)
+                parse_resource(rejected)
             assert message in str(local.value), name
 
 

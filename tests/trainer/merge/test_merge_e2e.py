@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from merge_models import merge_manifest, random_tensors, read_model, write_manifest, write_model
-from safetensors.torch import load_file, save_file
+from .merge_models import merge_manifest, read_model, write_manifest
 
-from branchmerge.trainer.publish import read_manifest
+from branchmerge.api.outputs import read_manifest
+from branchmerge.trainer.tiny import fine_tuned_copy, perturbed, random_tensors, write_model
 
 REPO = Path(__file__).resolve().parents[3]
 CLI = [sys.executable, "-m", "branchmerge.cli"]
@@ -31,16 +30,6 @@ def stage(spec: Path, result: Path, **popen) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([*CLI, "stage", "merge", "--spec", str(spec), "--result", str(result)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def expert(tiny: Path, dest: Path, seed: int) -> Path:
-    """A copy of the tiny model whose weights moved as fine-tuning would move them (small random deltas)."""
-    shutil.copytree(tiny, dest)
-    weights = load_file(dest / "model.safetensors")
-    g = torch.Generator().manual_seed(seed)
-    save_file({n: t + 0.02 * torch.randn(t.shape, generator=g) for n, t in weights.items()},
-              dest / "model.safetensors", metadata={"format": "pt"})
-    return dest
 
 
 def resolve_example(doc: dict, uris: dict[tuple[str, str], Path], out: Path) -> dict:
@@ -54,7 +43,7 @@ def resolve_example(doc: dict, uris: dict[tuple[str, str], Path], out: Path) -> 
 
 @pytest.mark.slow  # ~25 s: two stage subprocesses (torch import) + a transformers load
 def test_tinyr1_chained_arcee_fusion_through_the_cli(tmp_path, tiny_model):
-    math_, science, code = (expert(tiny_model, tmp_path / name, seed)
+    math_, science, code = (fine_tuned_copy(tiny_model, tmp_path / name, seed, 0.02)
                             for name, seed in (("math", 1), ("science", 2), ("code", 3)))
     first, second = yaml.safe_load_all((REPO / "examples/tinyr1/02-merge.yaml").read_text())
     mid_dir, final_dir = tmp_path / "math-science", tmp_path / "final"
@@ -98,7 +87,7 @@ def test_kill_mid_write_leaves_no_output(tmp_path):
     base = random_tensors(shapes, 0)
     paths = [write_model(tmp_path / "base", base)]
     for seed in (1, 2):
-        paths.append(write_model(tmp_path / f"m{seed}", {n: t + 0.01 * torch.randn(t.shape) for n, t in base.items()}))
+        paths.append(write_model(tmp_path / f"m{seed}", perturbed(base, seed, 0.01)))
     out = tmp_path / "out"
     spec = write_manifest(tmp_path / "m.yaml", merge_manifest("m", "ties", out, paths[1:], base=paths[0],
                                                              parameters={"density": 0.3}, outShardSize="6MB"))

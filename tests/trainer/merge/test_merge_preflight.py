@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_models import (layer_shapes, merge_manifest, perturbed, random_tensors, read_model, write_manifest,
-                          write_model)
+from .merge_models import layer_shapes, merge_manifest, read_model, write_manifest
 
-from branchmerge.trainer.stage import run
+from branchmerge.trainer.stage import run_stage
+from branchmerge.trainer.tiny import perturbed, random_tensors, write_model
 
 
-def run_stage(tmp_path, manifest, name="merge"):
+def run_merge(tmp_path, manifest, name="merge"):
     spec = write_manifest(tmp_path / f"{name}.yaml", manifest)
     result_path = tmp_path / f"{name}.result.json"
-    code = run("merge", spec, result_path)
+    code = run_stage("merge", spec, result_path)
     return code, json.loads(result_path.read_text())
 
 
@@ -71,12 +71,12 @@ def test_corrupt_header_fails_naming_the_file(tmp_path, three):
     raw = bytearray(shard.read_bytes())
     raw[:8] = struct.pack("<Q", len(raw) * 10)  # the length prefix says more than the file holds
     shard.write_bytes(bytes(raw))
-    code, result = run_stage(tmp_path, ties(tmp_path, [a, b], base))
+    code, result = run_merge(tmp_path, ties(tmp_path, [a, b], base))
     assert_invalid(tmp_path, code, result, str(shard), "corrupt safetensors header", "does not fit")
     raw[:8] = struct.pack("<Q", 24)
     raw[8:32] = b'{"a": {"dtype": "F32", "shape'[:24]  # cut in the middle of the JSON
     shard.write_bytes(bytes(raw))
-    code, result = run_stage(tmp_path, ties(tmp_path, [a, b], base))
+    code, result = run_merge(tmp_path, ties(tmp_path, [a, b], base))
     assert_invalid(tmp_path, code, result, str(shard), "not JSON")
 
 
@@ -90,14 +90,14 @@ def test_truncated_file_fails_naming_the_file_and_tensor(tmp_path, three):
     header.pop("__metadata__", None)
     data = len(raw) - 100 - 8 - length
     last = next(name for name in header if header[name]["data_offsets"][1] > data)  # the first one past the end
-    code, result = run_stage(tmp_path, ties(tmp_path, [a, b], base))
+    code, result = run_merge(tmp_path, ties(tmp_path, [a, b], base))
     assert_invalid(tmp_path, code, result, str(shard), f"tensor {last!r}", "outside the")
 
 
 def test_index_naming_a_missing_shard_fails(tmp_path, three):
     (base, a, b), _ = three
     (b / "model-00003-of-00003.safetensors").unlink()
-    code, result = run_stage(tmp_path, ties(tmp_path, [a, b], base))
+    code, result = run_merge(tmp_path, ties(tmp_path, [a, b], base))
     assert_invalid(tmp_path, code, result, "spec.models[1]", "model-00003-of-00003.safetensors", "missing")
 
 
@@ -108,12 +108,12 @@ def test_different_architecture_fails_naming_the_config_field(tmp_path, three):
     deeper = random_tensors(layer_shapes(layers=3), 5)
     write_model(tmp_path / "deep", deeper, config={"num_hidden_layers": 3})
     write_model(tmp_path / "base", base_tensors, config={"num_hidden_layers": 2})
-    code, result = run_stage(tmp_path, ties(tmp_path, [a, tmp_path / "deep"], base))
+    code, result = run_merge(tmp_path, ties(tmp_path, [a, tmp_path / "deep"], base))
     assert_invalid(tmp_path, code, result, "not the same architecture", "spec.models[1]",
                    "num_hidden_layers = 3", "has 2")
     # same tensors, another model type: the tensors would line up, their meaning would not
     write_model(tmp_path / "other", perturbed(base_tensors, 3), config={"model_type": "llama"})
-    code, result = run_stage(tmp_path, ties(tmp_path, [a, tmp_path / "other"], base))
+    code, result = run_merge(tmp_path, ties(tmp_path, [a, tmp_path / "other"], base))
     assert_invalid(tmp_path, code, result, "model_type = 'llama'", "'toy'")
 
 
@@ -124,7 +124,7 @@ def test_missing_extra_and_misshaped_tensors_are_all_named_with_their_file(tmp_p
     broken["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(16, 17)
     broken["model.layers.0.extra.weight"] = torch.zeros(4)
     write_model(tmp_path / "broken", broken, shards=2)
-    code, result = run_stage(tmp_path, ties(tmp_path, [a, tmp_path / "broken"], base))
+    code, result = run_merge(tmp_path, ties(tmp_path, [a, tmp_path / "broken"], base))
     assert_invalid(tmp_path, code, result, "tensors do not match",
                    "spec.models[1]", "tensor model.layers.1.mlp.up_proj.weight is missing",
                    "tensor model.layers.0.self_attn.q_proj.weight: shapes differ: [16, 17]",
@@ -141,14 +141,14 @@ def test_a_different_tokenizer_fails(tmp_path, tokenizers):
     model_with_tokenizer(tmp_path / "base", base, ours, rows)
     model_with_tokenizer(tmp_path / "a", perturbed(base, 1), ours, rows)
     model_with_tokenizer(tmp_path / "b", perturbed(base, 2), theirs, rows)
-    code, result = run_stage(tmp_path, ties(tmp_path, [tmp_path / "a", tmp_path / "b"], tmp_path / "base"))
+    code, result = run_merge(tmp_path, ties(tmp_path, [tmp_path / "a", tmp_path / "b"], tmp_path / "base"))
     assert_invalid(tmp_path, code, result, "tokenizers differ", "spec.models[1]", "token id",
                    str(tmp_path / "b" / "tokenizer.json"), "shared ids differ")
     # the same with tokenizerSource: the output would get a tokenizer the models were not trained with
     tok = tmp_path / "tok"
     tok.mkdir()
     theirs.save_pretrained(tok)
-    code, result = run_stage(tmp_path, ties(tmp_path, [tmp_path / "a"], tmp_path / "base",
+    code, result = run_merge(tmp_path, ties(tmp_path, [tmp_path / "a"], tmp_path / "base",
                                             tokenizerSource={"uri": tok.resolve().as_uri()}))
     assert_invalid(tmp_path, code, result, "spec.tokenizerSource", "spec.base", "token id")
 
@@ -161,7 +161,7 @@ def test_padded_vocabulary_merges_and_is_reported(tmp_path, tokenizers, capfd):
     base = random_tensors(layer_shapes(vocab=rows), 0)
     for name, tensors in (("base", base), ("a", perturbed(base, 1)), ("b", perturbed(base, 2))):
         model_with_tokenizer(tmp_path / name, tensors, tok, rows)
-    code, result = run_stage(tmp_path, ties(tmp_path, [tmp_path / "a", tmp_path / "b"], tmp_path / "base"))
+    code, result = run_merge(tmp_path, ties(tmp_path, [tmp_path / "a", tmp_path / "b"], tmp_path / "base"))
     assert code == 0, result
     pre = result["metrics"]["preflight"]
     assert pre["tokenizer"] == "identical"
@@ -177,7 +177,7 @@ def test_padded_vocabulary_merges_and_is_reported(tmp_path, tokenizers, capfd):
     # to the common rows; the pre-flight checks that only padding goes, and says so.
     cut = {n: (t[:tokens] if t.shape[0] == rows else t) for n, t in perturbed(base, 3).items()}
     model_with_tokenizer(tmp_path / "cut", cut, tok, tokens)
-    code, result = run_stage(tmp_path, ties(tmp_path, [tmp_path / "a", tmp_path / "cut"], tmp_path / "base",
+    code, result = run_merge(tmp_path, ties(tmp_path, [tmp_path / "a", tmp_path / "cut"], tmp_path / "base",
                                             out="out-cut"), "cut")
     assert code == 0, result
     pre = result["metrics"]["preflight"]
@@ -189,7 +189,7 @@ def test_padded_vocabulary_merges_and_is_reported(tmp_path, tokenizers, capfd):
     # cut below the tokenizer's size: ids would have no row; exit 2 before anything is read
     short = {n: (t[:tokens - 4] if t.shape[0] == rows else t) for n, t in perturbed(base, 4).items()}
     model_with_tokenizer(tmp_path / "short", short, tok, tokens - 4)
-    code, result = run_stage(tmp_path, ties(tmp_path, [tmp_path / "a", tmp_path / "short"], tmp_path / "base",
+    code, result = run_merge(tmp_path, ties(tmp_path, [tmp_path / "a", tmp_path / "short"], tmp_path / "base",
                                             out="out-short"), "short")
     assert_invalid(tmp_path, code, result, f"has {tokens} tokens", f"keep {tokens - 4} rows",
                    f"token ids {tokens - 4}..{tokens - 1} would have no row", out="out-short")
@@ -198,11 +198,11 @@ def test_padded_vocabulary_merges_and_is_reported(tmp_path, tokenizers, capfd):
 # ------------------------------------------------------------------ headers only; the estimate
 
 def test_preflight_reads_headers_only(tmp_path):
-    """build_job (folders opened, pre-flight, plan, estimate) maps no shard and reads no more bytes than the
+    """build_recipe (folders opened, pre-flight, plan, estimate) maps no shard and reads no more bytes than the
     headers, index and configs hold."""
+    from branchmerge.api.uris import local_path
     from branchmerge.trainer.merge import stage
     from branchmerge.trainer.stage import load_spec_file
-    from branchmerge.trainer.uris import local_path
 
     tensors = random_tensors(layer_shapes(hidden=128, vocab=1000), 0)
     base, a, b = (write_model(tmp_path / name, perturbed(tensors, seed), shards=2)
@@ -220,7 +220,7 @@ def test_preflight_reads_headers_only(tmp_path):
 
     before = rchar()
     folders = stage._Folders(Ctx())
-    job, _, report = stage.build_job(resource.spec, folders)
+    recipe, _, report = stage.build_recipe(resource.spec, folders)
     read = rchar() - before
     try:
         shards = [f for folder in folders.by_path.values() for f in folder.files.values()]
@@ -231,7 +231,7 @@ def test_preflight_reads_headers_only(tmp_path):
         # the header is read through Python's buffered file: at most one buffer past it per shard
         assert read <= headers + described + len(shards) * io.DEFAULT_BUFFER_SIZE
         assert read < data / 50, (read, data)
-        assert report.metrics()["tensors"] == len(job.plan.tensors)
+        assert report.metrics()["tensors"] == len(recipe.layout.tensors)
     finally:
         folders.close()
 
@@ -239,8 +239,8 @@ def test_preflight_reads_headers_only(tmp_path):
 # VmHWM, this process image's own peak: ru_maxrss would carry over the forking parent's RSS (kept across exec).
 MEASURE = """
 import json, sys
-from branchmerge.trainer.stage import run
-code = run("merge", sys.argv[1], sys.argv[2])
+from branchmerge.trainer.stage import run_stage
+code = run_stage("merge", sys.argv[1], sys.argv[2])
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"code": code, "maxrss": hwm * 1024}))
 """
@@ -283,13 +283,13 @@ def test_a_memory_limit_below_the_estimate_is_a_warning(tmp_path, three, monkeyp
     limit = tmp_path / "memory.max"
     limit.write_text("1048576\n")
     monkeypatch.setattr(preflight, "CGROUP_LIMIT_FILES", (str(limit),))
-    code, result = run_stage(tmp_path, ties(tmp_path, [a, b], base))
+    code, result = run_merge(tmp_path, ties(tmp_path, [a, b], base))
     assert code == 0, result  # a warning: the estimate is an estimate
     assert result["metrics"]["preflight"]["memoryLimitBytes"] == 1048576
     err = capfd.readouterr().err
     assert "WARNING: the memory limit (0.00 GiB, cgroup) is below the estimated peak" in err
     limit.write_text("max\n")  # cgroup v2 without a limit
-    code, result = run_stage(tmp_path, ties(tmp_path, [a, b], base, out="out2"), "unlimited")
+    code, result = run_merge(tmp_path, ties(tmp_path, [a, b], base, out="out2"), "unlimited")
     assert code == 0, result
     assert "memoryLimitBytes" not in result["metrics"]["preflight"]
     assert "WARNING" not in capfd.readouterr().err

@@ -7,18 +7,18 @@ import struct
 
 import pytest
 import torch
-from merge_models import (layer_shapes, merge_manifest, perturbed, random_tensors, read_model, write_manifest,
-                          write_model)
+from .merge_models import layer_shapes, merge_manifest, read_model, write_manifest
 from safetensors import safe_open
 
-from branchmerge.trainer.publish import read_manifest
-from branchmerge.trainer.stage import run
+from branchmerge.api.outputs import read_manifest
+from branchmerge.trainer.stage import run_stage
+from branchmerge.trainer.tiny import perturbed, random_tensors, write_model
 
 
-def run_stage(tmp_path, manifest, name="merge"):
+def run_merge(tmp_path, manifest, name="merge"):
     spec = write_manifest(tmp_path / f"{name}.yaml", manifest)
     result_path = tmp_path / f"{name}.result.json"
-    code = run("merge", spec, result_path)
+    code = run_stage("merge", spec, result_path)
     return code, json.loads(result_path.read_text())
 
 
@@ -45,7 +45,7 @@ def test_ties_folder_merge_with_small_shards(tmp_path, three):
     import os
     os.environ["BRANCHMERGE_PROGRESS_FILE"] = str(progress)
     try:
-        code, result = run_stage(tmp_path, m)
+        code, result = run_merge(tmp_path, m)
     finally:
         del os.environ["BRANCHMERGE_PROGRESS_FILE"]
     assert code == 0, result
@@ -90,7 +90,7 @@ def test_tied_embeddings_both_directions(tmp_path):
     write_model(tmp_path / "tied", base_t)
     write_model(tmp_path / "untied", untied)
     # tied base: output stays tied (no lm_head), the untied model's lm_head is not used
-    code, result = run_stage(tmp_path, merge_manifest("m", "linear", tmp_path / "o1",
+    code, result = run_merge(tmp_path, merge_manifest("m", "linear", tmp_path / "o1",
                                                       [tmp_path / "untied", tmp_path / "tied"],
                                                       base=tmp_path / "tied"), "m1")
     assert code == 0, result
@@ -99,7 +99,7 @@ def test_tied_embeddings_both_directions(tmp_path):
     assert torch.allclose(out["model.embed_tokens.weight"],
                           (base_t["model.embed_tokens.weight"] + untied["model.embed_tokens.weight"]) / 2)
     # untied reference: the tied model contributes its input embedding as lm_head
-    code, result = run_stage(tmp_path, merge_manifest("m", "task_arithmetic", tmp_path / "o2",
+    code, result = run_merge(tmp_path, merge_manifest("m", "task_arithmetic", tmp_path / "o2",
                                                       [tmp_path / "tied"], base=tmp_path / "untied"), "m2")
     assert code == 0, result
     out = read_model(tmp_path / "o2")
@@ -113,7 +113,7 @@ def test_vocab_mismatch_is_trimmed_and_reported(tmp_path):
     write_model(tmp_path / "small", small)
     m = merge_manifest("m", "arcee_fusion", tmp_path / "out", [tmp_path / "small", tmp_path / "big"],
                        base=tmp_path / "big", outDtype="bfloat16")
-    code, result = run_stage(tmp_path, m)
+    code, result = run_merge(tmp_path, m)
     assert code == 0, result
     out = read_model(tmp_path / "out")
     assert out["model.embed_tokens.weight"].shape == (40, 16) and out["lm_head.weight"].shape == (40, 16)
@@ -136,7 +136,7 @@ def test_overrides_first_match_wins_and_compute_dtype(tmp_path):
     m = merge_manifest("m", "slerp", tmp_path / "out", [tmp_path / "a", tmp_path / "b"],
                        parameters={"t": 0.5, "overrides": [{"tensors": "self_attn", "t": 0.0},
                                                            {"tensors": r"q_proj|mlp", "t": 1.0}]})
-    code, result = run_stage(tmp_path, m)
+    code, result = run_merge(tmp_path, m)
     assert code == 0, result
     out = read_model(tmp_path / "out")
     q = "model.layers.0.self_attn.q_proj.weight"
@@ -147,7 +147,7 @@ def test_overrides_first_match_wins_and_compute_dtype(tmp_path):
     assert not torch.allclose(out[norm], a[norm]) and not torch.allclose(out[norm], b[norm])
     # bfloat16 compute, float32 output (the inputs' dtype)
     m = merge_manifest("m", "linear", tmp_path / "bf", [tmp_path / "a", tmp_path / "b"], dtype="bfloat16")
-    code, result = run_stage(tmp_path, m, "bf")
+    code, result = run_merge(tmp_path, m, "bf")
     assert code == 0, result
     out = read_model(tmp_path / "bf")
     expected = ((a[norm].bfloat16() + b[norm].bfloat16()) / 2).float()
@@ -161,7 +161,7 @@ def test_tokenizer_source(tmp_path, three):
     (tok / "tokenizer.json").write_text('{"other": true}')
     m = merge_manifest("m", "task_arithmetic", tmp_path / "out", [a_dir], base=base_dir,
                        tokenizerSource={"uri": tok.resolve().as_uri()})
-    code, result = run_stage(tmp_path, m)
+    code, result = run_merge(tmp_path, m)
     assert code == 0, result
     assert json.loads((tmp_path / "out" / "tokenizer.json").read_text()) == {"other": True}
     assert not (tmp_path / "out" / "chat_template.jinja").exists()
@@ -184,13 +184,13 @@ def test_corrupt_shard_header(tmp_path, three):
     raw = bytearray(shard.read_bytes())
     raw[:8] = struct.pack("<Q", len(raw) * 10)  # header length beyond the file
     shard.write_bytes(bytes(raw))
-    code, result = run_stage(tmp_path, merge_manifest("m", "ties", tmp_path / "out", [a_dir, b_dir],
+    code, result = run_merge(tmp_path, merge_manifest("m", "ties", tmp_path / "out", [a_dir, b_dir],
                                                       base=base_dir, parameters={"density": 0.5}))
     _assert_failed_cleanly(tmp_path, code, result, "model-00002-of-00003.safetensors", "corrupt safetensors header")
     raw[:8] = struct.pack("<Q", 20)
     raw[8:28] = b"{not json at all....."[:20]
     shard.write_bytes(bytes(raw))
-    code, result = run_stage(tmp_path, merge_manifest("m", "ties", tmp_path / "out", [a_dir, b_dir],
+    code, result = run_merge(tmp_path, merge_manifest("m", "ties", tmp_path / "out", [a_dir, b_dir],
                                                       base=base_dir, parameters={"density": 0.5}))
     _assert_failed_cleanly(tmp_path, code, result, "not JSON")
 
@@ -200,12 +200,12 @@ def test_missing_tensor_and_shape_mismatch(tmp_path, three):
     missing = dict(a)
     del missing["model.layers.1.mlp.up_proj.weight"]
     write_model(tmp_path / "missing", missing)
-    code, result = run_stage(tmp_path, merge_manifest("m", "ties", tmp_path / "out", [tmp_path / "missing"],
+    code, result = run_merge(tmp_path, merge_manifest("m", "ties", tmp_path / "out", [tmp_path / "missing"],
                                                       base=base_dir, parameters={"density": 0.5}))
     _assert_failed_cleanly(tmp_path, code, result, "spec.models[0]", "model.layers.1.mlp.up_proj.weight", "missing")
     wrong = dict(a) | {"model.layers.0.mlp.up_proj.weight": torch.zeros(32, 17)}
     write_model(tmp_path / "wrong", wrong)
-    code, result = run_stage(tmp_path, merge_manifest("m", "ties", tmp_path / "out", [tmp_path / "wrong"],
+    code, result = run_merge(tmp_path, merge_manifest("m", "ties", tmp_path / "out", [tmp_path / "wrong"],
                                                       base=base_dir, parameters={"density": 0.5}))
     _assert_failed_cleanly(tmp_path, code, result, "model.layers.0.mlp.up_proj.weight", "shapes differ")
 
@@ -221,17 +221,17 @@ def test_unknown_parameters_are_rejected(tmp_path, three):
         ({"parameters": {"density": 0.5}, "outShardSize": "5XB"}, "outShardSize"),
     ]
     for extra, needle in cases:
-        code, result = run_stage(tmp_path, merge_manifest("m", "ties", tmp_path / "out", [a_dir, b_dir],
+        code, result = run_merge(tmp_path, merge_manifest("m", "ties", tmp_path / "out", [a_dir, b_dir],
                                                           base=base_dir, **extra))
         _assert_failed_cleanly(tmp_path, code, result, needle)
-    code, result = run_stage(tmp_path, merge_manifest("m", "arcee_fusion", tmp_path / "out",
+    code, result = run_merge(tmp_path, merge_manifest("m", "arcee_fusion", tmp_path / "out",
                                                       [(a_dir, {"density": 0.5}), base_dir], base=base_dir))
     _assert_failed_cleanly(tmp_path, code, result, "spec.models[0].density")
 
 
 def test_output_inside_an_input_is_rejected(tmp_path, three):
     (base_dir, a_dir, _), _ = three
-    code, result = run_stage(tmp_path, merge_manifest("m", "task_arithmetic", a_dir / "merged", [a_dir],
+    code, result = run_merge(tmp_path, merge_manifest("m", "task_arithmetic", a_dir / "merged", [a_dir],
                                                       base=base_dir))
     assert code == 2 and "spec.output.uri" in result["error"]
 
@@ -269,7 +269,7 @@ def test_huge_tensors_merged_in_row_blocks_give_the_same_result(tmp_path, method
             models = [tmp_path / "other", tmp_path / "other2"]
         m = merge_manifest("m", method, tmp_path / name, models, base=tmp_path / "base", seed=3,
                            outDtype="bfloat16", **extra)
-        code, result = run_stage(tmp_path, m, name)
+        code, result = run_merge(tmp_path, m, name)
         assert code == 0, result
         outputs.append((read_model(tmp_path / name), result["metrics"]))
     (whole, m1), (blocks, m2) = outputs
@@ -295,7 +295,7 @@ def test_an_empty_tensor_is_carried_through(tmp_path, method):
         {"t": 0.5} if method == "slerp" else {}
     m = merge_manifest("m", method, tmp_path / "out", models, base=None if method == "linear" else tmp_path / "base",
                        parameters=parameters)
-    code, result = run_stage(tmp_path, m)
+    code, result = run_merge(tmp_path, m)
     assert code == 0, result
     merged = read_model(tmp_path / "out")
     assert merged["model.extra.weight"].shape == (0, 4) and merged["model.embed_tokens.weight"].shape == (6, 4)
@@ -306,8 +306,8 @@ def test_several_workers_write_the_same_bytes_as_one(tmp_path, method, monkeypat
     """Tensors merged by 3 threads at once, some of them in row blocks, land at their places in several
     shards: the files are byte for byte those of one worker, and the digests taken while writing are the
     files' own."""
+    from branchmerge.api.outputs import sha256_file
     from branchmerge.trainer.merge import engine
-    from branchmerge.trainer.publish import sha256_file
     monkeypatch.setattr(engine, "BLOCKED_ABOVE_BYTES", 2048)  # the embeddings and mlps go in blocks
     monkeypatch.setattr(engine, "BLOCK_BYTES", 1024)
     base = random_tensors(layer_shapes(hidden=32, vocab=300, layers=6), 0)
@@ -324,7 +324,7 @@ def test_several_workers_write_the_same_bytes_as_one(tmp_path, method, monkeypat
     try:
         for workers, manifest in manifests.items():
             torch.set_num_threads(workers)  # OMP_NUM_THREADS in a pod: the engine's worker count
-            code, results[workers] = run_stage(tmp_path, manifest, f"m{workers}")
+            code, results[workers] = run_merge(tmp_path, manifest, f"m{workers}")
             assert code == 0, results[workers]
     finally:
         torch.set_num_threads(previous)
@@ -359,7 +359,7 @@ def test_a_worker_failure_publishes_nothing(tmp_path, three, monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        code, result = run_stage(tmp_path, merge_manifest("m", "task_arithmetic", tmp_path / "out", [a_dir, b_dir],
+        code, result = run_merge(tmp_path, merge_manifest("m", "task_arithmetic", tmp_path / "out", [a_dir, b_dir],
                                                           base=base_dir))
     finally:
         torch.set_num_threads(previous)
@@ -418,11 +418,11 @@ def test_parameters_an_older_crd_stored_are_accepted_by_every_method(tmp_path, t
                                    ("ties", [a_dir, b_dir], {"density": 0.5})):
         doc = merge_manifest("m", method, tmp_path / f"out-{method}", [(m, {"weight": 1.0}) for m in models],
                              base=base_dir, parameters={**stored, **params})
-        code, result = run_stage(tmp_path, doc, name=method)
+        code, result = run_merge(tmp_path, doc, name=method)
         assert code == 0, result
     doc = merge_manifest("m", "arcee_fusion", tmp_path / "out-bad", [a_dir, base_dir], base=base_dir,
                          parameters={"rescale": False})
-    code, result = run_stage(tmp_path, doc, name="bad")
+    code, result = run_merge(tmp_path, doc, name="bad")
     _assert_failed_cleanly(tmp_path, code, result, "spec.parameters.rescale")
 
 
@@ -437,7 +437,7 @@ def test_non_finite_metrics_are_reported_as_null(tmp_path, three, monkeypatch):
                                                          "nested": {"x": float("inf")}})
     log = tmp_path / "termination-log"
     monkeypatch.setenv("BRANCHMERGE_TERMINATION_LOG", str(log))
-    code, result = run_stage(tmp_path, merge_manifest("m", "linear", tmp_path / "out", [a_dir, b_dir]))
+    code, result = run_merge(tmp_path, merge_manifest("m", "linear", tmp_path / "out", [a_dir, b_dir]))
     assert code == 0, result
     assert result["metrics"]["loss"] is None and result["metrics"]["nested"]["x"] is None
     strict = json.loads(log.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the termination message"))
@@ -454,7 +454,7 @@ def test_a_failing_rank_other_than_0_reports_its_class(tmp_path, monkeypatch, th
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     manifest = merge_manifest("m", "linear", tmp_path / "out", [a_dir, tmp_path / "no-such-model"])
-    code, result = run_stage(tmp_path, manifest)
+    code, result = run_merge(tmp_path, manifest)
     assert code == 2 and result["exitCode"] == 2 and result["rank"] == 1, result
     message = json.loads(log.read_text())
     assert message["exitCode"] == 2 and message["phase"] == "Failed" and message["error"].startswith("rank 1: ")

@@ -6,16 +6,17 @@ mergekit (LGPL) pins other library versions, so it lives in its own venv: script
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from branchmerge.trainer.stage import run as run_stage_cli
+from branchmerge.trainer.stage import run_stage
+
+from tests.conftest import manifest
 
 REPO = Path(__file__).resolve().parents[3]
 MERGEKIT = Path(os.environ.get("BRANCHMERGE_MERGEKIT", REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"))
@@ -24,31 +25,14 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not MERGEKIT.exists(), reason=f"mergekit not installed ({MERGEKIT})")]
 
 
-@pytest.fixture(scope="module")
-def variants(tiny_model, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """The tiny model and two copies with different random deltas (float32)."""
-    root = tmp_path_factory.mktemp("mk")
-    base = load_file(tiny_model / "model.safetensors")
-    folders = [tiny_model]
-    for seed in (1, 2):
-        g = torch.Generator().manual_seed(seed)
-        folder = root / f"ft{seed}"
-        shutil.copytree(tiny_model, folder)
-        save_file({n: (t + torch.randn(t.shape, generator=g) * 0.01).contiguous() for n, t in base.items()},
-                  folder / "model.safetensors", metadata={"format": "pt"})
-        folders.append(folder)
-    return tuple(folders)
-
-
 def ours(tmp_path: Path, method: str, base: Path | None, models: list[tuple[Path, dict]], parameters: dict) -> dict:
     spec = {"method": method, "models": [{"uri": p.as_uri(), **fields} for p, fields in models],
             "dtype": "float32", "outDtype": "float32", "seed": 0, "parameters": parameters,
             "output": {"uri": (tmp_path / "ours").as_uri()}}
     if base is not None:
         spec["base"] = {"uri": base.as_uri()}
-    manifest = {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "Merge", "metadata": {"name": "m"}, "spec": spec}
-    (tmp_path / "ours.yaml").write_text(yaml.safe_dump(manifest))
-    assert run_stage_cli("merge", tmp_path / "ours.yaml", tmp_path / "result.json") == 0, (tmp_path / "result.json").read_text()
+    (tmp_path / "ours.yaml").write_text(yaml.safe_dump(manifest("Merge", "m", spec)))
+    assert run_stage("merge", tmp_path / "ours.yaml", tmp_path / "result.json") == 0, (tmp_path / "result.json").read_text()
     return load_file(tmp_path / "ours" / "model.safetensors")
 
 

@@ -14,11 +14,12 @@ import subprocess
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_merge_vs_mergekit import MERGEKIT, ours, theirs, variants  # noqa: F401 (variants: a fixture)
 
 from branchmerge.trainer.errors import InvalidInput
 from branchmerge.trainer.merge.methods import karcher, multislerp, nearswap, nuslerp
 from branchmerge.trainer.merge.methods.base import MergeInputs, RowBlocks, TensorParams
+
+from .test_merge_vs_mergekit import MERGEKIT, ours, theirs
 
 MODULES = {m.NAME: m for m in (nuslerp, multislerp, karcher, nearswap)}
 MERGEKIT_PYTHON = MERGEKIT.parent / "python"
@@ -70,7 +71,7 @@ CASE_IDS = ["nuslerp-flat-base", "nuslerp-rows", "nuslerp-dim0-base", "multisler
 @pytest.mark.slow
 @pytest.mark.skipif(not MERGEKIT.exists(), reason=f"mergekit not installed ({MERGEKIT})")
 @pytest.mark.parametrize("case", CASE_IDS)
-def test_same_result_as_mergekit(tmp_path, variants, case):  # noqa: F811
+def test_same_result_as_mergekit(tmp_path, variants, case):
     (_, method, base, models, parameters, config), = [c for c in cases(*variants) if c[0] == case]
     mine, reference = ours(tmp_path, method, base, models, parameters), theirs(tmp_path, config)
     assert set(mine) == set(reference)

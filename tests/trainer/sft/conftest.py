@@ -1,12 +1,13 @@
-"""Fixtures of the BranchSFT tests (helpers live in sft_helpers.py: a unique module name)."""
+"""Fixtures of the BranchSFT tests (plain helpers live in sft_helpers.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from sft_helpers import (ASSISTANT, BOS, EOS, QWEN25_TEMPLATE, R1_TEMPLATE, USER, reasoning_records,
-                         save_tokenizer, write_jsonl)
+from tests.chat_templates import ASSISTANT, BOS, EOS, QWEN25_TEMPLATE, R1_TEMPLATE, USER
+
+from .sft_helpers import reasoning_records, save_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="session")

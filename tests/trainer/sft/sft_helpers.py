@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.conftest import manifest
+
 
 def reasoning_records(n: int, seed: int = 0, long_every: int = 0) -> list[dict]:
     """Arithmetic questions with <think> traces; every ``long_every``-th trace is much longer."""
@@ -53,7 +55,7 @@ def make_spec(folder: Path, model: Path, data: list[Path] | Path, name: str = "b
         "output": {"uri": (folder / "out").resolve().as_uri()},
     }
     deep_update(spec, spec_overrides)
-    doc = {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "BranchSFT", "metadata": {"name": name}, "spec": spec}
+    doc = manifest("BranchSFT", name, spec)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -90,7 +92,7 @@ def kill_after_first_checkpoint(spec: Path, result: Path, checkpoints: Path, tim
     proc.wait()
 
 
-def run_stage(spec: Path, nprocs: int = 1, timeout: float = 300) -> tuple[int, dict, str]:
+def run_sft(spec: Path, nprocs: int = 1, timeout: float = 300) -> tuple[int, dict, str]:
     """Run the stage in fresh processes; (exit code, result JSON, combined output)."""
     result = spec.parent / "result.json"
     proc = subprocess.run(stage_command(spec, result, nprocs), env=stage_env(), capture_output=True, text=True,
@@ -98,40 +100,6 @@ def run_stage(spec: Path, nprocs: int = 1, timeout: float = 300) -> tuple[int, d
     data = json.loads(result.read_text()) if result.exists() else {}
     return proc.returncode, data, proc.stdout + proc.stderr
 
-
-# Real chat-template structures (test_sft_real_templates.py): the STRUCTURE of Qwen2.5's ChatML (default system
-# prompt) and of DeepSeek-R1-Distill-Qwen's template (BOS, hoisted system prompt, <think>\n generation prompt,
-# reasoning stripped from assistant turns), written here, not copied. Tokenizers: conftest.py.
-BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-
-QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-QWEN25_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\n" + QWEN25_SYSTEM + "<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
-    "(message.role == 'assistant') %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-R1_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(system_prompt='') %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
-    "{%- if message['role'] == 'assistant' and message['content'] is not none %}"
-    "{% set content = message['content'] %}"
-    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
-    "{%- endif %}{%- endfor -%}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
-)
 
 REASONING = "2 + 3 = 5, so the sum is 5."
 TRACE = f"<think>\n{REASONING}\n</think>\n\nThe answer is \\boxed{{5}}."  # what the engines write

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from branchmerge.trainer.sft.build_locks import release_stale_locks
 
-from sft_helpers import make_spec, reasoning_records, run_stage, write_jsonl
+from .sft_helpers import make_spec, reasoning_records, run_sft, write_jsonl
 
 OP = "deepspeed_shm_comm"  # the op DeepSpeed's CPU accelerator builds in init_distributed
 
@@ -65,7 +65,7 @@ def test_sft_stage_finishes_despite_a_lock_left_by_a_killed_run(tmp_path, tiny_m
     data = write_jsonl(tmp_path / "train.jsonl", reasoning_records(8))
     spec = make_spec(tmp_path / "run", tiny_model, data, training={"epochs": 1})
 
-    code, result, output = run_stage(spec, timeout=420)
+    code, result, output = run_sft(spec, timeout=420)
 
     assert code == 0, output[-3000:]
     assert f"removed a stale build lock left by a killed process: {lock}" in output

@@ -9,7 +9,7 @@ import pytest
 from branchmerge.trainer.errors import InvalidInput
 from branchmerge.trainer.sft.ddk import DomainSampler, Domains, smooth_update, split_domains
 from branchmerge.trainer.sft.packing import Sample
-from branchmerge.trainer.sft.plan import make_plan
+from branchmerge.trainer.sft.schedule import make_schedule
 
 
 def test_factor_smooth_update_by_hand():
@@ -40,8 +40,8 @@ def _sampler(weights, global_batch=4, sizes=(10, 10)):
         start += n
     lengths = [5] * start
     domains = Domains(["a", "b"][:len(sizes)], train, [[] for _ in sizes])
-    plan = make_plan(lengths, training, 1)
-    return DomainSampler(plan, domains, lengths, "none", 64, 3, list(weights)), train
+    schedule = make_schedule(lengths, training, 1)
+    return DomainSampler(schedule, domains, lengths, "none", 64, 3, list(weights)), train
 
 
 def _counts(rows, train):

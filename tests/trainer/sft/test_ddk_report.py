@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import json
 
-from branchmerge.operator.local.report import build_html, domain_weights_section, gather
-from branchmerge.operator.local.store import StatusStore
+from branchmerge.report import build_html, domain_weights_section, gather
+from branchmerge.operator.local.status_files import StatusFiles
 from branchmerge.operator.local.workdir import Workdir
+
+from tests.conftest import manifest
 
 
 def _record(name: str) -> dict:
-    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "BranchSFT", "metadata": {"name": name},
-            "spec": {"base": {"uri": "file:///m"}, "data": [{"uri": "file:///a.jsonl"}]},
-            "status": {"phase": "Succeeded", "attempts": 1, "conditions": [], "metrics": {}}}
+    return manifest("BranchSFT", name, {"base": {"uri": "file:///m"}, "data": [{"uri": "file:///a.jsonl"}]},
+                    status={"phase": "Succeeded", "attempts": 1, "conditions": [], "metrics": {}})
 
 
 def test_domain_weights_section(tmp_path):
     wd = Workdir.at(tmp_path / "wd")
-    store = StatusStore(wd)
+    store = StatusFiles(wd)
     history = [{"step": 0, "weights": {"math": 0.7, "words": 0.3}, "studentLoss": {"math": 5.0, "words": 5.1},
                 "teacherLoss": {"math": 1.0, "words": 4.0}},
                {"step": 3, "weights": {"math": 0.8123, "words": 0.1877}, "studentLoss": {"math": 4.0, "words": 4.9},

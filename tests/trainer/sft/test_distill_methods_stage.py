@@ -11,7 +11,7 @@ import pytest
 
 from branchmerge.trainer.stage import _flat_metrics
 
-from sft_helpers import make_spec, reasoning_records, run_stage, write_jsonl
+from .sft_helpers import make_spec, reasoning_records, run_sft, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def math_teacher(tmp_path_factory, tiny_model, math_data) -> Path:
     """The tiny model fine-tuned on the arithmetic traces only."""
     folder = tmp_path_factory.mktemp("teacher")
     spec = make_spec(folder, tiny_model, math_data, training={"epochs": 2, "learningRate": 3e-3})
-    code, result, output = run_stage(spec)
+    code, result, output = run_sft(spec)
     assert code == 0, output[-3000:]
     return folder / "out"
 
@@ -54,7 +54,7 @@ def test_adaptive_taid_through_the_stage(tmp_path, tiny_model, math_data, math_t
     spec = make_spec(tmp_path, tiny_model, math_data, training={"epochs": 1},
                      objective=_kd(math_teacher, divergence="taid", kdWeight=0.8, taidStart=0.4, taidEnd=0.5,
                                    taidAlpha=0.05, taidBeta=0.9))
-    code, result, output = run_stage(spec)
+    code, result, output = run_sft(spec)
     assert code == 0, output[-3000:]
     m = result["metrics"]
     published = json.loads((tmp_path / "out" / "branchmerge_sft.json").read_text())["taidHistory"]
@@ -80,7 +80,7 @@ def test_sinkhorn_batch_form_through_the_stage(tmp_path, tiny_model, math_data, 
     spec = make_spec(tmp_path, tiny_model, math_data, training={"epochs": 1, "precision": "bf16"},
                      objective=_kd(math_teacher, divergence="sinkhorn", kdWeight=0.5, temperature=2.0,
                                    sinkhornBatchTokens=16, sinkhornEpsilon=0.05, sinkhornIterations=20))
-    code, result, output = run_stage(spec)
+    code, result, output = run_sft(spec)
     assert code == 0, output[-3000:]
     m = result["metrics"]
     assert m["divergence"] == "sinkhorn"
@@ -103,7 +103,7 @@ def test_ddk_moves_weight_to_the_domain_with_the_larger_gap(tmp_path, tiny_model
     valid = write_jsonl(tmp_path / "words-valid.jsonl", word_records(5, seed=99))
     doc["spec"]["data"][1]["validation"] = {"uri": valid.as_uri()}
     spec.write_text(__import__("yaml").safe_dump(doc))
-    code, result, output = run_stage(spec)
+    code, result, output = run_sft(spec)
     assert code == 0, output[-3000:]
     m = result["metrics"]
     assert m["domainValidationSamples"] == {"math": 6, "words": 5}
@@ -136,7 +136,7 @@ def test_taid_and_ddk_state_resumes_after_a_kill(tmp_path, tiny_model, math_data
 
     from branchmerge.trainer.sft.checkpoint import checkpoint_root
 
-    from sft_helpers import kill_after_first_checkpoint
+    from .sft_helpers import kill_after_first_checkpoint
 
     def spec_in(folder: Path) -> Path:
         spec = make_spec(folder, tiny_model, [math_data, words_data], training={"epochs": 1},
@@ -150,14 +150,14 @@ def test_taid_and_ddk_state_resumes_after_a_kill(tmp_path, tiny_model, math_data
         return spec
 
     ref_spec = spec_in(tmp_path / "ref")
-    code, ref, output = run_stage(ref_spec)
+    code, ref, output = run_sft(ref_spec)
     assert code == 0, output[-3000:]
 
     spec = spec_in(tmp_path / "killed")
     root = checkpoint_root(tmp_path / "killed" / "out")
     kill_after_first_checkpoint(spec, tmp_path / "killed" / "result.json", root)
     assert not (tmp_path / "killed" / "out").exists(), "the run finished before it could be killed"
-    code, result, output = run_stage(spec)
+    code, result, output = run_sft(spec)
     assert code == 0, output[-3000:]
     m, r = result["metrics"], ref["metrics"]
     assert m["resumedFromStep"] >= 2 and m["steps"] == r["steps"]

@@ -20,7 +20,7 @@ from branchmerge.trainer.sft.losses import divergence, token_cross_entropy
 from branchmerge.trainer.sft.packing import IGNORE, Sample, collate, pack
 from branchmerge.trainer.sft.train import micro_batch_sums
 
-from sft_helpers import stage_env
+from .sft_helpers import stage_env
 
 KINDS = [None, "forward-kl", "reverse-kl", "jsd", "taid"]
 

@@ -97,7 +97,7 @@ def _spec(tmp_path, **training):
 
 
 def _resolve(ref, what):
-    from branchmerge.trainer.uris import local_path
+    from branchmerge.api.uris import local_path
 
     return local_path(ref.uri)
 

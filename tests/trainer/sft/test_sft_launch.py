@@ -6,7 +6,9 @@ import signal
 import sys
 from types import SimpleNamespace
 
+from branchmerge.api.outputs import combined_digest, read_manifest
 from branchmerge.api.sft import BranchSFTSpec
+from branchmerge.trainer.publish import atomic_folder
 from branchmerge.trainer.sft.checkpoint import complete_checkpoints, fingerprint
 from branchmerge.trainer.sft.launch import launch_command, succeeded
 from branchmerge.trainer.sft.runtime import choose_precision, cpu_has_native_bf16
@@ -20,12 +22,20 @@ def test_launch_command_is_torchrun_standalone():
     assert cmd[6:] == ["-m", "branchmerge.cli", "stage", "sft", "--spec", "/x/spec.yaml", "--result", "/x/result.json"]
 
 
-def test_success_is_judged_by_the_result_file(tmp_path):
+def test_success_is_judged_by_the_result_file_and_the_published_output(tmp_path):
     result = tmp_path / "r.json"
     assert not succeeded(0, result)  # no result: not a success even with exit 0
     result.write_text(json.dumps({"phase": "Succeeded"}))
-    assert succeeded(0, result) and succeeded(-signal.SIGABRT, result) and succeeded(1, result)
-    result.write_text(json.dumps({"phase": "Failed"}))
+    assert succeeded(0, result) and not succeeded(-signal.SIGABRT, result)  # an abort needs the output to vouch
+    with atomic_folder(tmp_path / "out") as folder:
+        (folder / "model.safetensors").write_bytes(b"weights")
+    published = {"phase": "Succeeded", "outputUri": (tmp_path / "out").as_uri(),
+                 "digest": combined_digest(read_manifest(tmp_path / "out"))}
+    result.write_text(json.dumps(published))
+    assert succeeded(-signal.SIGABRT, result) and succeeded(1, result)  # a rank aborting after publishing
+    result.write_text(json.dumps({**published, "digest": "sha256:other"}))
+    assert not succeeded(1, result)  # the output is not the one the result reports
+    result.write_text(json.dumps({**published, "phase": "Failed"}))
     assert not succeeded(0, result) and not succeeded(2, result)
 
 
@@ -47,9 +57,9 @@ def test_fingerprint_ignores_output_and_checkpointing_but_not_training():
 
 
 def test_checkpoint_steps():
-    plan = SimpleNamespace(total_steps=10, steps_by_epoch=[4, 4, 2])
-    assert [s for s in range(1, 11) if _is_checkpoint_step(plan, 3, s)] == [3, 6, 9]
-    assert [s for s in range(1, 11) if _is_checkpoint_step(plan, 0, s)] == [4, 8]  # epoch ends, not the last
+    schedule = SimpleNamespace(total_steps=10, steps_by_epoch=[4, 4, 2])
+    assert [s for s in range(1, 11) if _is_checkpoint_step(schedule, 3, s)] == [3, 6, 9]
+    assert [s for s in range(1, 11) if _is_checkpoint_step(schedule, 0, s)] == [4, 8]  # epoch ends, not the last
 
 
 def test_precision_falls_back_to_fp32_only_without_native_bf16():

@@ -20,9 +20,11 @@ from branchmerge.trainer.datasets import iter_records, read_records
 from branchmerge.trainer.errors import InvalidInput
 from branchmerge.trainer.sft.dataset import build_samples
 from branchmerge.trainer.sft.records import Layout, load_dataset, think_tags, to_messages
-from branchmerge.trainer.stage import run as run_stage_inproc
+from branchmerge.trainer.stage import run_stage
 
-from sft_helpers import ASSISTANT, BOS, EOS, QWEN25_SYSTEM, USER, make_spec, run_stage, write_jsonl
+from tests.chat_templates import ASSISTANT, BOS, EOS, QWEN25_SYSTEM, USER
+
+from .sft_helpers import make_spec, run_sft, write_jsonl
 
 # ---- the published layouts, written by the tests ---------------------------------------------------------
 
@@ -98,7 +100,7 @@ def spec_for(*paths: Path, **data) -> BranchSFTSpec:
 
 
 def _resolve(ref, what):
-    from branchmerge.trainer.uris import local_path
+    from branchmerge.api.uris import local_path
 
     return local_path(ref.uri)
 
@@ -238,7 +240,7 @@ def test_parquet_with_no_known_layout_names_the_file_and_its_columns(tmp_path, t
         load_dataset(data, Layout("messages"), "spec.data[0]")
     # the stage: exit 2 before any model is loaded, the message in its result
     spec = make_spec(tmp_path, tiny_model, data)
-    assert run_stage_inproc("sft", spec, tmp_path / "r.json") == 2
+    assert run_stage("sft", spec, tmp_path / "r.json") == 2
     assert "columns: question, answer_text" in json.loads((tmp_path / "r.json").read_text())["error"]
 
 
@@ -267,7 +269,7 @@ def test_stage_trains_on_an_openr1_parquet_file(tmp_path, tiny_model):
     doc = yaml.safe_load(spec.read_text())
     doc["spec"]["data"][0]["requireTrue"] = "correctness_math_verify"  # as OpenR1 users filter it
     spec.write_text(yaml.safe_dump(doc))
-    code, result, output = run_stage(spec)
+    code, result, output = run_sft(spec)
     assert code == 0, output[-3000:]
     assert result["phase"] == "Succeeded", result.get("error")
     # correctness_math_verify = [i % 3 != 0, False, i % 2 == 0]: rows 3 (none true) is left out

@@ -1,4 +1,4 @@
-"""Packing modes, the training plan, and neat packing's equivalence with running samples separately."""
+"""Packing modes, the training schedule, and neat packing's equivalence with running samples separately."""
 from __future__ import annotations
 
 import random
@@ -11,9 +11,9 @@ from branchmerge.trainer.errors import InvalidInput
 from branchmerge.trainer.sft.chat import encode
 from branchmerge.trainer.sft.losses import token_cross_entropy
 from branchmerge.trainer.sft.packing import IGNORE, Sample, collate, epoch_rows, pack, utilisation
-from branchmerge.trainer.sft.plan import accumulation_steps, make_plan
+from branchmerge.trainer.sft.schedule import accumulation_steps, make_schedule
 
-from sft_helpers import reasoning_records
+from .sft_helpers import reasoning_records
 
 
 def long_tail(n, seed=0, cap=512):
@@ -55,14 +55,14 @@ def test_accumulation_must_be_integral():
 def test_plan_splits_each_global_batch_over_ranks_and_micro_batches():
     training = SimpleNamespace(global_batch_size=8, micro_batch_size=2, epochs=1.5, max_steps=None,
                                packing="none", max_seq_len=64, seed=0)
-    plan = make_plan([10] * 20, training, world_size=2)
-    assert plan.accumulation == 2 and plan.steps_by_epoch == [3, 2] and plan.total_steps == 5
-    for step in range(plan.total_steps):
-        per_rank = [plan.micro_batches(step, r) for r in range(2)]
+    schedule = make_schedule([10] * 20, training, world_size=2)
+    assert schedule.accumulation == 2 and schedule.steps_by_epoch == [3, 2] and schedule.total_steps == 5
+    for step in range(schedule.total_steps):
+        per_rank = [schedule.micro_batches(step, r) for r in range(2)]
         assert all(len(m) == 2 and all(len(b) == 2 for b in m) for m in per_rank)
         flat = sorted(row[0] for m in per_rank for b in m for row in b)
-        assert flat == sorted(row[0] for row in plan.step_rows(step))
-    assert plan.epoch_float(3) == 1.0 and plan.epoch_float(4) == 1.5
+        assert flat == sorted(row[0] for row in schedule.step_rows(step))
+    assert schedule.epoch_float(3) == 1.0 and schedule.epoch_float(4) == 1.5
 
 
 @pytest.fixture(scope="module")

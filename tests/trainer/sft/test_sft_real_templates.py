@@ -12,10 +12,11 @@ import json
 from branchmerge.api.sft import BranchSFTSpec
 from branchmerge.trainer.sft.chat import encode
 from branchmerge.trainer.sft.dataset import build_samples
+from tests.chat_templates import ASSISTANT, BOS, EOS, QWEN25_SYSTEM, QWEN25_TEMPLATE, USER
 
-from sft_helpers import ASSISTANT, BOS, EOS, QWEN25_SYSTEM, QWEN25_TEMPLATE, RAW, REASONING, TRACE, USER
+from .sft_helpers import RAW, REASONING, TRACE
 
-# templates and the r1_tokenizer / qwen_tokenizer fixtures: sft_helpers.py and conftest.py (shared with
+# templates and the r1_tokenizer / qwen_tokenizer fixtures: tests/chat_templates.py and conftest.py (shared with
 # test_sft_layouts.py)
 
 
@@ -83,7 +84,7 @@ PLAIN_CHATML = (  # ChatML without a default system prompt: a typical spec.chatT
 
 
 def _resolve(ref, what):
-    from branchmerge.trainer.uris import local_path
+    from branchmerge.api.uris import local_path
 
     return local_path(ref.uri)
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from branchmerge.trainer.progress import read_events
+from branchmerge.api.progress import read_events
 from branchmerge.trainer.sft.checkpoint import checkpoint_root
-from branchmerge.trainer.stage import run as run_stage_inproc
+from branchmerge.trainer.stage import run_stage
 
-from sft_helpers import kill_after_first_checkpoint, make_spec, reasoning_records, run_stage, write_jsonl
+from .sft_helpers import kill_after_first_checkpoint, make_spec, reasoning_records, run_sft, write_jsonl
 
 METRIC_KEYS = {"finalLoss", "steps", "epoch", "tokensSeen", "tokensPerSecond", "packingUtilisation", "wallSeconds",
                "droppedSamples", "truncatedSamples", "precision"}
@@ -48,7 +48,7 @@ def _bad(tmp_path, tiny_model, records, **overrides) -> tuple[int, str]:
     if records is None:
         data.write_text("")
     spec = make_spec(tmp_path, tiny_model, data, **overrides)
-    code = run_stage_inproc("sft", spec, tmp_path / "r.json")
+    code = run_stage("sft", spec, tmp_path / "r.json")
     result = json.loads((tmp_path / "r.json").read_text())
     assert not (tmp_path / "out").exists()
     return code, result["error"]
@@ -96,7 +96,7 @@ def zero2_run(tmp_path_factory, tiny_model, data48):
     spec = make_spec(folder, tiny_model, data48, **REFERENCE)
     os.environ["BRANCHMERGE_PROGRESS_FILE"] = str(folder / "progress.jsonl")
     try:
-        code, result, output = run_stage(spec)
+        code, result, output = run_sft(spec)
     finally:
         del os.environ["BRANCHMERGE_PROGRESS_FILE"]
     assert code == 0, output[-3000:]
@@ -124,7 +124,7 @@ def test_zero2_single_rank(zero2_run):
 @pytest.mark.slow
 def test_two_ranks_torchrun_match_one_rank(tmp_path, tiny_model, data48, zero2_run):
     spec = make_spec(tmp_path, tiny_model, data48, deepspeed={"zeroStage": 3}, **REFERENCE)
-    code, result, output = run_stage(spec, nprocs=2)
+    code, result, output = run_sft(spec, nprocs=2)
     from branchmerge.trainer.sft.launch import succeeded
 
     assert succeeded(code, spec.parent / "result.json"), output[-3000:]
@@ -151,7 +151,7 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, tiny_model, data48
     assert not (tmp_path / "out").exists(), "the run finished before it could be killed"
     assert list(root.glob("step-*/complete.json"))
 
-    code, result, output = run_stage(spec)
+    code, result, output = run_sft(spec)
     assert code == 0, output[-3000:]
     m, ref = result["metrics"], zero2_run[1]["metrics"]
     assert m["resumedFromStep"] >= 2 and m["steps"] == ref["steps"] and m["tokensSeen"] == ref["tokensSeen"]
@@ -173,7 +173,7 @@ def test_zero3_single_rank_with_offload_and_taid_distillation(tmp_path, tiny_mod
                      deepspeed={"zeroStage": 3, "offloadOptimizer": "cpu", "offloadParams": "cpu"},
                      objective={"type": "kd", "teacher": {"uri": teacher.as_uri()}, "divergence": "taid",
                                 "kdWeight": 0.7, "taidStart": 0.2, "taidEnd": 1.0})
-    code, result, output = run_stage(spec)
+    code, result, output = run_sft(spec)
     assert code == 0, output[-3000:]
     assert_trained_model(result, tmp_path / "out")
     m = result["metrics"]

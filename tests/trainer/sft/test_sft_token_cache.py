@@ -10,14 +10,14 @@ import threading
 import pytest
 
 from branchmerge.api.sft import BranchSFTSpec
+from branchmerge.api.uris import local_path
 from branchmerge.trainer.errors import InvalidInput
 from branchmerge.trainer.sft import token_cache
 from branchmerge.trainer.sft.checkpoint import checkpoint_root
 from branchmerge.trainer.sft.dataset import build_samples
 from branchmerge.trainer.sft.engine import load_tokenizer
-from branchmerge.trainer.uris import local_path
 
-from sft_helpers import make_spec, reasoning_records, run_stage, write_jsonl
+from .sft_helpers import make_spec, reasoning_records, run_sft, write_jsonl
 
 TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -178,7 +178,7 @@ def test_stage_loads_the_cache_and_removes_it_when_it_publishes(tmp_path, tiny_m
     samples, _, status, _ = cached(spec, tiny_model, root)
     assert status == "miss" and root.parent == checkpoint_root(tmp_path / "out")
 
-    code, result, output = run_stage(spec_file)
+    code, result, output = run_sft(spec_file)
     assert code == 0, output[-3000:]
     assert result["metrics"]["tokenCache"] == "hit" and "tokenCache: hit" in output
     assert result["metrics"]["samples"] == len(samples)

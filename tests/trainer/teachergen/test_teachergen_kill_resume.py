@@ -18,24 +18,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from branchmerge.api.outputs import folder_digests, read_manifest
 from branchmerge.trainer import stage as stage_entry
-from branchmerge.trainer.publish import folder_digests, read_manifest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from fake_openai import server  # noqa: E402,F401  (fixture)
+from tests.conftest import manifest
 
 KILLS = 4
 
 
 def spec_doc(url: str, prompts: Path, out: Path) -> dict:
-    return {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "TeacherGen", "metadata": {"name": "kill"},
-            "spec": {"teacher": {"engine": {"name": "openai", "endpoint": {"baseUrl": url, "model": "t",
+    return manifest("TeacherGen", "kill",
+                    {"teacher": {"engine": {"name": "openai", "endpoint": {"baseUrl": url, "model": "t",
                                                                            "maxConcurrency": 2}}},
                      "prompts": {"dataset": {"uri": prompts.as_uri()}},
                      "template": "{{problem}}", "shards": 3, "batchSize": 2,
                      "sampling": {"samplesPerPrompt": 3, "maxTokens": 64, "seed": 9},
                      "verify": {"kind": "math", "answerField": "answer"}, "select": {"mode": "all-correct"},
-                     "filters": {"dedup": False}, "output": {"uri": out.as_uri()}}}
+                     "filters": {"dedup": False}, "output": {"uri": out.as_uri()}})
 
 
 def committed_batches(work: Path) -> int:
@@ -56,7 +55,7 @@ def test_random_kills_lose_and_duplicate_nothing(tmp_path, server):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     ref_spec = tmp_path / "ref.yaml"
     ref_spec.write_text(yaml.safe_dump(spec_doc(server.url, prompts, reference)))
-    assert stage_entry.run("teachergen", ref_spec) == 0
+    assert stage_entry.run_stage("teachergen", ref_spec) == 0
 
     spec = tmp_path / "kill.yaml"
     spec.write_text(yaml.safe_dump(spec_doc(server.url, prompts, killed)))

@@ -2,20 +2,16 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from branchmerge.api.outputs import read_manifest, sha256_file
+from branchmerge.api.progress import read_events
 from branchmerge.api.teachergen import TINYR1_MATH_TEMPLATE
 from branchmerge.trainer import stage as stage_entry
-from branchmerge.trainer.engine import API_KEY_ENV
-from branchmerge.trainer.progress import read_events
-from branchmerge.trainer.publish import read_manifest, sha256_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from fake_openai import server  # noqa: E402,F401  (fixture)
+from branchmerge.api.common import API_KEY_ENV
 
 
 def write_prompts(path: Path, n: int = 8) -> Path:
@@ -46,7 +42,7 @@ def tiny_spec(tmp: Path, model: Path, out: str = "out", **over) -> dict:
 def run_stage(spec_file: Path, tmp: Path, monkeypatch) -> tuple[int, dict]:
     monkeypatch.setenv("BRANCHMERGE_PROGRESS_FILE", str(tmp / "progress.jsonl"))
     result = tmp / "result.json"
-    code = stage_entry.run("teachergen", spec_file, result)
+    code = stage_entry.run_stage("teachergen", spec_file, result)
     return code, json.loads(result.read_text())
 
 
@@ -98,7 +94,7 @@ def test_indexed_workers_give_the_same_dataset_as_one_process(tmp_path, tiny_mod
     monkeypatch.setenv("WORLD_SIZE", "3")
     for rank in (2, 1):
         monkeypatch.setenv("RANK", str(rank))
-        assert stage_entry.run("teachergen", spec_file, indexed / f"result-{rank}.json") == 0
+        assert stage_entry.run_stage("teachergen", spec_file, indexed / f"result-{rank}.json") == 0
         assert not (indexed / "out").exists() and not (indexed / f"result-{rank}.json").exists()
     complete = sorted(p.parent.name for p in (indexed / "out.work").glob("shard-*/complete.json"))
     assert complete == ["shard-00001", "shard-00002", "shard-00004"]

@@ -3,7 +3,6 @@ the published dataset is byte for byte the batch path's (the teacher is the loca
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,8 +12,6 @@ from branchmerge.trainer.progress import Progress
 from branchmerge.trainer.stage import StageContext
 from branchmerge.trainer.teachergen import stage as teachergen
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from fake_openai import server  # noqa: E402,F401  (fixture)
 
 PROMPTS = 12
 
@@ -60,7 +57,7 @@ def test_streamed_dataset_is_byte_identical_to_the_batch_path(tmp_path, server, 
     monkeypatch.setenv("BRANCHMERGE_COMMIT_SECONDS", "0")  # a commit per prompt, in finish order
     server.delay = 0.01
     teachergen.run(_ctx(tmp_path, server.url, "streamed"))
-    monkeypatch.setattr(teachergen.TeacherGenRun, "streaming", False)
+    monkeypatch.setattr(teachergen.TeacherGenSession, "streaming", False)
     teachergen.run(_ctx(tmp_path, server.url, "batched", batch=5))
     streamed, batched = tmp_path / "streamed", tmp_path / "batched"
     assert (streamed / "data.jsonl").read_bytes() == (batched / "data.jsonl").read_bytes()

@@ -15,7 +15,7 @@ from branchmerge.trainer.teachergen.prompts import assign_ids, derived_id, load_
 from branchmerge.trainer.teachergen.selection import decide, has_closed_think
 from branchmerge.trainer.teachergen import stage as teachergen
 from branchmerge.trainer.teachergen.stage import shard_of
-from branchmerge.trainer.teachergen.store import ShardStore
+from branchmerge.trainer.workers import ShardStore
 
 
 def test_tinyr1_template_keeps_single_braces():
@@ -158,7 +158,7 @@ def _run_for(tmp_path, rank: int, world: int, shards: int, prompts: int = 200):
     doc = {"apiVersion": "branchmerge.dev/v1alpha1", "kind": "TeacherGen", "metadata": {"name": "tg"}, "spec": spec}
     ctx = StageContext(parse_resource(doc), spec["output"]["uri"], tmp_path / "out", Progress(enabled=False),
                        rank, world)
-    return teachergen.TeacherGenRun(ctx)
+    return teachergen.TeacherGenSession(ctx)
 
 
 def test_32_shards_over_4_workers_run_every_shard_exactly_once(tmp_path):
@@ -175,7 +175,8 @@ def test_32_shards_over_4_workers_run_every_shard_exactly_once(tmp_path):
 def test_teachergen_pods_get_rank_and_world_size_and_no_peer_wait():
     """An Indexed Job of workers that share files, not a rendezvous: no wait-for-peers init container;
     RANK is the completion index and WORLD_SIZE the pod count (what the stage reads)."""
-    from branchmerge.operator.builders import COMPLETION_INDEX_ANNOTATION, build_job
+    from branchmerge.operator.pods.distributed import COMPLETION_INDEX_ANNOTATION
+    from branchmerge.operator.pods.job import build_job
     from branchmerge.operator.options import OperatorOptions
     from branchmerge.operator.plan import target
 

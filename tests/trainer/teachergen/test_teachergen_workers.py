@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from branchmerge.trainer.publish import read_manifest
+from branchmerge.api.outputs import read_manifest
 from branchmerge.trainer.teachergen.stage import assigned_shards, shard_of
 
 PROMPTS = 30
