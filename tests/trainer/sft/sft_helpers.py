@@ -70,11 +70,12 @@ def stage_env() -> dict:
 
 
 def stage_command(spec: Path, result: Path, nprocs: int = 1) -> list[str]:
+    """The pod's command, under torchrun with ``nprocs`` ranks on this node when asked (a test sets the rank count
+    itself; the local runner derives it from the spec's launch profile, operator/local/launch.py)."""
+    stage = ["-m", "branchmerge.cli", "stage", "sft", "--spec", str(spec), "--result", str(result)]
     if nprocs == 1:
-        return [sys.executable, "-m", "branchmerge.cli", "stage", "sft", "--spec", str(spec), "--result", str(result)]
-    from branchmerge.trainer.sft.launch import launch_command
-
-    return launch_command(spec, result, nprocs)
+        return [sys.executable, *stage]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nprocs), *stage]
 
 
 def kill_after_first_checkpoint(spec: Path, result: Path, checkpoints: Path, timeout: float = 240) -> None:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from branchmerge.api.progress import read_events
 from branchmerge.trainer.sft.checkpoint import checkpoint_root
+from branchmerge.api.outputs import attempt_succeeded
 from branchmerge.trainer.stage import run_stage
 
 from .sft_helpers import kill_after_first_checkpoint, make_spec, reasoning_records, run_sft, write_jsonl
@@ -125,9 +126,8 @@ def test_zero2_single_rank(zero2_run):
 def test_two_ranks_torchrun_match_one_rank(tmp_path, tiny_model, data48, zero2_run):
     spec = make_spec(tmp_path, tiny_model, data48, deepspeed={"zeroStage": 3}, **REFERENCE)
     code, result, output = run_sft(spec, nprocs=2)
-    from branchmerge.trainer.sft.launch import succeeded
-
-    assert succeeded(code, spec.parent / "result.json"), output[-3000:]
+    # judged as the local runner judges it: 2-rank gloo can abort at interpreter exit after publishing
+    assert attempt_succeeded(code, result), output[-3000:]
     assert_trained_model(result, tmp_path / "out")
     m, ref = result["metrics"], zero2_run[1]["metrics"]
     assert m["worldSize"] == 2 and m["gradientAccumulation"] == 2

@@ -1,42 +1,13 @@
-"""Multi-rank launch command, exit judgement, checkpoint bookkeeping and precision choice (no training here)."""
+"""Checkpoint bookkeeping, the checkpoint steps and the precision choice of the SFT stage (no training here)."""
 from __future__ import annotations
 
 import json
-import signal
-import sys
 from types import SimpleNamespace
 
-from branchmerge.api.outputs import combined_digest, read_manifest
 from branchmerge.api.sft import BranchSFTSpec
-from branchmerge.trainer.publish import atomic_folder
 from branchmerge.trainer.sft.checkpoint import complete_checkpoints, fingerprint
-from branchmerge.trainer.sft.launch import launch_command, succeeded
 from branchmerge.trainer.sft.runtime import choose_precision, cpu_has_native_bf16
 from branchmerge.trainer.sft.train import _is_checkpoint_step
-
-
-def test_launch_command_is_torchrun_standalone():
-    cmd = launch_command("/x/spec.yaml", "/x/result.json", 4)
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert cmd[3:6] == ["--standalone", "--nproc-per-node", "4"]
-    assert cmd[6:] == ["-m", "branchmerge.cli", "stage", "sft", "--spec", "/x/spec.yaml", "--result", "/x/result.json"]
-
-
-def test_success_is_judged_by_the_result_file_and_the_published_output(tmp_path):
-    result = tmp_path / "r.json"
-    assert not succeeded(0, result)  # no result: not a success even with exit 0
-    result.write_text(json.dumps({"phase": "Succeeded"}))
-    assert succeeded(0, result) and not succeeded(-signal.SIGABRT, result)  # an abort needs the output to vouch
-    with atomic_folder(tmp_path / "out") as folder:
-        (folder / "model.safetensors").write_bytes(b"weights")
-    published = {"phase": "Succeeded", "outputUri": (tmp_path / "out").as_uri(),
-                 "digest": combined_digest(read_manifest(tmp_path / "out"))}
-    result.write_text(json.dumps(published))
-    assert succeeded(-signal.SIGABRT, result) and succeeded(1, result)  # a rank aborting after publishing
-    result.write_text(json.dumps({**published, "digest": "sha256:other"}))
-    assert not succeeded(1, result)  # the output is not the one the result reports
-    result.write_text(json.dumps({**published, "phase": "Failed"}))
-    assert not succeeded(0, result) and not succeeded(2, result)
 
 
 def test_only_complete_checkpoints_of_the_same_spec_count(tmp_path):
