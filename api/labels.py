@@ -12,6 +12,10 @@ LABEL_NAME = f"{GROUP}/name"
 LABEL_RUN = f"{GROUP}/run"  # the run hash: identity of the resolved spec
 LABEL_ATTEMPT = f"{GROUP}/attempt"
 LABEL_JOB = f"{GROUP}/job"  # on pods: the Job they belong to (selector of the headless Service)
+# On a MergeSearch's child CRs: the search they belong to, and on trial children the trial id (a reference Eval
+# has "reference"); both control planes and the report select children by them.
+LABEL_SEARCH = f"{GROUP}/search"
+LABEL_TRIAL = f"{GROUP}/trial"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"  # on the Workload Kueue makes for a Job
 # On the run's ConfigMap: the final result of the run (compact JSON), the durable record after Job TTL.

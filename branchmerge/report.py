@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api.graph import input_refs, ref_key
+from .api.labels import LABEL_SEARCH
 from .api.progress import read_events
 from .api.timefmt import parse_time
 from .api.uris import UnresolvableUri, local_path
@@ -24,7 +25,6 @@ from .operator.local.display import fmt_duration, reason_of
 from .operator.local.status_files import StatusFiles
 from .operator.local.summary import duration
 from .operator.local.workdir import Workdir
-from .operator.searchplan import LABEL_SEARCH
 
 PHASE_COLOR = {"Succeeded": "#2e7d32", "Failed": "#c62828", "Running": "#0277bd", "Waiting": "#f9a825",
                "Pending": "#9e9e9e", "Suspended": "#6a1b9a"}

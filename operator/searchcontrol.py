@@ -14,14 +14,14 @@ import copy
 import logging
 from typing import TYPE_CHECKING
 
-from ..api.common import TERMINAL
 from ..api import conditions as cond
+from ..api.common import API_VERSION, TERMINAL
+from ..api.labels import LABEL_SEARCH
 from .naming import owned_by
 from .plan import status_changed
 from .policy import effective_phase
 from .search import SpaceError
-from .searchplan import (API_VERSION, LABEL_SEARCH, SELECTION_ON_TEST, Child, expand, selection_on_test,
-                         warn_selection_on_test)
+from .searchplan import SELECTION_ON_TEST, Child, expand, selection_on_test, warn_selection_on_test
 
 if TYPE_CHECKING:
     from .controller import Operator

@@ -17,15 +17,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ..api.common import TERMINAL
+from ..api import conditions as cond
+from ..api.common import API_VERSION, TERMINAL
 from ..api.cost import sum_costs
 from ..api.graph import ref_key
-from ..api import conditions as cond
+from ..api.labels import LABEL_SEARCH, LABEL_TRIAL
 from .search import FAILED, RUNNING, STEP_REF, SUCCEEDED, ObjectiveError, Search
 
-API_VERSION = "branchmerge.dev/v1alpha1"
-LABEL_SEARCH = "branchmerge.dev/search"  # on every child: the MergeSearch it belongs to
-LABEL_TRIAL = "branchmerge.dev/trial"  # on trial children: the trial id (a reference Eval has "reference")
 SELECTION_ON_TEST = "SelectionOnTestData"  # condition type and event reason of the warning
 NO_FEASIBLE_TRIAL = "NoFeasibleTrial"
 REFERENCE_FAILED = "ReferenceFailed"

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from branchmerge.api.common import API_VERSION
+
 from .domains import DOMAINS, MCQ_TEMPLATE
 
-API = "branchmerge.dev/v1alpha1"
 PREFIX = "qs-"  # the quickstart's CRs share a namespace with the other examples (tinyr1 has math, code...)
 LABELS = {"app.kubernetes.io/part-of": "quickstart"}
 
@@ -84,7 +85,7 @@ def _gate(data: Path) -> dict:
 
 
 def _doc(kind: str, name: str, spec: dict) -> dict:
-    return {"apiVersion": API, "kind": kind, "metadata": {"name": PREFIX + name, "labels": dict(LABELS)},
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": PREFIX + name, "labels": dict(LABELS)},
             "spec": spec}
 
 

@@ -10,7 +10,7 @@ from branchmerge.api.cost import format_cost
 from branchmerge.report import build_html, gather
 from branchmerge.operator.local.status_files import StatusFiles
 from branchmerge.operator.local.workdir import Workdir
-from branchmerge.operator.searchplan import LABEL_SEARCH
+from branchmerge.api.labels import LABEL_SEARCH
 
 from tests.conftest import manifest
 

@@ -15,7 +15,8 @@ from testcluster.wait import wait_for
 
 from branchmerge.operator.emulator import Api, EmulatorThread, OperatorThread
 from branchmerge.operator.options import OperatorOptions
-from branchmerge.operator.searchplan import LABEL_SEARCH, SELECTION_ON_TEST
+from branchmerge.api.labels import LABEL_SEARCH
+from branchmerge.operator.searchplan import SELECTION_ON_TEST
 
 from tests.conftest import API_VERSION as API
 from .emulator_driver import jobs_of, phase, result

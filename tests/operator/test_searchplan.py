@@ -11,9 +11,9 @@ import json
 import pytest
 
 from branchmerge.api.validation import parse_resource
-from branchmerge.operator.searchplan import (LABEL_SEARCH, LABEL_TRIAL, NO_FEASIBLE_TRIAL, REFERENCE_FAILED,
-                                             SELECTION_ON_TEST, Child, expand, selection_on_test,
-                                             warn_selection_on_test)
+from branchmerge.api.labels import LABEL_SEARCH, LABEL_TRIAL
+from branchmerge.operator.searchplan import (NO_FEASIBLE_TRIAL, REFERENCE_FAILED, SELECTION_ON_TEST, Child, expand,
+                                             selection_on_test, warn_selection_on_test)
 
 BRANCHES = [
     {"name": "math", "model": {"from": {"kind": "BranchSFT", "name": "math"}}, "benchmark": "math-dev"},
